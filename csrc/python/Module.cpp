@@ -3,6 +3,7 @@
 #include "core/Allocator.h"
 #include "core/Hooks.h"
 #include "runtime/Device.h"
+#include "python/Bindings.h"
 
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -37,9 +38,9 @@ py::dict stat(const c10::CachingAllocator::Stat& s) {
 
 } // namespace
 
-PYBIND11_MODULE(_C, m) {
-  m.doc() = "Native core of torch_mps_ext (the mps_ext device).";
+namespace torch_mps_ext::python {
 
+void initDeviceBindings(py::module_& m) {
   m.def("_init", [] {
     runtime::initialize();
     validateAllocatorEnvironment();
@@ -98,4 +99,11 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("_report_error", &runtime::reportError);
   m.def("_take_error", &runtime::takeError);
+}
+
+} // namespace torch_mps_ext::python
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "Native core of torch_mps_ext (the mps_ext device).";
+  torch_mps_ext::python::initDeviceBindings(m);
 }

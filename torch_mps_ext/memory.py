@@ -122,8 +122,9 @@ def mem_get_info(device: _device_t = None) -> tuple[int, int]:
 
 
 def _format_size(n: int) -> str:
+    # Switch units at 1000 so every cell fits in 10 characters.
     for unit in ("B  ", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
+        if abs(n) < 1000 or unit == "TiB":
             return f"{n:6d} {unit}" if unit == "B  " else f"{n:6.2f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
@@ -171,7 +172,7 @@ def memory_summary(device: _device_t = None, abbreviated: bool = False) -> str:
             vals = [stats.get(f"{key}.{pool}.{m}", 0)
                     for m in ("current", "peak", "allocated", "freed")]
             out.append("| {:<24} | {} | {} | {} | {} |".format(
-                name, *(fmt(v)[:10].rjust(10) for v in vals)))
+                name, *(fmt(v).rjust(10) for v in vals)))
         out.append(thin)
     out.append("| {:<24} | {:>49} |".format(
         "Device allocs / frees",

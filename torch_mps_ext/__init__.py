@@ -43,6 +43,7 @@ from .memory import (  # noqa: E402
     get_per_process_memory_fraction,
 )
 from . import _utils  # noqa: E402,F401  (torch.serialization looks for _utils)
+from . import profiler  # noqa: E402  (torch.mps_ext.profiler)
 from ._registration import register as _register  # noqa: E402
 
 
@@ -70,6 +71,7 @@ __all__ = [
     "memory_reserved",
     "memory_stats",
     "memory_summary",
+    "profiler",
     "recommended_max_memory",
     "reset_accumulated_memory_stats",
     "reset_max_memory_allocated",

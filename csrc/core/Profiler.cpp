@@ -10,6 +10,7 @@
 #include <c10/util/Exception.h>
 
 #include <atomic>
+#include <cmath>
 #include <cstdio>
 #include <map>
 #include <mutex>
@@ -104,6 +105,15 @@ void jsonString(std::ostream& os, std::string_view s) {
   os << '"';
 }
 
+// JSON has no NaN/Infinity: those become strings.
+void jsonNumber(std::ostream& os, double d) {
+  if (std::isfinite(d)) {
+    os << d;
+  } else {
+    jsonString(os, std::isnan(d) ? "nan" : (d > 0 ? "inf" : "-inf"));
+  }
+}
+
 template <typename T>
 void jsonInts(std::ostream& os, c10::ArrayRef<T> xs) {
   os << '[';
@@ -126,7 +136,20 @@ void describe(std::ostream& os, const c10::IValue& v) {
     jsonString(os, c10::getDtypeNames(t.scalar_type()).first);
     os << ",\"device\":";
     jsonString(os, t.device().str());
-    os << ",\"storage_offset\":" << t.storage_offset() << '}';
+    os << ",\"storage_offset\":" << t.storage_offset();
+    // CPU 0-dim tensors are scalar arguments (wrapped numbers): keep the value.
+    if (t.dim() == 0 && t.device().is_cpu()) {
+      const void* p = t.const_data_ptr();
+      switch (t.scalar_type()) {
+        case at::kDouble: os << ",\"value\":"; jsonNumber(os, *static_cast<const double*>(p)); break;
+        case at::kFloat: os << ",\"value\":"; jsonNumber(os, *static_cast<const float*>(p)); break;
+        case at::kLong: os << ",\"value\":" << *static_cast<const int64_t*>(p); break;
+        case at::kInt: os << ",\"value\":" << *static_cast<const int32_t*>(p); break;
+        case at::kBool: os << ",\"value\":" << (*static_cast<const bool*>(p) ? "true" : "false"); break;
+        default: break;
+      }
+    }
+    os << '}';
   } else if (v.isNone()) {
     os << "null";
   } else if (v.isBool()) {
@@ -134,12 +157,7 @@ void describe(std::ostream& os, const c10::IValue& v) {
   } else if (v.isInt()) {
     os << v.toInt();
   } else if (v.isDouble()) {
-    double d = v.toDouble();
-    if (d == d && d - d == 0) {
-      os << d;
-    } else {
-      jsonString(os, d != d ? "nan" : (d > 0 ? "inf" : "-inf"));
-    }
+    jsonNumber(os, v.toDouble());
   } else if (v.isString()) {
     jsonString(os, v.toStringRef());
   } else if (v.isIntList()) {

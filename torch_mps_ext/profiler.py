@@ -121,14 +121,25 @@ def stop() -> str:
     return path
 
 
+class _Session:
+    """What ``with profile() as session`` binds: ``session.path`` is the
+    trace's path once the block has exited (None before)."""
+
+    path = None
+
+
 @contextlib.contextmanager
 def profile(mode: str = "interval", wait_until_completed: bool = False):
-    r"""Context manager: :func:`start` on entry, :func:`stop` on exit."""
+    r"""Context manager: :func:`start` on entry, :func:`stop` on exit.
+
+    Binds a session object whose ``path`` attribute is set to the written
+    trace's path on exit."""
     start(mode, wait_until_completed)
+    session = _Session()
     try:
-        yield
+        yield session
     finally:
-        stop()
+        session.path = stop()
 
 
 def is_metal_capture_enabled() -> bool:

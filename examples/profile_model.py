@@ -55,7 +55,8 @@ with open(path) as f:
     events = [e for e in json.load(f)["traceEvents"] if e["ph"] == "X"]
 top = {}
 for e in events:
-    if e["args"]["leaf"]:  # leaves: the device work itself, no double counting
+    # leaves: the device work itself, no double counting
+    if e["args"]["leaf"] and not e["args"].get("metadata_only"):
         top[e["name"]] = top.get(e["name"], 0.0) + e["dur"]
 print(f"trace: {path} ({len(events)} device slices); open it in https://ui.perfetto.dev")
 print("busiest device operations in the step:")

@@ -59,6 +59,11 @@ def test_trace_is_chrome_json_with_ops_durations_and_streams(trace_file):
     assert max(e["dur"] for e in events if e["name"] == "aten::mm") > 0
     copy = next(e for e in events if e["name"] == "aten::_copy_from")
     assert copy["cat"] == "copy" and copy["args"]["direction"] == "mps_ext -> cpu"
+    mm = [e for e in events if e["name"] == "aten::mm"]
+    assert any(e["args"]["leaf"] for e in mm)
+    empties = [e for e in events if e["name"] == "aten::empty"]
+    assert empties and all(e["args"]["metadata_only"] for e in empties)
+    assert all("metadata_only" not in e["args"] for e in mm)
     # Perfetto names the rows from the metadata events.
     meta = {(e["name"], e["args"]["name"]) for e in trace["traceEvents"] if e["ph"] == "M"
             and "name" in e["args"]}
@@ -241,8 +246,16 @@ def test_torch_profiler_shows_device_time(tmp_path):
     kernels = {e["name"] for e in device}
     assert "aten::mm" in kernels and "aten::_copy_from" in kernels
     assert "aten::cumsum" not in kernels
+    assert "aten::empty" not in kernels  # allocations run no device work
     assert all(e["args"]["device"] == "mps_ext:0" and "stream" in e["args"] for e in device)
     assert torch.mps_ext._C._profiler_consumers() == 0
+
+
+def test_torch_profiler_cpu_only_does_not_record_the_device():
+    with torch.profiler.profile(activities=[ProfilerActivity.CPU]) as prof:
+        assert torch.mps_ext._C._profiler_consumers() == 0
+        torch.ones(4, device="mps_ext") + 1
+    assert all(e.device_time_total == 0 for e in prof.key_averages())
 
 
 def test_autograd_profiler_use_device():

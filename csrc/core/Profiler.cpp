@@ -198,6 +198,15 @@ const char* kindName(Kind k) {
   return "op";
 }
 
+// Ops that only allocate or re-describe memory: no device work runs in them,
+// so they do not make their caller a non-leaf (the caller's own kernel is the
+// device work) and torch.profiler gets no device activity for them.
+bool isMetadataOnly(std::string_view name) {
+  return name == "aten::empty" || name == "aten::empty_strided" || name == "aten::as_strided" ||
+         name == "aten::view" || name == "aten::_reshape_alias" || name == "aten::resize_" ||
+         name == "aten::set_" || name == "aten::alias" || name == "aten::detach";
+}
+
 bool isCopy(std::string_view name) {
   return name == "aten::_copy_from" || name == "aten::_copy_from_and_resize" ||
          name == "aten::copy_";
@@ -224,6 +233,7 @@ struct OpContext : at::ObserverContext {
   std::int64_t stream = 0;
   int depth = 0;
   bool leaf = true;
+  bool metadata = false;
   Kind kind = Kind::Op;
   std::string direction;  // copies
   std::string inputs;     // JSON list (capture / include-args logging)
@@ -296,8 +306,9 @@ std::unique_ptr<at::ObserverContext> onStart(const at::RecordFunction& fn) {
     describeList(os, in.data(), in.size());
     ctx->inputs = os.str();
   }
+  ctx->metadata = isMetadataOnly(fn.name());
   ctx->depth = static_cast<int>(t_open.size());
-  if (!t_open.empty()) t_open.back()->leaf = false;
+  if (!t_open.empty() && !ctx->metadata) t_open.back()->leaf = false;
   t_open.push_back(ctx.get());
   ctx->start_ns = c10::getTime();
   return ctx;
@@ -331,6 +342,7 @@ void onEnd(const at::RecordFunction& fn, at::ObserverContext* p) {
   r.thread = at::RecordFunction::currentThreadId();
   r.depth = ctx->depth;
   r.leaf = ctx->leaf;
+  r.kernel = !ctx->metadata;
   r.correlation = t_correlation.empty() ? 0 : t_correlation.back();
   r.direction = ctx->direction;
   unsigned c = g_consumers.load(std::memory_order_relaxed);

@@ -54,7 +54,8 @@ struct Record {
   std::int64_t end_ns = 0;
   std::uint64_t thread = 0;   // RecordFunction thread id (0 for commands off the dispatcher)
   int depth = 0;              // nesting among recorded device ops on this thread
-  bool leaf = true;           // no device op recorded inside it
+  bool leaf = true;           // no device work (op with a kernel, command) inside it
+  bool kernel = true;         // false for allocation/view-only ops (aten::empty, as_strided, ...)
   std::uint64_t correlation = 0;  // torch.profiler correlation id (kKineto)
   std::string direction;      // copies: "cpu -> mps_ext", ...
   std::string args;           // JSON object text: arguments (capture) or command attributes

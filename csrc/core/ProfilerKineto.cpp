@@ -51,7 +51,9 @@ class Session final : public libkineto::IActivityProfilerSession {
     span_ = libkineto::TraceSpan(0, 0, "mps_ext");
     int32_t id = 0;
     for (const Record& r : records_) {
-      if (!r.leaf) continue;  // parents would count their children's time twice
+      // Parents would count their children's time twice; allocation and
+      // view ops run no device work.
+      if (!r.leaf || !r.kernel) continue;
       auto& a = activities_.emplace_back(
           span_, r.kind == Kind::Copy ? ActivityType::GPU_MEMCPY : ActivityType::CONCURRENT_KERNEL,
           r.name);

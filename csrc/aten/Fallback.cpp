@@ -267,4 +267,20 @@ TORCH_LIBRARY_IMPL(_, PrivateUse1, m) {
   m.fallback(torch::CppFunction::makeFromBoxedFunction<&fallback>());
 }
 
+// The conjugate/negative math-bit fallbacks materialize a tensor with the bit
+// set by cloning it, and a clone on the device copies through `_copy_from`:
+// without these fallthroughs, copying a conj/neg view to or from the device
+// recursed until the stack overflowed. `_copy_from` resolves the bits itself
+// (the host views keep them and at::native::copy_ applies them), as `copy_`
+// does on other devices.
+TORCH_LIBRARY_IMPL(aten, Conjugate, m) {
+  m.impl("_copy_from", torch::CppFunction::makeFallthrough());
+  m.impl("_copy_from_and_resize", torch::CppFunction::makeFallthrough());
+}
+
+TORCH_LIBRARY_IMPL(aten, Negative, m) {
+  m.impl("_copy_from", torch::CppFunction::makeFallthrough());
+  m.impl("_copy_from_and_resize", torch::CppFunction::makeFallthrough());
+}
+
 } // namespace torch_mps_ext

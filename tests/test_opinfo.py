@@ -48,6 +48,7 @@ from torch.testing._internal.opinfo.core import (
     BinaryUfuncInfo,
     DecorateInfo,
     ReductionOpInfo,
+    SampleInput,
     SpectralFuncInfo,
     UnaryUfuncInfo,
 )
@@ -175,8 +176,42 @@ def exact_copy(t, device, requires_grad=None):
     return out.requires_grad_(rg)
 
 
-def to_cpu(t):
-    return exact_copy(t, "cpu") if isinstance(t, torch.Tensor) else t
+def _is_dev(d):
+    return (isinstance(d, torch.device) and d.type == DEVICE_TYPE) or (
+        isinstance(d, str) and d.split(":")[0] == DEVICE_TYPE)
+
+
+def to_cpu_sample(sample):
+    """The sample with every tensor exactly copied to CPU and every
+    device="mps_ext" argument made device="cpu"."""
+    def conv(x):
+        if isinstance(x, torch.Tensor):
+            return exact_copy(x, "cpu")
+        if _is_dev(x):
+            return "cpu" if isinstance(x, str) else torch.device("cpu")
+        if isinstance(x, (list, tuple)) and not isinstance(x, torch.Size):
+            return type(x)(conv(e) for e in x)
+        if isinstance(x, dict):
+            return {k: conv(v) for k, v in x.items()}
+        return x
+    with torch.no_grad():
+        return SampleInput(conv(sample.input), args=conv(sample.args),
+                           kwargs=conv(sample.kwargs),
+                           output_process_fn_grad=sample.output_process_fn_grad,
+                           broadcasts_input=sample.broadcasts_input,
+                           name=sample.name)
+
+
+def result_device(sample):
+    """Where the op's results belong: the `device` argument if given, else
+    mps_ext when any input tensor is on mps_ext, else CPU."""
+    dev = sample.kwargs.get("device")
+    if dev is not None:
+        return torch.device(dev).type
+    leaves, _ = tree_flatten((sample.input, sample.args, sample.kwargs))
+    if any(isinstance(t, torch.Tensor) and t.device.type == DEVICE_TYPE for t in leaves):
+        return DEVICE_TYPE
+    return "cpu"
 
 
 def call(fn, sample, **extra):
@@ -194,7 +229,8 @@ class TestOpInfo(TestCase):
     exact_dtype = True
 
     # -- comparisons
-    def assert_device_result(self, cpu, dev, shape_only=False, what="output"):
+    def assert_device_result(self, cpu, dev, shape_only=False, what="output",
+                             device=DEVICE_TYPE):
         cl, cspec = tree_flatten(cpu)
         dl, dspec = tree_flatten(dev)
         self.assertEqual(len(cl), len(dl), msg=f"{what}: structure differs")
@@ -202,9 +238,9 @@ class TestOpInfo(TestCase):
             where = f"{what}[{i}]"
             if isinstance(c, torch.Tensor):
                 self.assertIsInstance(d, torch.Tensor, msg=where)
-                if c.device.type == "cpu":
-                    self.assertEqual(d.device.type, DEVICE_TYPE,
-                                     msg=f"{where} is not an {DEVICE_TYPE} tensor")
+                if device is not None:
+                    self.assertEqual(d.device.type, device,
+                                     msg=f"{where} is not a {device} tensor")
                 self.assertEqual(c.dtype, d.dtype, msg=f"{where} dtype")
                 self.assertEqual(c.shape, d.shape, msg=f"{where} shape")
                 if shape_only or c.layout != torch.strided:
@@ -229,7 +265,7 @@ class TestOpInfo(TestCase):
         shape_only = op.full_name in NONDETERMINISTIC_OPS
         ran = 0
         for sample in self.samples(op, device, dtype, noncontig=NONCONTIG_SAMPLES):
-            cpu_sample = sample.transform(to_cpu)
+            cpu_sample = to_cpu_sample(sample)
             expected, cpu_err = call(op, cpu_sample)
             actual, dev_err = call(op, sample)
             if cpu_err is not None:
@@ -238,11 +274,13 @@ class TestOpInfo(TestCase):
                 continue
             if dev_err is not None:
                 raise dev_err
-            self.assert_device_result(expected, actual, shape_only)
+            self.assert_device_result(expected, actual, shape_only,
+                                      device=result_device(sample))
             # Inputs (some ops write to them, aliasing must be right).
             self.assert_device_result(
                 (cpu_sample.input, cpu_sample.args, cpu_sample.kwargs),
-                (sample.input, sample.args, sample.kwargs), shape_only, what="input")
+                (sample.input, sample.args, sample.kwargs), shape_only, what="input",
+                device=None)
             ran += 1
         if not ran:
             self.skipTest("no sample input runs on CPU")
@@ -255,7 +293,7 @@ class TestOpInfo(TestCase):
         for i, sample in enumerate(self.samples(op, device, dtype)):
             if i >= OUT_SAMPLES:
                 break
-            cpu_sample = sample.transform(to_cpu)
+            cpu_sample = to_cpu_sample(sample)
             expected, err = call(op, cpu_sample)
             if err is not None:
                 continue
@@ -296,7 +334,7 @@ class TestOpInfo(TestCase):
         for sample in self.samples(op, device, dtype, noncontig=1):
             if not isinstance(sample.input, torch.Tensor):
                 continue
-            cpu_sample = sample.transform(to_cpu)
+            cpu_sample = to_cpu_sample(sample)
             cpu_res, cpu_err = call(op.inplace_variant, cpu_sample)
             dev_res, dev_err = call(op.inplace_variant, sample)
             if cpu_err is not None:
@@ -316,14 +354,15 @@ class TestOpInfo(TestCase):
         shape_only = op.full_name in NONDETERMINISTIC_OPS
         ran = 0
         for sample in self.samples(op, device, dtype, requires_grad=True):
-            cpu_sample = sample.transform(to_cpu)
+            cpu_sample = to_cpu_sample(sample)
             cpu_grads, cpu_err = self._grads(op, cpu_sample, None)
             if cpu_err is not None or cpu_grads is None:
                 continue  # not differentiable on CPU either for this sample
             dev_grads, dev_err = self._grads(op, sample, device)
             if dev_err is not None:
                 raise dev_err
-            self.assert_device_result(cpu_grads, dev_grads, shape_only, what="grad")
+            self.assert_device_result(cpu_grads, dev_grads, shape_only, what="grad",
+                                      device=None)
             ran += 1
         if not ran:
             self.skipTest("no sample input is differentiable on CPU")

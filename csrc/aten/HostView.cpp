@@ -14,6 +14,20 @@ namespace {
 
 thread_local int t_lend_device = -1;
 
+c10::DeleterFnPtr g_base_raw_deleter = nullptr;
+
+// raw_allocate()/raw_deallocate() pairs (scratch buffers of some CPU kernels)
+// free through raw_deleter(): memory lent from the pool must go back to the
+// pool, the rest to the stock allocator.
+void lendingRawDelete(void* ptr) {
+  int device = -1;
+  if (ptr && lookupDevice(ptr, &device)) {
+    deviceAllocator().raw_deleter()(ptr);
+  } else {
+    g_base_raw_deleter(ptr);
+  }
+}
+
 // The CPU allocator while mps_ext is loaded: the stock one, except on a
 // thread inside a LendScope, where allocations come from the device pool so
 // that a CPU kernel's outputs are already device memory.
@@ -26,7 +40,7 @@ struct LendingAllocator final : public c10::Allocator {
     }
     return base->allocate(n);
   }
-  c10::DeleterFnPtr raw_deleter() const override { return base->raw_deleter(); }
+  c10::DeleterFnPtr raw_deleter() const override { return &lendingRawDelete; }
   void copy_data(void* dest, const void* src, std::size_t count) const override {
     base->copy_data(dest, src, count);
   }
@@ -48,7 +62,9 @@ void installLendingAllocator() {
   if (done) return;
   done = true;
   lending().base = c10::GetCPUAllocator();
+  g_base_raw_deleter = lending().base->raw_deleter();
   c10::SetCPUAllocator(&lending(), /*priority=*/1);
+  preferCpuKernels();
 }
 
 LendScope::LendScope(int device) : saved_(t_lend_device) {

@@ -289,3 +289,13 @@ def test_log_profile_info_bad_value():
     assert proc.returncode != 0
     assert ("PYTORCH_MPS_EXT_LOG_PROFILE_INFO must be a bit mask between 0 and 127 "
             "(see docs/profiler.md), got 'lots'") in proc.stderr
+
+
+def test_stop_writes_the_trace_even_when_the_device_reports_an_error(trace_file):
+    profiler.start()
+    torch.ones(3, device="mps_ext")
+    torch_mps_ext._C._report_error(0, "kernel 'k' reported: boom")
+    with pytest.raises(torch.AcceleratorError, match="boom"):
+        profiler.stop()
+    assert profiler._trace["mode"] is None and torch.mps_ext._C._profiler_consumers() == 0
+    assert any(e["name"] == "aten::ones" for e in slices(load(trace_file)))

@@ -104,20 +104,23 @@ def stop() -> str:
     global _trace_count
     if _trace["mode"] is None:
         raise RuntimeError("The mps_ext profiler is not started; call start() first")
-    # Work still queued on the device belongs to the trace.
-    torch.mps_ext.synchronize()
-    _C._profiler_disable(_C._PROFILER_TRACE)
-    end_ns = _C._profiler_now_ns()
-    records = _C._profiler_take(_C._PROFILER_TRACE)
-    modes, wait, start_ns = _trace["mode"], _trace["wait"], _trace["start_ns"]
-    _trace.update(mode=None, wait=False, start_ns=0)
+    try:
+        # Work still queued on the device belongs to the trace. (A device
+        # error raised here still stops the profiler and writes the trace.)
+        torch.mps_ext.synchronize()
+    finally:
+        _C._profiler_disable(_C._PROFILER_TRACE)
+        end_ns = _C._profiler_now_ns()
+        records = _C._profiler_take(_C._PROFILER_TRACE)
+        modes, wait, start_ns = _trace["mode"], _trace["wait"], _trace["start_ns"]
+        _trace.update(mode=None, wait=False, start_ns=0)
 
-    path = os.environ.get(TRACE_FILE_ENV) or default_trace_path()
-    _trace_count += 1
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(_chrome_trace(records, modes, wait, start_ns, end_ns), f)
-    print(f"[mps_ext profiler] trace written to {path}", file=sys.stderr)
+        path = os.environ.get(TRACE_FILE_ENV) or default_trace_path()
+        _trace_count += 1
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(_chrome_trace(records, modes, wait, start_ns, end_ns), f)
+        print(f"[mps_ext profiler] trace written to {path}", file=sys.stderr)
     return path
 
 

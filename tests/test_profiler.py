@@ -153,8 +153,9 @@ def test_device_command_contract(trace_file):
         with profiler._device_command("my_kernel", grid=[64, 1, 1], group=[32, 1, 1]):
             torch.ones(2, device="mps_ext")
         t = profiler._now_ns()
-        profiler._record_device_command("event_record", t, t, stream=0, event=7)
-    events = slices(load(trace_file))
+        profiler._record_device_command("event_record", t, t, stream=3, event=7)
+    trace = load(trace_file)
+    events = slices(trace)
     names = [e["name"] for e in events]
     assert "unrecorded" not in names
     launch = next(e for e in events if e["name"] == "my_kernel")
@@ -164,6 +165,10 @@ def test_device_command_contract(trace_file):
     assert launch["ts"] <= ones["ts"] and ones["ts"] + ones["dur"] <= launch["ts"] + launch["dur"]
     event = next(e for e in events if e["name"] == "event_record")
     assert event["dur"] == 0 and event["args"]["attrs"] == {"event": 7}
+    assert event["tid"] == 3 and event["args"]["stream"] == 3  # one row per stream
+    rows = {(e["pid"], e["tid"]): e["args"]["name"] for e in trace["traceEvents"]
+            if e["ph"] == "M" and e["name"] == "thread_name"}
+    assert rows == {(0, 0): "stream 0", (0, 3): "stream 3"}
 
 
 CAPTURE = """
@@ -171,6 +176,7 @@ CAPTURE = """
     p = torch.mps_ext.profiler
     print("enabled", p.is_metal_capture_enabled(), p.is_capturing_metal())
     x = torch.arange(12, dtype=torch.float32, device="mps_ext").reshape(3, 4)
+    x1 = torch.ones(2, device="mps_ext:1")
     try:
         with p.metal_capture({fname!r}):
             print("inside", p.is_capturing_metal())
@@ -178,6 +184,7 @@ CAPTURE = """
             with p._device_command("launch", grid=[4, 1, 1], group=[4, 1, 1]):
                 pass
             y.cpu()
+            x1.neg()
     except RuntimeError as e:
         print("error", e)
     print("after", p.is_capturing_metal())
@@ -186,7 +193,8 @@ CAPTURE = """
 
 def test_metal_capture_enabled_by_environment(tmp_path):
     fname = tmp_path / "capture.json"
-    out = run_python(CAPTURE.format(fname=str(fname)), env={"MTL_CAPTURE_ENABLED": "1"}).stdout
+    out = run_python(CAPTURE.format(fname=str(fname)), env={"MTL_CAPTURE_ENABLED": "1",
+                                                     "TORCH_MPS_EXT_DEVICE_COUNT": "2"}).stdout
     assert out.split("\n")[:3] == ["enabled True False", "inside True", "after False"]
     doc = load(fname)
     assert doc["format"] == "torch_mps_ext.capture" and doc["version"] == 1
@@ -208,11 +216,14 @@ def test_metal_capture_enabled_by_environment(tmp_path):
                                                                "group": [4, 1, 1]}
     copy = next(c for c in cmds if c["name"] == "aten::_copy_from")
     assert copy["kind"] == "copy" and copy["direction"] == "mps_ext -> cpu"
+    neg = next(c for c in cmds if c["name"] == "aten::neg")  # on the second device
+    assert neg["device"] == "mps_ext:1" and neg["inputs"][0]["device"] == "mps_ext:1"
 
 
 def test_metal_capture_disabled_by_environment(tmp_path, monkeypatch):
     fname = tmp_path / "capture.json"
-    out = run_python(CAPTURE.format(fname=str(fname)), env={"MTL_CAPTURE_ENABLED": "0"}).stdout
+    out = run_python(CAPTURE.format(fname=str(fname)), env={"MTL_CAPTURE_ENABLED": "0",
+                                                     "TORCH_MPS_EXT_DEVICE_COUNT": "2"}).stdout
     lines = out.split("\n")
     assert lines[0] == "enabled False False"
     assert lines[1] == ("error Metal capture is not enabled: run the process with "

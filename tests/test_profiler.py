@@ -61,6 +61,7 @@ def test_trace_is_chrome_json_with_ops_durations_and_streams(trace_file):
     assert copy["cat"] == "copy" and copy["args"]["direction"] == "mps_ext -> cpu"
     mm = [e for e in events if e["name"] == "aten::mm"]
     assert any(e["args"]["leaf"] for e in mm)
+    assert any(e["args"].get("overload") == "Tensor" for e in events if e["name"] == "aten::add")
     empties = [e for e in events if e["name"] == "aten::empty"]
     assert empties and all(e["args"]["metadata_only"] for e in empties)
     assert all("metadata_only" not in e["args"] for e in mm)
@@ -191,6 +192,10 @@ CAPTURE = """
 """
 
 
+def launch_overload(cmds):
+    return next(c for c in cmds if c["name"] == "launch")["overload"]
+
+
 def test_metal_capture_enabled_by_environment(tmp_path):
     fname = tmp_path / "capture.json"
     out = run_python(CAPTURE.format(fname=str(fname)), env={"MTL_CAPTURE_ENABLED": "1",
@@ -204,6 +209,7 @@ def test_metal_capture_enabled_by_environment(tmp_path):
     names = [c["name"] for c in cmds]
     assert "aten::arange" not in names  # issued before the block
     mul = next(c for c in cmds if c["name"] == "aten::mul")
+    assert mul["overload"] == "Tensor" and launch_overload(cmds) == ""
     assert mul["kind"] == "op" and mul["device"] == "mps_ext:0" and mul["stream"] == 0
     assert mul["duration_ns"] == mul["end_ns"] - mul["start_ns"] >= 0
     assert mul["inputs"][0] == {"shape": [4, 3], "strides": [1, 4], "dtype": "float32",

@@ -243,11 +243,13 @@ def _args(text):
 def _chrome_trace(records, modes, wait, start_ns, end_ns):
     events = []
     tracks = set()
-    for name, kind, device, stream, t0, t1, thread, depth, leaf, args, kernel in sorted(
-            records, key=lambda r: (r[4], r[7])):
+    for (name, kind, device, stream, t0, t1, thread, depth, leaf, args, kernel,
+         overload) in sorted(records, key=lambda r: (r[4], r[7])):
         tracks.add((device, stream))
         a = {"device": f"mps_ext:{device}", "stream": stream, "thread": thread,
              "depth": depth, "leaf": leaf}
+        if overload:
+            a["overload"] = overload
         if not kernel:
             a["metadata_only"] = True
         extra = _args(args)
@@ -283,9 +285,10 @@ def _chrome_trace(records, modes, wait, start_ns, end_ns):
 
 def _capture_document(records, start_ns, end_ns):
     commands = []
-    for i, (name, kind, device, stream, t0, t1, thread, depth, leaf, args, kernel) in enumerate(
-            sorted(records, key=lambda r: (r[4], r[7]))):
-        entry = {"index": i, "name": name, "kind": _KINDS[kind], "device": f"mps_ext:{device}",
+    for i, (name, kind, device, stream, t0, t1, thread, depth, leaf, args, kernel,
+            overload) in enumerate(sorted(records, key=lambda r: (r[4], r[7]))):
+        entry = {"index": i, "name": name, "overload": overload, "kind": _KINDS[kind],
+                 "device": f"mps_ext:{device}",
                  "stream": stream, "thread": thread, "depth": depth, "leaf": leaf,
                  "metadata_only": not kernel,
                  "start_ns": t0 - start_ns, "end_ns": t1 - start_ns, "duration_ns": t1 - t0}

@@ -336,6 +336,7 @@ void onEnd(const at::RecordFunction& fn, at::ObserverContext* p) {
   r.end_ns = c10::getTime();
   r.start_ns = ctx->start_ns;
   r.name = fn.name();
+  r.overload = fn.overload_name();
   r.kind = ctx->kind;
   r.device = ctx->device;
   r.stream = ctx->stream;

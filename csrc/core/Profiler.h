@@ -47,6 +47,7 @@ enum class Kind : std::uint8_t { Op = 0, Copy = 1, Command = 2 };
 
 struct Record {
   std::string name;
+  std::string overload;       // the op's overload ("out", "Tensor", ...), "" for commands
   Kind kind = Kind::Op;
   int device = 0;
   std::int64_t stream = 0;

@@ -22,14 +22,15 @@ void initProfilerBindings(py::module_& m) {
   m.def("_profiler_set_log_options", &p::setLogOptions);
   m.def("_profiler_log_options", &p::logOptions);
   m.def("_profiler_now_ns", &p::nowNs);
-  // (name, kind, device, stream, start_ns, end_ns, thread, depth, leaf, args_json, kernel)
+  // (name, kind, device, stream, start_ns, end_ns, thread, depth, leaf, args_json, kernel,
+  //  overload)
   m.def("_profiler_take", [](unsigned consumer) {
     auto recs = p::take(static_cast<p::Consumer>(consumer));
     py::list out;
     for (auto& r : recs) {
       out.append(py::make_tuple(r.name, static_cast<int>(r.kind), r.device, r.stream,
                                 r.start_ns, r.end_ns, r.thread, r.depth, r.leaf, r.args,
-                                r.kernel));
+                                r.kernel, r.overload));
     }
     return out;
   });

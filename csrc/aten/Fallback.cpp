@@ -304,6 +304,10 @@ void fallback(const c10::OperatorHandle& op, c10::DispatchKeySet /*ks*/,
 
 } // namespace
 
+void runFallback(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  fallback(op, c10::DispatchKeySet(c10::DispatchKey::PrivateUse1), stack);
+}
+
 void preferCpuKernels() {
   // A few ops have both a CPU kernel and a CompositeExplicitAutograd one
   // (native_layer_norm, native_group_norm, addr, _stack, any/all.dims...).

@@ -42,6 +42,17 @@ from .memory import (  # noqa: E402
     set_per_process_memory_fraction,
     get_per_process_memory_fraction,
 )
+from .streams import (  # noqa: E402
+    Event,
+    ExternalStream,
+    Stream,
+    StreamContext,
+    current_stream,
+    default_stream,
+    set_stream,
+    stream,
+    _sleep,
+)
 from . import _utils  # noqa: E402,F401  (torch.serialization looks for _utils)
 from ._registration import register as _register  # noqa: E402
 
@@ -54,11 +65,15 @@ def _is_in_bad_fork() -> bool:
 __all__ = [
     "current_allocated_memory",
     "current_device",
+    "current_stream",
+    "default_stream",
     "device",
     "device_count",
     "device_of",
     "driver_allocated_memory",
     "empty_cache",
+    "Event",
+    "ExternalStream",
     "get_per_process_memory_fraction",
     "init",
     "is_available",
@@ -75,6 +90,10 @@ __all__ = [
     "reset_max_memory_allocated",
     "reset_peak_memory_stats",
     "set_device",
+    "set_stream",
+    "stream",
+    "Stream",
+    "StreamContext",
     "set_per_process_memory_fraction",
     "synchronize",
 ]

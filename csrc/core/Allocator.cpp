@@ -379,6 +379,9 @@ class CachingAllocator final : public c10::DeviceAllocator {
 
   // Gives every cached, unsplit segment of the device back to the system.
   void releaseCached(int device) {
+    // Queued work (a non_blocking copy) may still write to a cached block of
+    // its stream: memory goes back to the system only once streams are idle.
+    runtime::synchronizeStreams(device);
     DeviceState& st = states_[device];
     for (auto* pool : {&st.small_free, &st.large_free}) {
       for (auto it = pool->begin(); it != pool->end();) {
@@ -428,11 +431,12 @@ class CachingAllocator final : public c10::DeviceAllocator {
     for (auto& d : st.deferred) {
       bool done = true;
       for (auto& [s, mark] : d.marks) {
-        while (!runtime::streamReached(device, s, mark)) {
+        if (!runtime::streamReached(device, s, mark)) {
           if (!wait) {
             done = false;
             break;
           }
+          runtime::awaitMark(device, s, mark);
         }
         if (!done) break;
       }

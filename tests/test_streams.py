@@ -378,6 +378,25 @@ def test_non_blocking_copies_are_queued_on_the_current_stream():
     assert torch.equal(d3.cpu(), nc.double())
 
 
+def test_reused_device_block_waits_for_queued_copy_reading_it():
+    # A queued D2H copy still reads `src`; `src` is freed and its block goes
+    # back to the same stream, where the next op reuses it: that op must run
+    # after the copy (stream order), not overwrite the block under it.
+    n = (1 << 20) // 4
+    with torch.mps_ext.stream(torch.mps_ext.Stream(priority=-1)):
+        src = torch.full((n,), 5.0, device=DEV)
+        ptr = src.data_ptr()
+        dst = torch.empty(n, pin_memory=True)
+        torch.mps_ext._sleep(150 * MS)
+        dst.copy_(src, non_blocking=True)
+        del src
+        junk = torch.full((n,), -1.0, device=DEV)
+        assert junk.data_ptr() == ptr  # the block was indeed reused
+        done = torch.mps_ext.current_stream().record_event()
+    done.synchronize()
+    assert torch.equal(dst, torch.full((n,), 5.0))
+
+
 def test_pinned_block_not_reused_while_a_copy_uses_it():
     n = 1 << 18
     s = torch.mps_ext.Stream()

@@ -397,6 +397,21 @@ def test_reused_device_block_waits_for_queued_copy_reading_it():
     assert torch.equal(dst, torch.full((n,), 5.0))
 
 
+def test_empty_cache_waits_for_queued_copies():
+    # The copy's destination is freed (back to the cache) while the copy is
+    # still queued; empty_cache must not unmap it under the copy.
+    n = (12 << 20) // 4  # its own segment
+    host = _pinned_ones(n, 1.0)
+    s = torch.mps_ext.Stream()
+    with torch.mps_ext.stream(s):
+        torch.mps_ext._sleep(150 * MS)
+        dev = host.to(DEV, non_blocking=True)
+        del dev
+    assert not s.query()
+    torch.mps_ext.empty_cache()
+    assert s.query()
+
+
 def test_pinned_block_not_reused_while_a_copy_uses_it():
     n = 1 << 18
     s = torch.mps_ext.Stream()

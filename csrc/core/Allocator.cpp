@@ -379,10 +379,15 @@ class CachingAllocator final : public c10::DeviceAllocator {
 
   // Gives every cached, unsplit segment of the device back to the system.
   void releaseCached(int device) {
+    DeviceState& st = states_[device];
     // Queued work (a non_blocking copy) may still write to a cached block of
     // its stream: memory goes back to the system only once streams are idle.
+    bool any = false;
+    for (auto* pool : {&st.small_free, &st.large_free}) {
+      for (Block* b : *pool) any |= !b->isSplit();
+    }
+    if (!any) return;
     runtime::synchronizeStreams(device);
-    DeviceState& st = states_[device];
     for (auto* pool : {&st.small_free, &st.large_free}) {
       for (auto it = pool->begin(); it != pool->end();) {
         Block* b = *it;

@@ -347,8 +347,29 @@ def test_pin_memory_and_is_pinned():
     assert e.is_pinned() and e.device.type == "cpu"
     assert torch.empty_like(e, pin_memory=True).is_pinned()
     assert not torch.empty(5).is_pinned()
+
+
+def test_host_cache_and_empty_host_cache():
     torch.accelerator.empty_host_cache()
-    assert p.is_pinned()  # live blocks stay
+    base = torch.mps_ext.host_memory_stats()
+    p = torch.empty(1000, pin_memory=True)  # 4000 bytes -> a 4 KiB block
+    st = torch.mps_ext.host_memory_stats()
+    assert st["active_bytes.current"] == base["active_bytes.current"] + 4096
+    assert st["num_host_alloc"] == base["num_host_alloc"] + 1
+    ptr = p.data_ptr()
+    del p
+    q = torch.empty(1024, pin_memory=True)  # same size class: from the cache
+    assert q.data_ptr() == ptr
+    assert torch.mps_ext.host_memory_stats()["num_host_alloc"] == st["num_host_alloc"]
+    del q
+    cached = torch.mps_ext.host_memory_stats()["allocated_bytes.current"]
+    torch.accelerator.empty_host_cache()
+    after = torch.mps_ext.host_memory_stats()
+    assert after["allocated_bytes.current"] == cached - 4096
+    assert after["num_host_free"] == base["num_host_free"] + 1
+    live = torch.ones(3).pin_memory()
+    torch.accelerator.empty_host_cache()
+    assert live.is_pinned()  # live blocks stay
 
 
 def test_non_blocking_copies_are_queued_on_the_current_stream():

@@ -252,6 +252,23 @@ class Event(torch.Event):
         return f"<torch_mps_ext.Event {state} enable_timing={self.enable_timing}>"
 
 
+def host_memory_stats() -> dict:
+    r"""Statistics of the pinned host allocator, flattened as
+    ``torch.cuda.host_memory_stats``: ``allocations.*`` / ``allocated_bytes.*``
+    (blocks held from the system, cached ones included), ``active_requests.*``
+    / ``active_bytes.*`` (blocks in use), each with ``current``, ``peak``,
+    ``allocated``, ``freed``; ``num_host_alloc`` / ``num_host_free`` (system
+    allocations and frees)."""
+    out = {}
+    for key, value in sorted(_C._host_memory_stats().items()):
+        if isinstance(value, dict):
+            for sub, v in value.items():
+                out[f"{key}.{sub}"] = v
+        else:
+            out[key] = value
+    return out
+
+
 def _sleep(nanoseconds: int, stream: Optional[torch.Stream] = None) -> None:
     r"""Queues ``nanoseconds`` of device time on ``stream`` (default: current)
     and returns at once; the counterpart of ``torch.cuda._sleep`` for tests

@@ -66,6 +66,25 @@ void initStreamBindings(py::module_& m) {
     return elapsedMs(reinterpret_cast<const Event*>(start),
                      reinterpret_cast<const Event*>(end));
   });
+  m.def("_host_memory_stats", [] {
+    at::HostStats st = hostAllocator().get_stats();
+    py::dict d;
+    auto stat = [](const c10::CachingAllocator::Stat& x) {
+      py::dict s;
+      s["current"] = x.current;
+      s["peak"] = x.peak;
+      s["allocated"] = x.allocated;
+      s["freed"] = x.freed;
+      return s;
+    };
+    d["allocations"] = stat(st.allocations);
+    d["allocated_bytes"] = stat(st.allocated_bytes);
+    d["active_requests"] = stat(st.active_requests);
+    d["active_bytes"] = stat(st.active_bytes);
+    d["num_host_alloc"] = st.num_host_alloc;
+    d["num_host_free"] = st.num_host_free;
+    return d;
+  });
   m.def("_is_pinned_ptr", [](std::uintptr_t ptr) {
     return isPinnedPtr(reinterpret_cast<const void*>(ptr));
   });

@@ -153,6 +153,42 @@ def test_synchronize_raises_reported_errors():
         torch.mps_ext.synchronize(0)
 
 
+def test_failing_queued_work_surfaces_at_synchronize():
+    s = torch.mps_ext.Stream()
+    torch.mps_ext._sleep(50 * MS, s)
+    torch_mps_ext._C._stream_enqueue_failure(0, s.stream_id, "copy engine fault")
+    ev = s.record_event()
+    ev.synchronize()  # the stream goes on after a failure
+    with pytest.raises(torch.AcceleratorError, match="copy engine fault"):
+        torch.mps_ext.synchronize()
+    torch.mps_ext.synchronize()
+
+
+def test_streams_work_in_a_forked_child():
+    # Worker threads do not survive fork; the child gets fresh, idle streams.
+    out = run_python("""
+        import os, torch, torch_mps_ext
+        s = torch.mps_ext.Stream()
+        torch.mps_ext._sleep(1_000_000, s)  # starts s's worker in the parent
+        s.synchronize()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                host = torch.full((1024,), 3.0).pin_memory()
+                with torch.mps_ext.stream(s):
+                    torch.mps_ext._sleep(1_000_000)
+                    d = host.to("mps_ext", non_blocking=True)
+                s.synchronize()
+                ok = s.query() and d.sum().item() == 3072.0
+            except BaseException:
+                ok = False
+            os._exit(0 if ok else 1)
+        _, status = os.waitpid(pid, 0)
+        print("child", os.waitstatus_to_exitcode(status))
+    """, timeout=60).stdout
+    assert out.strip() == "child 0"
+
+
 # ---------------------------------------------------------------- events
 
 

@@ -12,6 +12,7 @@
 #include <chrono>
 #include <cstdint>
 #include <stdexcept>
+#include <string>
 #include <thread>
 
 namespace py = pybind11;
@@ -84,6 +85,11 @@ void initStreamBindings(py::module_& m) {
     d["num_host_alloc"] = st.num_host_alloc;
     d["num_host_free"] = st.num_host_free;
     return d;
+  });
+  // Queues work that fails with `message` (tests the path by which failing
+  // device work reaches the next synchronize).
+  m.def("_stream_enqueue_failure", [](int device, std::int64_t stream, std::string message) {
+    enqueue(device, stream, [message] { throw std::runtime_error(message); });
   });
   m.def("_is_pinned_ptr", [](std::uintptr_t ptr) {
     return isPinnedPtr(reinterpret_cast<const void*>(ptr));

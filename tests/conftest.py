@@ -43,6 +43,7 @@ def fresh_memory():
     fraction = torch.mps_ext.get_per_process_memory_fraction()
     torch.mps_ext.empty_cache()
     torch.mps_ext.reset_peak_memory_stats()
+    torch.mps_ext.reset_accumulated_memory_stats()
     yield
     gc.collect()
     torch.mps_ext.set_per_process_memory_fraction(fraction)

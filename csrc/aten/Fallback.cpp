@@ -14,6 +14,7 @@
 //    did not get from the pool).
 #include "aten/HostView.h"
 #include "runtime/Device.h"
+#include "runtime/Stream.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/op_registration/op_registration.h>
@@ -274,6 +275,9 @@ void fallback(const c10::OperatorHandle& op, c10::DispatchKeySet /*ks*/,
   Context ctx{op, std::nullopt, {}};
   scanDevices(ctx, schema, *stack, begin);
   int device = ctx.device ? ctx.device->index() : runtime::currentDevice();
+  // Inline on the current stream: after what is queued on it (factories that
+  // reuse a block a queued copy still reads included).
+  runtime::awaitCurrentStream(device);
   toHostArgs(ctx, schema, *stack, begin);
   {
     LendScope lend(device);

@@ -15,6 +15,7 @@ namespace torch_mps_ext {
 // A CPU tensor over the same bytes as the device tensor `t` (same sizes,
 // strides, offset, dtype, conj/neg bits). Its storage does not own the
 // memory; it allocates from the lending allocator when a kernel resizes it.
+// Waits first for the work queued on the current stream of t's device.
 at::Tensor hostView(const at::Tensor& t);
 
 // A device tensor on `device` over `storage` with the given geometry.

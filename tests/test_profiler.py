@@ -316,3 +316,21 @@ def test_stop_writes_the_trace_even_when_the_device_reports_an_error(trace_file)
         profiler.stop()
     assert profiler._trace["mode"] is None and torch.mps_ext._C._profiler_consumers() == 0
     assert any(e["name"] == "aten::ones" for e in slices(load(trace_file)))
+
+
+def test_ops_are_recorded_on_their_current_stream(trace_file):
+    x = torch.ones(4, device="mps_ext")
+    s = torch.mps_ext.Stream()
+    assert s.stream_id != 0
+    with profiler.profile():
+        with torch.mps_ext.stream(s):
+            x.neg()
+        x.exp()
+    trace = load(trace_file)
+    events = slices(trace)
+    neg = next(e for e in events if e["name"] == "aten::neg")
+    exp = next(e for e in events if e["name"] == "aten::exp")
+    assert neg["tid"] == neg["args"]["stream"] == s.stream_id
+    assert exp["tid"] == exp["args"]["stream"] == 0
+    rows = {e["tid"] for e in trace["traceEvents"] if e["ph"] == "M" and e["name"] == "thread_name"}
+    assert {0, s.stream_id} <= rows

@@ -439,9 +439,11 @@ std::int64_t nowNs() {
   return c10::getTime();
 }
 
-void recordCommand(const std::string& name, int device, std::int64_t stream,
-                   std::int64_t start_ns, std::int64_t end_ns, std::string attrs) {
-  if (!g_consumers.load(std::memory_order_relaxed)) return;
+namespace {
+
+void recordCommandImpl(const std::string& name, int device, std::int64_t stream,
+                       std::int64_t start_ns, std::int64_t end_ns, std::string attrs,
+                       const IssueToken* issued) {
   Record r;
   r.name = name;
   r.kind = Kind::Command;
@@ -450,11 +452,41 @@ void recordCommand(const std::string& name, int device, std::int64_t stream,
   r.start_ns = start_ns;
   r.end_ns = end_ns;
   r.thread = at::RecordFunction::currentThreadId();
-  r.depth = static_cast<int>(t_open.size());
-  if (!t_open.empty()) t_open.back()->leaf = false;
-  r.correlation = t_correlation.empty() ? 0 : t_correlation.back();
+  if (issued) {
+    r.depth = issued->depth;
+    r.correlation = issued->correlation;
+  } else {
+    r.depth = static_cast<int>(t_open.size());
+    if (!t_open.empty()) t_open.back()->leaf = false;
+    r.correlation = t_correlation.empty() ? 0 : t_correlation.back();
+  }
   r.args = attrs.empty() ? "{}" : std::move(attrs);
   deliver(std::move(r));
+}
+
+} // namespace
+
+IssueToken issueToken() {
+  IssueToken t;
+  if (!g_consumers.load(std::memory_order_relaxed)) return t;
+  t.correlation = t_correlation.empty() ? 0 : t_correlation.back();
+  t.depth = static_cast<int>(t_open.size());
+  // The issuing op did device work (queued), so it is not a leaf.
+  if (!t_open.empty()) t_open.back()->leaf = false;
+  return t;
+}
+
+void recordCommand(const std::string& name, int device, std::int64_t stream,
+                   std::int64_t start_ns, std::int64_t end_ns, std::string attrs) {
+  if (!g_consumers.load(std::memory_order_relaxed)) return;
+  recordCommandImpl(name, device, stream, start_ns, end_ns, std::move(attrs), nullptr);
+}
+
+void recordCommand(const std::string& name, int device, std::int64_t stream,
+                   std::int64_t start_ns, std::int64_t end_ns, std::string attrs,
+                   IssueToken issued) {
+  if (!g_consumers.load(std::memory_order_relaxed)) return;
+  recordCommandImpl(name, device, stream, start_ns, end_ns, std::move(attrs), &issued);
 }
 
 CommandScope::CommandScope(const char* name, int device, std::string attrs)

@@ -88,8 +88,21 @@ std::int64_t nowNs();
 // Records a device command that ran from start_ns to end_ns on `device`'s
 // current stream (stream < 0) or on `stream`. `attrs` is a JSON object's text
 // ("{}" when empty). Cheap no-op when no consumer is enabled.
+//
+// Work queued to a stream's worker thread: take `token = issueToken()` on the
+// issuing thread when enqueuing, and call recordCommand(..., token) from the
+// worker when the work has run, so torch.profiler links it to the op that
+// issued it and the trace nests it under that op's depth.
+struct IssueToken {
+  std::uint64_t correlation = 0;
+  int depth = 0;
+};
+IssueToken issueToken();
 void recordCommand(const std::string& name, int device, std::int64_t stream,
                    std::int64_t start_ns, std::int64_t end_ns, std::string attrs);
+void recordCommand(const std::string& name, int device, std::int64_t stream,
+                   std::int64_t start_ns, std::int64_t end_ns, std::string attrs,
+                   IssueToken issued);
 
 // RAII form: times its own scope.
 class CommandScope {

@@ -42,6 +42,18 @@ from .memory import (  # noqa: E402
     set_per_process_memory_fraction,
     get_per_process_memory_fraction,
 )
+from .random import (  # noqa: E402
+    default_generators,
+    get_rng_state,
+    get_rng_state_all,
+    initial_seed,
+    manual_seed,
+    manual_seed_all,
+    seed,
+    seed_all,
+    set_rng_state,
+    set_rng_state_all,
+)
 from . import _utils  # noqa: E402,F401  (torch.serialization looks for _utils)
 from ._registration import register as _register  # noqa: E402
 
@@ -54,15 +66,21 @@ def _is_in_bad_fork() -> bool:
 __all__ = [
     "current_allocated_memory",
     "current_device",
+    "default_generators",
     "device",
     "device_count",
     "device_of",
     "driver_allocated_memory",
     "empty_cache",
+    "get_rng_state",
+    "get_rng_state_all",
     "get_per_process_memory_fraction",
     "init",
+    "initial_seed",
     "is_available",
     "is_initialized",
+    "manual_seed",
+    "manual_seed_all",
     "max_memory_allocated",
     "max_memory_reserved",
     "mem_get_info",
@@ -74,8 +92,12 @@ __all__ = [
     "reset_accumulated_memory_stats",
     "reset_max_memory_allocated",
     "reset_peak_memory_stats",
+    "seed",
+    "seed_all",
     "set_device",
     "set_per_process_memory_fraction",
+    "set_rng_state",
+    "set_rng_state_all",
     "synchronize",
 ]
 

@@ -1,6 +1,5 @@
 // Layer 3: the baseline-ISA build of the random kernels, and the run-time
 // choice between it and the AVX2 build (RandomKernelsAVX2.cpp).
-#pragma GCC optimize("no-math-errno")
 
 #include "aten/RandomKernels.h"
 

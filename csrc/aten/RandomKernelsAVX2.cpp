@@ -10,7 +10,6 @@
 #if defined(__x86_64__) && defined(__GNUC__)
 #pragma GCC push_options
 #pragma GCC target("avx2")
-#pragma GCC optimize("no-math-errno")
 #define TORCH_MPS_EXT_HAVE_AVX2_BUILD 1
 #endif
 

@@ -63,16 +63,6 @@ inline void philox(std::uint64_t seed, std::uint64_t first_block, std::size_t nb
   }
 }
 
-inline void uniformFloat(const std::uint32_t* __restrict w, std::size_t n, float from,
-                         float to, float* __restrict out) {
-  const float range = to - from;
-  for (std::size_t i = 0; i < n; ++i) {
-    float u = static_cast<float>(static_cast<std::int32_t>(w[i] >> 8)) * 0x1p-24f;
-    float v = u * range + from;
-    out[i] = v >= to ? from : v;
-  }
-}
-
 inline float bitsToFloat(std::uint32_t b) {
   float f;
   __builtin_memcpy(&f, &b, 4);
@@ -85,15 +75,35 @@ inline std::uint32_t floatToBits(float f) {
   return b;
 }
 
+// mask ? a : b for an all-ones/all-zeros mask, in integer operations: GCC
+// does not if-convert float selects under -ftrapping-math, which would stop
+// the loops from vectorizing.
+inline float select(std::uint32_t mask, float a, float b) {
+  return bitsToFloat((floatToBits(a) & mask) | (floatToBits(b) & ~mask));
+}
+
+inline void uniformFloat(const std::uint32_t* __restrict w, std::size_t n, float from,
+                         float to, float* __restrict out) {
+  const float range = to - from;
+  for (std::size_t i = 0; i < n; ++i) {
+    float u = static_cast<float>(static_cast<std::int32_t>(w[i] >> 8)) * 0x1p-24f;
+    float v = u * range + from;
+    // v >= to  <=>  !(v < to); written as a mask (see select).
+    out[i] = select(0u - static_cast<std::uint32_t>(!(v < to)), from, v);
+  }
+}
+
 // Natural log for x in [2^-126, 1] (Cephes logf: x = m 2^e with m in
-// [sqrt(1/2), sqrt(2)), a degree-9 polynomial in m - 1; ~1 ulp).
+// [sqrt(1/2), sqrt(2)), a degree-9 polynomial in m - 1; ~1 ulp). Branch-free
+// so that loops calling it vectorize.
 inline float logPositive(float x) {
-  std::uint32_t bits = floatToBits(x);
+  const std::uint32_t bits = floatToBits(x);
   std::int32_t e = static_cast<std::int32_t>((bits >> 23) & 0xffu) - 126;
   float m = bitsToFloat((bits & 0x007fffffu) | 0x3f000000u);  // [0.5, 1)
-  const bool small = m < 0.707106781186547524f;
-  e = small ? e - 1 : e;
-  m = small ? (m + m) - 1.0f : m - 1.0f;
+  // m < sqrt(1/2) (0x3f3504f3), compared on the mantissa bits.
+  const std::uint32_t small = 0u - static_cast<std::uint32_t>((bits & 0x007fffffu) < 0x003504f3u);
+  e -= static_cast<std::int32_t>(small & 1u);
+  m = select(small, m + m, m) - 1.0f;
   const float z = m * m;
   float y = 7.0376836292e-2f;
   y = y * m - 1.1514610310e-1f;
@@ -109,6 +119,17 @@ inline float logPositive(float x) {
   y += -2.12194440e-4f * fe;
   y += -0.5f * z;
   return (m + y) + 0.693359375f * fe;
+}
+
+// sqrt(x) for x >= 0 by Newton's method from a bit-level first guess (a
+// libm/builtin sqrt would carry errno and stop vectorization). Relative error
+// ~1 ulp; 0 for x == 0.
+inline float sqrtNonNegative(float x) {
+  float y = bitsToFloat(0x1fbd1df5u + (floatToBits(x) >> 1));
+  y = 0.5f * (y + x / y);
+  y = 0.5f * (y + x / y);
+  y = 0.5f * (y + x / y);
+  return select(0u - static_cast<std::uint32_t>(floatToBits(x) != 0u), y, 0.0f);
 }
 
 inline void normalFloat(const std::uint32_t* __restrict w, std::size_t npairs, float mean,
@@ -130,15 +151,17 @@ inline void normalFloat(const std::uint32_t* __restrict w, std::size_t npairs, f
     c = c * a2 - 1.388731625493765e-3f;
     c = c * a2 + 4.166664568298827e-2f;
     c = c * a2 * a2 - 0.5f * a2 + 1.0f;
-    const std::int32_t quadrant = q & 3;
-    const bool swap = (quadrant & 1) != 0;
-    float sin_v = swap ? c : s;
-    float cos_v = swap ? s : c;
-    sin_v = (quadrant & 2) ? -sin_v : sin_v;
-    cos_v = (quadrant == 1 || quadrant == 2) ? -cos_v : cos_v;
-    const float r = __builtin_sqrtf(-2.0f * logPositive(u1));
-    out[2 * p] = r * cos_v * std + mean;
-    out[2 * p + 1] = r * sin_v * std + mean;
+    // Rotate by q quarter turns: odd q swaps sin and cos; the sign of sin
+    // flips for q = 2, 3 and that of cos for q = 1, 2 (bit masks, no branches).
+    const std::uint32_t swap = 0u - static_cast<std::uint32_t>(q & 1);
+    const std::uint32_t sb = floatToBits(s), cb = floatToBits(c);
+    const std::uint32_t sin_bits =
+        ((cb & swap) | (sb & ~swap)) ^ (static_cast<std::uint32_t>(q & 2) << 30);
+    const std::uint32_t cos_bits =
+        ((sb & swap) | (cb & ~swap)) ^ (static_cast<std::uint32_t>((q + 1) & 2) << 30);
+    const float r = sqrtNonNegative(-2.0f * logPositive(u1));
+    out[2 * p] = r * bitsToFloat(cos_bits) * std + mean;
+    out[2 * p + 1] = r * bitsToFloat(sin_bits) * std + mean;
   }
 }
 

@@ -705,3 +705,37 @@ def test_dtype_support_matches_cpu(op):
         else:
             with pytest.raises(Exception):
                 fn(t)
+
+
+def test_cpu_derived_ops_follow_device_generator():
+    """poisson, binomial, gamma, dirichlet, rrelu: reproducible under the
+    device seed, accept mps_ext generators, leave the CPU generator alone."""
+    def ops(g=None):
+        rate = torch.full((N // 8,), 4.0, device=DEV)
+        return [torch.poisson(rate, generator=g),
+                torch.binomial(torch.full((1000,), 10.0, device=DEV),
+                               torch.full((1000,), 0.3, device=DEV), generator=g),
+                torch._standard_gamma(torch.full((1000,), 2.0, device=DEV), generator=g),
+                torch._sample_dirichlet(torch.ones(10, 3, device=DEV), generator=g),
+                torch.ops.aten.rrelu_with_noise(torch.full((100,), -1.0, device=DEV),
+                                                torch.empty(100, device=DEV), training=True,
+                                                generator=g)]
+    torch.manual_seed(15)  # seeds CPU and mps_ext
+    cpu_state = torch.get_rng_state()
+    a = ops()
+    assert torch.equal(torch.get_rng_state(), cpu_state)
+    torch.mps_ext.manual_seed(15)
+    b = ops()
+    for x, y in zip(a, b):
+        assert x.device.type == DEV and torch.equal(x, y)
+    g = torch.Generator(device=DEV).manual_seed(1)
+    c = ops(g)
+    assert not torch.equal(c[0], a[0])
+    pois = a[0].cpu().double()
+    n = pois.numel()
+    assert abs(pois.mean().item() - 4.0) < Z * math.sqrt(4.0 / n)
+    assert torch.allclose(a[3].sum(-1).cpu(), torch.ones(10))
+    r = a[4].cpu()
+    assert (r <= -0.125 + 1e-6).all() and (r >= -1 / 3 - 1e-6).all()
+    with pytest.raises(RuntimeError, match="Expected a 'mps_ext' device type"):
+        torch.poisson(torch.ones(3, device=DEV), generator=torch.Generator())

@@ -8,9 +8,11 @@
 #include <cstdint>
 
 #if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
 #pragma GCC push_options
 #pragma GCC target("avx2")
 #define TORCH_MPS_EXT_HAVE_AVX2_BUILD 1
+#define MPS_EXT_RNG_AVX2 1
 #endif
 
 namespace torch_mps_ext::rng::avx2 {

@@ -739,3 +739,21 @@ def test_cpu_derived_ops_follow_device_generator():
     assert (r <= -0.125 + 1e-6).all() and (r >= -1 / 3 - 1e-6).all()
     with pytest.raises(RuntimeError, match="Expected a 'mps_ext' device type"):
         torch.poisson(torch.ones(3, device=DEV), generator=torch.Generator())
+
+
+def test_torch_seed_and_checkpoint_integration():
+    s = torch.seed()  # torch reseeds custom devices through manual_seed_all
+    assert torch.mps_ext.initial_seed() == s
+    g = torch.Generator("mps_ext")
+    assert g.device.type == DEV
+    # what activation checkpointing does to replay dropout: save and restore
+    # the device RNG state of the inputs' devices (full checkpoint() also
+    # needs the autocast module functions, tested with autocast)
+    from torch.utils.checkpoint import get_device_states, set_device_states
+    x = torch.randn(8, 16, device=DEV)
+    devices, states = get_device_states(x)
+    assert devices == [0] and len(states) == 1
+    ref = torch.nn.functional.dropout(x, 0.5, training=True)
+    set_device_states(devices, states, device_type=DEV)
+    again = torch.nn.functional.dropout(x, 0.5, training=True)
+    assert torch.equal(ref, again)

@@ -1,55 +1,39 @@
 """Throughput of the random generators: mps_ext vs CPU.
 
-Run:  PYTHONPATH=. python bench/rng.py [--repeats N] [--size N]
+    python bench/rng.py
 
-Prints, for each op, the median time per call on each device and a
-``RATIO <name> <mps_ext/cpu>`` line (below 1 = mps_ext faster). Every timed
-call allocates its output, as user code does. mps_ext work is synchronous
-(``synchronize`` is called anyway, as on a real accelerator).
+Times ``torch.rand(16M)`` and ``torch.randn(16M)`` (float32, a fresh output
+each call, as user code does) on CPU and on mps_ext, interleaved, median of
+several repeats after warm-up (bench/common.py). Prints a table and
+``RATIO <name> <mps_ext/cpu>`` lines (below 1 = mps_ext faster); target 1.0.
 """
 
-import argparse
-import statistics
-import time
+import os
+import sys
 
 import torch
-import torch_mps_ext  # noqa: F401
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch_mps_ext  # noqa: E402,F401
+from bench.common import compare, report  # noqa: E402
+
+N = 16 << 20
 
 
-def _time(fn, device, repeats, warmup=2):
-    for _ in range(warmup):
-        fn(device)
-    samples = []
-    for _ in range(repeats):
-        if device == "mps_ext":
-            torch.mps_ext.synchronize()
-        t0 = time.perf_counter()
-        out = fn(device)
-        if device == "mps_ext":
-            torch.mps_ext.synchronize()
-        samples.append(time.perf_counter() - t0)
-        del out
-    return statistics.median(samples)
+def rand(device):
+    return lambda: torch.rand(N, device=device)
+
+
+def randn(device):
+    return lambda: torch.randn(N, device=device)
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--size", type=int, default=16 * 1024 * 1024)
-    args = parser.parse_args()
-    n = args.size
-    label = f"{n // (1024 * 1024)}M" if n % (1024 * 1024) == 0 else str(n)
-    cases = {
-        f"rand_{label}": lambda d: torch.rand(n, device=d),
-        f"randn_{label}": lambda d: torch.randn(n, device=d),
-    }
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"median of {args.repeats} after warm-up")
-    for name, fn in cases.items():
-        t_cpu = _time(fn, "cpu", args.repeats)
-        t_dev = _time(fn, "mps_ext", args.repeats)
-        print(f"{name}: cpu {t_cpu * 1e3:.2f} ms, mps_ext {t_dev * 1e3:.2f} ms")
-        print(f"RATIO {name} {t_dev / t_cpu:.3f}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    rows = [compare("rand_16M", rand, inner=3, repeats=7),
+            compare("randn_16M", randn, inner=3, repeats=7)]
+    report(rows, {"rand_16M": 1.0, "randn_16M": 1.0})
 
 
 if __name__ == "__main__":

@@ -9,11 +9,7 @@ and a wrong distribution (bias of a few sigma of these sample sizes) fails.
 """
 
 import math
-import os
 import struct
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -87,16 +83,11 @@ def normal_cdf(x):
 
 
 def run_subprocess(code, device_count=2, threads=None):
-    env = dict(os.environ)
-    env["TORCH_MPS_EXT_DEVICE_COUNT"] = str(device_count)
-    env["PYTHONPATH"] = os.pathsep.join(
-        [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env.get("PYTHONPATH", "")])
+    from conftest import run_python
+    env = {"TORCH_MPS_EXT_DEVICE_COUNT": str(device_count)}
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
-    res = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env,
-                         capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr
-    return res.stdout
+    return run_python(code, env=env, timeout=120).stdout
 
 
 # ------------------------------------------------------------- the engine

@@ -561,21 +561,27 @@ at::Tensor& bernoulli_tensor_(at::Tensor& self, const at::Tensor& p_,
               "Expected all tensors to be on the same device, but found at least two devices, ",
               self.device(), " and ", p_.device(), "!");
   at::Tensor p_host = p_.device().type() == c10::DeviceType::PrivateUse1 ? hostView(p_) : p_;
-  at::Tensor p = p_host.to(at::kDouble).expand(self.sizes()).contiguous();
-  const double* pd = p.data_ptr<double>();
+  // p keeps its floating dtype (no conversion pass); expand + contiguous
+  // copies only when p is broadcast or strided.
+  if (!at::isFloatingType(p_host.scalar_type())) p_host = p_host.to(at::kDouble);
+  at::Tensor p = p_host.expand(self.sizes()).contiguous();
   PhiloxGenerator* g = gen(generator, self);
   return withContiguous(self, [&](const at::Tensor& out) {
     const PhiloxStream s = reserveWords(g, static_cast<u64>(out.numel()));
-    AT_DISPATCH_ALL_TYPES_AND3(at::kBool, at::kHalf, at::kBFloat16, out.scalar_type(), "bernoulli_tensor", [&] {
-      scalar_t* data = static_cast<scalar_t*>(out.data_ptr());
-      forChunks(out.numel(), [&](int64_t begin, int64_t count) {
-        u32 buf[kChunk + 4];
-        fetch<1>(s, begin, count, buf);
-        for (int64_t i = 0; i < count; ++i) {
-          const double p_in = pd[begin + i];
-          TORCH_CHECK(p_in >= 0 && p_in <= 1);
-          data[begin + i] = static_cast<scalar_t>(static_cast<double>(buf[i]) < p_in * 0x1p32);
-        }
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "bernoulli_tensor_p", [&] {
+      using p_t = scalar_t;
+      const p_t* pd = p.const_data_ptr<p_t>();
+      AT_DISPATCH_ALL_TYPES_AND3(at::kBool, at::kHalf, at::kBFloat16, out.scalar_type(), "bernoulli_tensor", [&] {
+        scalar_t* data = static_cast<scalar_t*>(out.data_ptr());
+        forChunks(out.numel(), [&](int64_t begin, int64_t count) {
+          u32 buf[kChunk + 4];
+          fetch<1>(s, begin, count, buf);
+          for (int64_t i = 0; i < count; ++i) {
+            const double p_in = static_cast<double>(pd[begin + i]);
+            TORCH_CHECK(p_in >= 0 && p_in <= 1);
+            data[begin + i] = static_cast<scalar_t>(static_cast<double>(buf[i]) < p_in * 0x1p32);
+          }
+        });
       });
     });
   });

@@ -13,6 +13,7 @@ import struct
 
 import pytest
 import torch
+from conftest import run_python
 
 import torch_mps_ext  # noqa: F401
 
@@ -83,7 +84,6 @@ def normal_cdf(x):
 
 
 def run_subprocess(code, device_count=2, threads=None):
-    from conftest import run_python
     env = {"TORCH_MPS_EXT_DEVICE_COUNT": str(device_count)}
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
@@ -332,6 +332,27 @@ def test_devices_and_threads_agree_in_subprocess():
     d1 = run_subprocess(code, threads=1).split()
     assert d2[0] == d2[1] == d1[0] == d1[1]
     assert (d1[2], d2[2]) == ("1", "2")
+
+
+def test_baseline_and_avx2_builds_give_the_same_tensors():
+    code = """
+        import torch, torch_mps_ext, hashlib
+        print(torch_mps_ext._C._rng_kernels_isa())
+        torch.mps_ext.manual_seed(31)
+        outs = [torch.rand(100003, device="mps_ext"), torch.randn(100003, device="mps_ext"),
+                torch.rand(1001, device="mps_ext", dtype=torch.half),
+                torch.randn(1001, device="mps_ext", dtype=torch.bfloat16),
+                torch.empty(999, device="mps_ext").log_normal_()]
+        print(hashlib.sha256(b"".join(o.cpu().numpy().tobytes() if o.dtype not in
+              (torch.half, torch.bfloat16) else o.cpu().view(torch.int16).numpy().tobytes()
+              for o in outs)).hexdigest())
+    """
+    isa, default = run_subprocess(code, device_count=1).split()
+    isa_b, baseline = run_python(code, env={"TORCH_MPS_EXT_RNG_BASELINE": "1"}).stdout.split()
+    if torch_mps_ext._C._philox_words(0, 0, 1, 1) is None:
+        pytest.skip("no AVX2 on this CPU: one build only")
+    assert (isa, isa_b) == ("avx2", "baseline")
+    assert default == baseline
 
 
 def test_noncontiguous_output_uses_logical_order():

@@ -5,6 +5,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
@@ -29,8 +30,11 @@ const Kernels* kernelVariant(int which) {
 }
 
 const Kernels& kernels() {
+  // TORCH_MPS_EXT_RNG_BASELINE=1 forces the baseline build (tests compare the
+  // two builds' results; they must be identical).
   static const Kernels* chosen = [] {
-    const Kernels* k = avx2::variant();
+    const char* env = std::getenv("TORCH_MPS_EXT_RNG_BASELINE");
+    const Kernels* k = (env && env[0] == '1') ? nullptr : avx2::variant();
     return k ? k : kernelVariant(0);
   }();
   return *chosen;

@@ -30,6 +30,10 @@ void initRandomBindings(py::module_& m) {
     k->philox(seed, first_block, nblocks, out.data());
     return py::cast(out);
   });
+  // Which build of the random kernels runs: "baseline" or "avx2".
+  m.def("_rng_kernels_isa", [] {
+    return &rng::kernels() == rng::kernelVariant(0) ? "baseline" : "avx2";
+  });
   m.def("_normal_float_kernel", [](std::vector<std::uint32_t> words, int variant) -> py::object {
     const rng::Kernels* k = rng::kernelVariant(variant);
     if (k == nullptr) return py::none();

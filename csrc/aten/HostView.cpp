@@ -57,6 +57,7 @@ void installLendingAllocator() {
   lending().base = c10::GetCPUAllocator();
   g_base_raw_deleter = lending().base->raw_deleter();
   c10::SetCPUAllocator(&lending(), /*priority=*/1);
+  preferCpuKernels();
 }
 
 LendScope::LendScope(int device) : saved_(t_lend_device) {
@@ -106,15 +107,6 @@ c10::Storage adoptLentStorage(c10::StorageImpl* cpu_storage, int device) {
   return c10::Storage(c10::make_intrusive<c10::StorageImpl>(
       c10::StorageImpl::use_byte_size_t(), nbytes, std::move(dp),
       &deviceAllocator(), /*resizable=*/true));
-}
-
-at::Tensor adoptResult(const at::Tensor& cpu, int device) {
-  if (!cpu.defined()) return cpu;
-  c10::StorageImpl* s = cpu.storage().unsafeGetStorageImpl();
-  if (isPoolMemory(s->data_ptr()) && c10::raw::intrusive_ptr::use_count(s) == 1) {
-    return deviceTensor(adoptLentStorage(s, device), cpu);
-  }
-  return copyToDevice(cpu, device);
 }
 
 at::Tensor copyToDevice(const at::Tensor& cpu, int device) {

@@ -83,13 +83,6 @@ def normal_cdf(x):
     return torch.special.ndtr(x)
 
 
-def run_subprocess(code, device_count=2, threads=None):
-    env = {"TORCH_MPS_EXT_DEVICE_COUNT": str(device_count)}
-    if threads is not None:
-        env["OMP_NUM_THREADS"] = str(threads)
-    return run_python(code, env=env, timeout=120).stdout
-
-
 # ------------------------------------------------------------- the engine
 
 def test_philox_known_answer():
@@ -305,54 +298,55 @@ def test_thread_count_does_not_change_results():
         assert torch.equal(a, b)
 
 
-def test_devices_and_threads_agree_in_subprocess():
-    code = """
-        import torch, torch_mps_ext, hashlib
-        assert torch.mps_ext.device_count() == 2
-        def digest(dev):
-            torch.mps_ext.manual_seed_all(77)
-            with torch.mps_ext.device(dev):
-                outs = [torch.rand(100003, device=dev), torch.randn(100003, device=dev),
-                        torch.randint(0, 7, (5000,), device=dev), torch.randperm(999, device=dev),
-                        torch.multinomial(torch.rand(20, 30, device=dev), 5, True)]
-            return hashlib.sha256(b"".join(o.cpu().numpy().tobytes() for o in outs)).hexdigest()
-        g = torch.Generator(device="mps_ext:1")
-        assert g.device == torch.device("mps_ext:1")
-        g.manual_seed(5)
-        x1 = torch.rand(8, device="mps_ext:1", generator=g)
-        # per-device default generators are independent
-        torch.mps_ext.manual_seed_all(1)
-        torch.rand(10, device="mps_ext:0")
-        assert torch.mps_ext.get_rng_state(1)[8:].sum() == 0
-        assert torch.mps_ext.get_rng_state("mps_ext:0")[8:].sum() > 0
-        assert len(torch.mps_ext.get_rng_state_all()) == 2
-        print(digest("mps_ext:0"), digest("mps_ext:1"), torch.get_num_threads())
-    """
-    d2 = run_subprocess(code, threads=2).split()
-    d1 = run_subprocess(code, threads=1).split()
-    assert d2[0] == d2[1] == d1[0] == d1[1]
-    assert (d1[2], d2[2]) == ("1", "2")
+DIGEST_CODE = """
+import hashlib
+import torch
+import torch_mps_ext
 
 
-def test_baseline_and_avx2_builds_give_the_same_tensors():
-    code = """
-        import torch, torch_mps_ext, hashlib
-        print(torch_mps_ext._C._rng_kernels_isa())
-        torch.mps_ext.manual_seed(31)
-        outs = [torch.rand(100003, device="mps_ext"), torch.randn(100003, device="mps_ext"),
-                torch.rand(1001, device="mps_ext", dtype=torch.half),
-                torch.randn(1001, device="mps_ext", dtype=torch.bfloat16),
-                torch.empty(999, device="mps_ext").log_normal_()]
-        print(hashlib.sha256(b"".join(o.cpu().numpy().tobytes() if o.dtype not in
-              (torch.half, torch.bfloat16) else o.cpu().view(torch.int16).numpy().tobytes()
-              for o in outs)).hexdigest())
-    """
-    isa, default = run_subprocess(code, device_count=1).split()
-    isa_b, baseline = run_python(code, env={"TORCH_MPS_EXT_RNG_BASELINE": "1"}).stdout.split()
-    if torch_mps_ext._C._philox_words(0, 0, 1, 1) is None:
-        pytest.skip("no AVX2 on this CPU: one build only")
-    assert (isa, isa_b) == ("avx2", "baseline")
-    assert default == baseline
+def digest(dev):
+    torch.mps_ext.manual_seed_all(77)
+    with torch.mps_ext.device(dev):
+        outs = [torch.rand(100003, device=dev), torch.randn(100003, device=dev),
+                torch.rand(1001, device=dev, dtype=torch.half),
+                torch.randn(1001, device=dev, dtype=torch.bfloat16),
+                torch.empty(999, device=dev).log_normal_(),
+                torch.randint(0, 7, (5000,), device=dev), torch.randperm(999, device=dev),
+                torch.multinomial(torch.rand(20, 30, device=dev), 5, True),
+                torch.nn.functional.dropout(torch.ones(3000, device=dev), 0.4)]
+    return hashlib.sha256(b"".join(
+        (o.view(torch.int16) if o.dtype in (torch.half, torch.bfloat16) else o)
+        .cpu().numpy().tobytes() for o in outs)).hexdigest()
+"""
+
+
+def test_devices_threads_and_isa_builds_agree():
+    """One seed, same tensors: here (current thread count, the kernels this
+    CPU picks, device 0) and in a process with 2 devices, 1 thread and the
+    baseline kernels forced, on both of its devices."""
+    code = DIGEST_CODE + """
+assert torch.mps_ext.device_count() == 2
+g = torch.Generator(device="mps_ext:1")
+assert g.device == torch.device("mps_ext:1")
+# per-device default generators are independent
+torch.mps_ext.manual_seed_all(1)
+torch.rand(10, device="mps_ext:0")
+assert torch.mps_ext.get_rng_state(1)[8:].sum() == 0
+assert torch.mps_ext.get_rng_state("mps_ext:0")[8:].sum() > 0
+assert len(torch.mps_ext.get_rng_state_all()) == 2
+print(digest("mps_ext:0"), digest("mps_ext:1"), torch.get_num_threads(),
+      torch_mps_ext._C._rng_kernels_isa())
+"""
+    d0, d1, threads, isa = run_python(code, env={"TORCH_MPS_EXT_DEVICE_COUNT": "2",
+                                                 "OMP_NUM_THREADS": "1",
+                                                 "TORCH_MPS_EXT_RNG_BASELINE": "1"}
+                                      ).stdout.split()
+    assert (threads, isa) == ("1", "baseline")
+    scope = {}
+    exec(DIGEST_CODE, scope)
+    assert d0 == d1 == scope["digest"]("mps_ext:0")
+    if torch_mps_ext._C._philox_words(0, 0, 1, 1) is not None:
+        assert torch_mps_ext._C._rng_kernels_isa() == "avx2"
 
 
 def test_noncontiguous_output_uses_logical_order():

@@ -763,3 +763,27 @@ def test_torch_seed_and_checkpoint_integration():
     set_device_states(devices, states, device_type=DEV)
     again = torch.nn.functional.dropout(x, 0.5, training=True)
     assert torch.equal(ref, again)
+
+
+def test_every_generator_op_has_a_device_kernel():
+    """No aten op that takes a Generator reaches CPU's kernel through the
+    fallback (it would draw from CPU's mt19937 generator): each one with a CPU
+    kernel has an mps_ext kernel from the Random*.cpp files; the others
+    decompose (composite) into ops that do."""
+    missing = []
+    for s in torch._C._jit_get_all_schemas():
+        if not s.name.startswith("aten::"):
+            continue
+        if not any("Generator" in str(a.type) for a in s.arguments):
+            continue
+        full = s.name + ("." + s.overload_name if s.overload_name else "")
+        try:
+            if not torch._C._dispatch_has_kernel_for_dispatch_key(full, "CPU"):
+                continue
+        except RuntimeError:  # a TorchScript builtin, not a dispatcher op
+            continue
+        dump = [line for line in torch._C._dispatch_dump(full).splitlines()
+                if line.startswith("PrivateUse1:")]
+        if not dump or "csrc/aten/Random" not in dump[0]:
+            missing.append(full)
+    assert missing == []

@@ -54,6 +54,18 @@ from .streams import (  # noqa: E402
     stream,
     _sleep,
 )
+from .random import (  # noqa: E402
+    default_generators,
+    get_rng_state,
+    get_rng_state_all,
+    initial_seed,
+    manual_seed,
+    manual_seed_all,
+    seed,
+    seed_all,
+    set_rng_state,
+    set_rng_state_all,
+)
 from . import _utils  # noqa: E402,F401  (torch.serialization looks for _utils)
 from ._registration import register as _register  # noqa: E402
 
@@ -68,6 +80,7 @@ __all__ = [
     "current_device",
     "current_stream",
     "default_stream",
+    "default_generators",
     "device",
     "device_count",
     "device_of",
@@ -75,11 +88,16 @@ __all__ = [
     "empty_cache",
     "Event",
     "ExternalStream",
+    "get_rng_state",
+    "get_rng_state_all",
     "get_per_process_memory_fraction",
     "host_memory_stats",
     "init",
+    "initial_seed",
     "is_available",
     "is_initialized",
+    "manual_seed",
+    "manual_seed_all",
     "max_memory_allocated",
     "max_memory_reserved",
     "mem_get_info",
@@ -91,12 +109,16 @@ __all__ = [
     "reset_accumulated_memory_stats",
     "reset_max_memory_allocated",
     "reset_peak_memory_stats",
+    "seed",
+    "seed_all",
     "set_device",
     "set_stream",
     "stream",
     "Stream",
     "StreamContext",
     "set_per_process_memory_fraction",
+    "set_rng_state",
+    "set_rng_state_all",
     "synchronize",
 ]
 

@@ -751,8 +751,8 @@ def analyze(p: Parsed) -> list[Kernel]:
                 src = cands[0]
             attr_src = src
         name = d.attrs.get("host_name", "").strip()
-        if name.startswith('"'):
-            name = json.loads(name) if name.count('"') == 2 else name.strip('"')
+        if name.startswith('"'):  # adjacent string literals concatenate: "a" "_b"
+            name = "".join(bytes(m, "utf-8").decode("unicode_escape") for m in re.findall(r'"((?:\\.|[^"\\])*)"', name))
         name = name or d.base
         if name in seen:
             continue
@@ -884,7 +884,12 @@ def rewrite(p: Parsed, checked: bool) -> tuple[str, set[str]]:
                 names.append(part[cut - 1].text)
         esc = "".join(f" ::mpsx::escape({nm});" for nm in names)
         edits.append((toks[end].end, toks[end].end, esc))
-    for t in toks:
+    for ti, t in enumerate(toks):
+        if t.kind == "id" and t.text == "constant":
+            # MSL constant memory is read-only: `const` keeps constant/device overloads distinct
+            nxt = toks[ti + 1].text if ti + 1 < len(toks) else ""
+            prv = toks[ti - 1].text if ti > 0 else ""
+            edits.append((t.start, t.end, "" if "const" in (nxt, prv) else "const"))
         if t.kind == "num":
             m = _HALF_LIT.match(t.text)
             if m:

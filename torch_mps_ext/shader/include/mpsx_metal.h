@@ -966,7 +966,7 @@ MPSX_INLINE void atomic_thread_fence(int = 0, memory_order = memory_order_relaxe
 #ifndef MPSX_PARSE
 #define kernel
 #define device
-#define constant
+#define constant  // the front end rewrites MSL `constant` to C++ `const` (keeps overloads distinct)
 #define thread
 #define threadgroup
 #define threadgroup_imageblock

@@ -1,0 +1,114 @@
+#include "aten/HostView.h"
+
+#include "core/Allocator.h"
+#include "runtime/Device.h"
+
+#include <ATen/EmptyTensor.h>
+#include <ATen/ops/copy_native.h>
+#include <c10/core/CPUAllocator.h>
+#include <c10/core/DeviceGuard.h>
+#include <c10/core/TensorImpl.h>
+
+namespace torch_mps_ext {
+namespace {
+
+thread_local int t_lend_device = -1;
+
+// The CPU allocator while mps_ext is loaded: the stock one, except on a
+// thread inside a LendScope, where allocations come from the device pool so
+// that a CPU kernel's outputs are already device memory.
+struct LendingAllocator final : public c10::Allocator {
+  c10::Allocator* base = nullptr;
+
+  c10::DataPtr allocate(std::size_t n) override {
+    if (t_lend_device >= 0) {
+      return allocateOn(t_lend_device, n, c10::DeviceType::CPU);
+    }
+    return base->allocate(n);
+  }
+  c10::DeleterFnPtr raw_deleter() const override { return base->raw_deleter(); }
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    base->copy_data(dest, src, count);
+  }
+};
+
+LendingAllocator& lending() {
+  static LendingAllocator* a = new LendingAllocator();
+  return *a;
+}
+
+c10::DeleterFnPtr poolDeleter() {
+  return deviceAllocator().raw_deleter();
+}
+
+} // namespace
+
+void installLendingAllocator() {
+  static bool done = false;
+  if (done) return;
+  done = true;
+  lending().base = c10::GetCPUAllocator();
+  c10::SetCPUAllocator(&lending(), /*priority=*/1);
+}
+
+LendScope::LendScope(int device) : saved_(t_lend_device) {
+  t_lend_device = device;
+}
+
+LendScope::~LendScope() {
+  t_lend_device = saved_;
+}
+
+bool isPoolMemory(const c10::DataPtr& dp) {
+  return dp.get_deleter() == poolDeleter();
+}
+
+at::Tensor hostView(const at::Tensor& t) {
+  c10::StorageImpl* dev = t.storage().unsafeGetStorageImpl();
+  auto storage = c10::make_intrusive<c10::StorageImpl>(
+      c10::StorageImpl::use_byte_size_t(), dev->nbytes(),
+      c10::DataPtr(const_cast<void*>(dev->data()), c10::Device(c10::kCPU)),
+      &lending(), dev->resizable());
+  auto impl = c10::make_intrusive<c10::TensorImpl>(
+      c10::Storage(std::move(storage)), c10::DispatchKeySet(c10::DispatchKey::CPU),
+      t.dtype());
+  impl->set_sizes_and_strides(t.sizes(), t.strides(), t.storage_offset());
+  if (t.is_conj()) impl->_set_conj(true);
+  if (t.is_neg()) impl->_set_neg(true);
+  return at::Tensor(std::move(impl));
+}
+
+at::Tensor deviceTensor(c10::Storage storage, const at::Tensor& like) {
+  auto impl = c10::make_intrusive<c10::TensorImpl>(
+      std::move(storage), c10::DispatchKeySet(c10::DispatchKey::PrivateUse1),
+      like.dtype());
+  impl->set_sizes_and_strides(like.sizes(), like.strides(), like.storage_offset());
+  if (like.is_conj()) impl->_set_conj(true);
+  if (like.is_neg()) impl->_set_neg(true);
+  return at::Tensor(std::move(impl));
+}
+
+c10::Storage adoptLentStorage(c10::StorageImpl* cpu_storage, int device) {
+  std::size_t nbytes = cpu_storage->nbytes();
+  c10::DataPtr dp = cpu_storage->set_data_ptr(
+      c10::DataPtr(nullptr, c10::Device(c10::kCPU)));
+  cpu_storage->set_nbytes(0);
+  dp.unsafe_set_device(
+      c10::Device(c10::DeviceType::PrivateUse1, static_cast<c10::DeviceIndex>(device)));
+  return c10::Storage(c10::make_intrusive<c10::StorageImpl>(
+      c10::StorageImpl::use_byte_size_t(), nbytes, std::move(dp),
+      &deviceAllocator(), /*resizable=*/true));
+}
+
+at::Tensor copyToDevice(const at::Tensor& cpu, int device) {
+  c10::DeviceGuard guard(
+      c10::Device(c10::DeviceType::PrivateUse1, static_cast<c10::DeviceIndex>(device)));
+  at::Tensor out = at::detail::empty_strided_generic(
+      cpu.sizes(), cpu.strides(), &deviceAllocator(),
+      c10::DispatchKeySet(c10::DispatchKey::PrivateUse1), cpu.scalar_type());
+  at::Tensor view = hostView(out);
+  at::native::copy_(view, cpu, false);  // resolves conj/neg bits
+  return out;
+}
+
+} // namespace torch_mps_ext

@@ -1,0 +1,48 @@
+// Layer 3: moving between mps_ext tensors and CPU tensors without copying.
+//
+// The device's memory is host memory, so a CPU kernel can work on it in
+// place. These helpers build CPU views ("host views") of device tensors, lend
+// device memory to CPU kernels for the outputs they allocate, and adopt the
+// results back as device tensors.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/StorageImpl.h>
+
+namespace torch_mps_ext {
+
+// A CPU tensor over the same bytes as the device tensor `t` (same sizes,
+// strides, offset, dtype, conj/neg bits). Its storage does not own the
+// memory; it allocates from the lending allocator when a kernel resizes it.
+at::Tensor hostView(const at::Tensor& t);
+
+// A device tensor on `device` over `storage` with the given geometry.
+at::Tensor deviceTensor(c10::Storage storage, const at::Tensor& like_geometry);
+
+// While alive, CPU allocations made by this thread come from the device pool
+// of `device` (memory is tagged CPU until adopted). Nests.
+class LendScope {
+ public:
+  explicit LendScope(int device);
+  ~LendScope();
+  LendScope(const LendScope&) = delete;
+  LendScope& operator=(const LendScope&) = delete;
+
+ private:
+  int saved_;
+};
+
+// True if `dp` is device-pool memory (lent or not).
+bool isPoolMemory(const c10::DataPtr& dp);
+
+// Takes the memory of a CPU storage that holds lent device memory and makes
+// it a device storage on `device`. The CPU storage is left empty.
+c10::Storage adoptLentStorage(c10::StorageImpl* cpu_storage, int device);
+
+// A device copy of the CPU tensor `cpu` on `device`, same sizes and strides.
+at::Tensor copyToDevice(const at::Tensor& cpu, int device);
+
+// Installs the lending CPU allocator (once).
+void installLendingAllocator();
+
+} // namespace torch_mps_ext

@@ -1,0 +1,172 @@
+// Layer 3: the native operators every device needs (allocation, views,
+// resize, set_, copies, item()).
+#include "aten/HostView.h"
+#include "core/Allocator.h"
+#include "core/Hooks.h"
+#include "runtime/Device.h"
+
+#include <ATen/EmptyTensor.h>
+#include <ATen/ops/_local_scalar_dense_native.h>
+#include <ATen/ops/_reshape_alias_native.h>
+#include <ATen/ops/as_strided_native.h>
+#include <ATen/ops/copy_native.h>
+#include <ATen/ops/set_native.h>
+#include <ATen/ops/view_native.h>
+#include <c10/core/DeviceGuard.h>
+#include <torch/library.h>
+
+#include <cstring>
+
+namespace torch_mps_ext {
+namespace {
+
+constexpr auto kDev = c10::DeviceType::PrivateUse1;
+
+c10::DeviceGuard guardFor(std::optional<at::Device> device) {
+  at::Device d = device.value_or(at::Device(kDev));
+  if (!d.has_index()) {
+    d = at::Device(kDev, static_cast<c10::DeviceIndex>(runtime::currentDevice()));
+  }
+  return c10::DeviceGuard(d);
+}
+
+at::Tensor empty_memory_format(c10::IntArrayRef size,
+                               std::optional<at::ScalarType> dtype,
+                               std::optional<at::Layout> layout,
+                               std::optional<at::Device> device,
+                               std::optional<bool> pin_memory,
+                               std::optional<at::MemoryFormat> memory_format) {
+  TORCH_CHECK(layout.value_or(at::kStrided) == at::kStrided,
+              "mps_ext supports strided tensors only, got layout ",
+              *layout);
+  TORCH_CHECK(!pin_memory.value_or(false),
+              "Only dense CPU tensors can be pinned");
+  auto guard = guardFor(device);
+  return at::detail::empty_generic(
+      size, &deviceAllocator(), c10::DispatchKeySet(c10::DispatchKey::PrivateUse1),
+      dtype.value_or(c10::get_default_dtype_as_scalartype()), memory_format);
+}
+
+at::Tensor empty_strided(c10::IntArrayRef size, c10::IntArrayRef stride,
+                         std::optional<at::ScalarType> dtype,
+                         std::optional<at::Layout> layout,
+                         std::optional<at::Device> device,
+                         std::optional<bool> pin_memory) {
+  TORCH_CHECK(layout.value_or(at::kStrided) == at::kStrided,
+              "mps_ext supports strided tensors only, got layout ",
+              *layout);
+  TORCH_CHECK(!pin_memory.value_or(false),
+              "Only dense CPU tensors can be pinned");
+  auto guard = guardFor(device);
+  return at::detail::empty_strided_generic(
+      size, stride, &deviceAllocator(),
+      c10::DispatchKeySet(c10::DispatchKey::PrivateUse1),
+      dtype.value_or(c10::get_default_dtype_as_scalartype()));
+}
+
+at::Tensor as_strided(const at::Tensor& self, c10::IntArrayRef size,
+                      c10::IntArrayRef stride,
+                      std::optional<int64_t> storage_offset) {
+  return at::native::as_strided_tensorimpl(self, size, stride, storage_offset);
+}
+
+at::Tensor view(const at::Tensor& self, c10::IntArrayRef size) {
+  return at::native::view(self, size);
+}
+
+at::Tensor reshape_alias(const at::Tensor& self, c10::IntArrayRef size,
+                         c10::IntArrayRef stride) {
+  return at::native::_reshape_alias(self, size, stride);
+}
+
+const at::Tensor& resize_(const at::Tensor& self, c10::IntArrayRef size,
+                          std::optional<at::MemoryFormat> memory_format) {
+  auto* impl = self.unsafeGetTensorImpl();
+  if (impl->sizes() != size) {
+    std::size_t needed = at::detail::computeStorageNbytesContiguous(
+        size, self.dtype().itemsize(), self.storage_offset());
+    if (needed > self.storage().nbytes()) {
+      resizeStorageBytes(self.storage().unsafeGetStorageImpl(), needed);
+    }
+    impl->set_sizes_contiguous(size);
+  }
+  if (memory_format) {
+    TORCH_CHECK(*memory_format != at::MemoryFormat::Preserve,
+                "Unsupported memory format Preserve");
+    impl->empty_tensor_restride(*memory_format);
+  }
+  return self;
+}
+
+at::Tensor& set_source_storage(at::Tensor& self, at::Storage source) {
+  return at::native::set_(self, std::move(source));
+}
+
+at::Tensor& set_source_storage_offset(at::Tensor& self, at::Storage source,
+                                      int64_t offset, c10::IntArrayRef size,
+                                      c10::IntArrayRef stride) {
+  return at::native::set_storage_cpu_(self, std::move(source), offset, size, stride);
+}
+
+at::Tensor& set_source_tensor(at::Tensor& self, const at::Tensor& source) {
+  return at::native::set_tensor_(self, source);
+}
+
+at::Tensor& set_empty(at::Tensor& self) {
+  c10::DeviceGuard guard(self.device());
+  c10::Storage storage(c10::Storage::use_byte_size_t(), 0, &deviceAllocator(),
+                       /*resizable=*/true);
+  return at::native::set_storage_cpu_(self, std::move(storage), 0, {0}, {});
+}
+
+at::Tensor copy_from(const at::Tensor& self, const at::Tensor& dst,
+                     bool /*non_blocking*/) {
+  at::Tensor src_h = self.device().type() == kDev ? hostView(self) : self;
+  at::Tensor dst_h = dst.device().type() == kDev ? hostView(dst) : dst;
+  at::native::copy_(dst_h, src_h, false);
+  return dst;
+}
+
+at::Tensor copy_from_and_resize(const at::Tensor& self, const at::Tensor& dst) {
+  TORCH_CHECK(dst.device().type() == kDev || dst.is_cpu(),
+              "_copy_from_and_resize: unsupported destination ", dst.device());
+  if (dst.sizes() != self.sizes()) {
+    dst.resize_(self.sizes());
+  }
+  return copy_from(self, dst, false);
+}
+
+at::Scalar local_scalar_dense(const at::Tensor& self) {
+  return at::native::_local_scalar_dense_cpu(hostView(self));
+}
+
+} // namespace
+
+void resizeStorageBytes(c10::StorageImpl* storage, std::size_t newsize) {
+  TORCH_CHECK(storage->resizable(),
+              "Trying to resize storage that is not resizable");
+  c10::DeviceGuard guard(storage->device());
+  c10::DataPtr fresh = deviceAllocator().allocate(newsize);
+  std::size_t keep = std::min(newsize, storage->nbytes());
+  if (keep && storage->data()) std::memcpy(fresh.get(), storage->data(), keep);
+  storage->set_data_ptr_noswap(std::move(fresh));
+  storage->set_nbytes(newsize);
+}
+
+TORCH_LIBRARY_IMPL(aten, PrivateUse1, m) {
+  m.impl("empty.memory_format", TORCH_FN(empty_memory_format));
+  m.impl("empty_strided", TORCH_FN(empty_strided));
+  m.impl("as_strided", TORCH_FN(as_strided));
+  m.impl("view", TORCH_FN(view));
+  m.impl("_reshape_alias", TORCH_FN(reshape_alias));
+  m.impl("resize_", TORCH_FN(resize_));
+  m.impl("set_.source_Storage", TORCH_FN(set_source_storage));
+  m.impl("set_.source_Storage_storage_offset", TORCH_FN(set_source_storage_offset));
+  m.impl("set_.source_Tensor", TORCH_FN(set_source_tensor));
+  m.impl("set_", TORCH_FN(set_empty));
+  m.impl("_copy_from", TORCH_FN(copy_from));
+  m.impl("_copy_from_and_resize", TORCH_FN(copy_from_and_resize));
+  m.impl("_local_scalar_dense", TORCH_FN(local_scalar_dense));
+}
+
+} // namespace torch_mps_ext

@@ -1,0 +1,528 @@
+#include "core/Allocator.h"
+
+#include "runtime/Device.h"
+#include "runtime/Stream.h"
+
+#include <c10/util/Exception.h>
+#include <c10/util/flat_hash_map.h>
+
+#include <cinttypes>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <set>
+#include <stdexcept>
+#include <vector>
+
+namespace torch_mps_ext {
+namespace {
+
+using c10::CachingAllocator::Stat;
+using c10::CachingAllocator::StatArray;
+using c10::CachingAllocator::StatType;
+using c10::CachingDeviceAllocator::DeviceStats;
+
+constexpr std::size_t kMinBlockSize = 512;
+constexpr std::size_t kSmallSize = 1u << 20;       // largest small-pool request
+constexpr std::size_t kSmallBuffer = 2u << 20;     // small-pool segment
+constexpr std::size_t kLargeBuffer = 20u << 20;    // segment for 1..10 MiB
+constexpr std::size_t kMinLargeAlloc = 10u << 20;  // above: exact segments
+constexpr std::size_t kRoundLarge = 2u << 20;
+
+constexpr double kDefaultHighWatermark = 1.7;  // as MPS on unified memory
+constexpr double kDefaultLowWatermark = 1.4;
+
+std::size_t roundUp(std::size_t n, std::size_t to) {
+  return (n + to - 1) / to * to;
+}
+
+std::string formatBytes(std::size_t n) {
+  char buf[64];
+  if (n < 1024) {
+    std::snprintf(buf, sizeof buf, "%zu bytes", n);
+  } else if (n < (std::size_t(1) << 20)) {
+    std::snprintf(buf, sizeof buf, "%.2f KiB", n / 1024.0);
+  } else if (n < (std::size_t(1) << 30)) {
+    std::snprintf(buf, sizeof buf, "%.2f MiB", n / 1048576.0);
+  } else {
+    std::snprintf(buf, sizeof buf, "%.2f GiB", n / 1073741824.0);
+  }
+  return buf;
+}
+
+struct Block {
+  int device;
+  std::int64_t stream;
+  std::size_t size;            // rounded size of this block
+  std::size_t requested = 0;   // bytes the client asked for
+  char* ptr;
+  bool small;
+  bool allocated = false;
+  Block* prev = nullptr;       // neighbours inside one segment
+  Block* next = nullptr;
+  // Streams that used the block besides its own (record_stream).
+  std::vector<std::int64_t> stream_uses;
+  bool isSplit() const { return prev != nullptr || next != nullptr; }
+};
+
+struct BlockLess {
+  bool operator()(const Block* a, const Block* b) const {
+    if (a->stream != b->stream) return a->stream < b->stream;
+    if (a->size != b->size) return a->size < b->size;
+    return reinterpret_cast<std::uintptr_t>(a->ptr) <
+        reinterpret_cast<std::uintptr_t>(b->ptr);
+  }
+};
+
+// A freed block waiting for other streams to pass the point of its release.
+struct Deferred {
+  Block* block;
+  std::vector<std::pair<std::int64_t, std::uint64_t>> marks;
+};
+
+struct DeviceState {
+  std::set<Block*, BlockLess> small_free;
+  std::set<Block*, BlockLess> large_free;
+  std::vector<Deferred> deferred;
+  DeviceStats stats;
+  double fraction = kDefaultHighWatermark;
+  double low_fraction = kDefaultLowWatermark;
+};
+
+double parseRatio(const char* name, double fallback, double hi) {
+  const char* text = std::getenv(name);
+  if (text == nullptr) return fallback;
+  char* end = nullptr;
+  double v = std::strtod(text, &end);
+  if (*text == '\0' || *end != '\0' || !(v >= 0.0 && v <= hi)) {
+    char range[64];
+    std::snprintf(range, sizeof range, "[0, %g]", hi);
+    throw std::invalid_argument(std::string(name) + " must be a number in " +
+                                range + ", got '" + text + "'");
+  }
+  return v;
+}
+
+} // namespace
+
+class CachingAllocator final : public c10::DeviceAllocator {
+ public:
+  CachingAllocator() = default;
+
+  c10::DataPtr allocate(std::size_t n) override {
+    int device = runtime::currentDevice();
+    return allocateOn(device, n, c10::DeviceType::PrivateUse1);
+  }
+
+  c10::DeleterFnPtr raw_deleter() const override {
+    return &CachingAllocator::deleter;
+  }
+
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    if (count) std::memcpy(dest, src, count);
+  }
+
+  bool initialized() override { return true; }
+
+  void emptyCache(c10::MempoolId_t /*mempool_id*/ = {0, 0}) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (int d = 0; d < runtime::deviceCount(); ++d) {
+      processDeferred(d, /*wait=*/true);
+      releaseCached(d);
+    }
+  }
+
+  void recordStream(const c10::DataPtr& ptr, c10::Stream stream) override {
+    if (ptr.get() == nullptr) return;
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = live_.find(ptr.get_context());
+    if (it == live_.end()) return;  // not a block of ours (e.g. a view's ctx)
+    Block* b = it->second;
+    if (stream.id() == b->stream) return;
+    for (auto s : b->stream_uses) {
+      if (s == stream.id()) return;
+    }
+    b->stream_uses.push_back(stream.id());
+  }
+
+  DeviceStats getDeviceStats(c10::DeviceIndex device) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    return state(device).stats;
+  }
+
+  void resetAccumulatedStats(c10::DeviceIndex device) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    DeviceStats& s = state(device).stats;
+    for (StatArray* a : {&s.allocation, &s.segment, &s.active,
+                         &s.inactive_split, &s.allocated_bytes,
+                         &s.reserved_bytes, &s.active_bytes,
+                         &s.inactive_split_bytes, &s.requested_bytes}) {
+      for (auto& stat : *a) stat.reset_accumulated();
+    }
+    s.num_alloc_retries = 0;
+    s.num_ooms = 0;
+    s.num_sync_all_streams = 0;
+    s.num_device_alloc = 0;
+    s.num_device_free = 0;
+    s.oversize_allocations.reset_accumulated();
+    s.oversize_segments.reset_accumulated();
+  }
+
+  void resetPeakStats(c10::DeviceIndex device) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    DeviceStats& s = state(device).stats;
+    for (StatArray* a : {&s.allocation, &s.segment, &s.active,
+                         &s.inactive_split, &s.allocated_bytes,
+                         &s.reserved_bytes, &s.active_bytes,
+                         &s.inactive_split_bytes, &s.requested_bytes}) {
+      for (auto& stat : *a) stat.reset_peak();
+    }
+    s.oversize_allocations.reset_peak();
+    s.oversize_segments.reset_peak();
+  }
+
+  std::pair<std::size_t, std::size_t> getMemoryInfo(
+      c10::DeviceIndex device) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    DeviceState& st = state(device);
+    std::size_t total = runtime::deviceMemoryBytes();
+    std::size_t used = static_cast<std::size_t>(
+        st.stats.reserved_bytes[0].current);
+    return {used >= total ? 0 : total - used, total};
+  }
+
+  c10::DataPtr allocateOn(int device, std::size_t nbytes,
+                          c10::DeviceType type) {
+    // Lent memory is tagged as plain `cpu` (no index) until adopted.
+    c10::Device dev = type == c10::DeviceType::CPU
+        ? c10::Device(c10::DeviceType::CPU)
+        : c10::Device(type, static_cast<c10::DeviceIndex>(device));
+    if (nbytes == 0) return c10::DataPtr(nullptr, dev);
+    std::int64_t stream = runtime::currentStreamId(device);
+    std::size_t size = nbytes < kMinBlockSize ? kMinBlockSize
+                                              : roundUp(nbytes, kMinBlockSize);
+    std::lock_guard<std::mutex> lock(mu_);
+    DeviceState& st = state(device);
+    if (!st.deferred.empty()) processDeferred(device, /*wait=*/false);
+    bool small = size <= kSmallSize;
+    auto& pool = small ? st.small_free : st.large_free;
+    Block* block = takeFree(pool, stream, size);
+    if (block == nullptr) {
+      block = newSegment(device, st, stream, size, nbytes, small);
+    }
+    // Split off what this request does not need.
+    std::size_t rest = block->size - size;
+    if ((small && rest >= kMinBlockSize) || (!small && rest > kSmallSize)) {
+      auto* tail = new Block{device, stream, rest, 0, block->ptr + size, small};
+      tail->prev = block;
+      tail->next = block->next;
+      if (block->next) block->next->prev = tail;
+      block->next = tail;
+      block->size = size;
+      pool.insert(tail);
+      updateStat(st.stats.inactive_split, small, 1, true);
+      updateStat(st.stats.inactive_split_bytes, small, rest, true);
+    }
+    block->allocated = true;
+    block->requested = nbytes;
+    live_[block->ptr] = block;
+    updateStat(st.stats.allocation, small, 1, true);
+    updateStat(st.stats.allocated_bytes, small, block->size, true);
+    updateStat(st.stats.active, small, 1, true);
+    updateStat(st.stats.active_bytes, small, block->size, true);
+    updateStat(st.stats.requested_bytes, small, nbytes, true);
+    return c10::DataPtr(block->ptr, block->ptr, &CachingAllocator::deleter, dev);
+  }
+
+  bool lookup(const void* ptr, int* device) {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = live_.find(const_cast<void*>(ptr));
+    if (it == live_.end()) return false;
+    *device = it->second->device;
+    return true;
+  }
+
+  void setFraction(int device, double fraction) {
+    std::lock_guard<std::mutex> lock(mu_);
+    state(device).fraction = fraction;
+  }
+
+  double fraction(int device) {
+    std::lock_guard<std::mutex> lock(mu_);
+    return state(device).fraction;
+  }
+
+  std::size_t allocatedBytes(int device) {
+    std::lock_guard<std::mutex> lock(mu_);
+    return static_cast<std::size_t>(
+        state(device).stats.allocated_bytes[0].current);
+  }
+
+  std::size_t reservedBytes(int device) {
+    std::lock_guard<std::mutex> lock(mu_);
+    return static_cast<std::size_t>(
+        state(device).stats.reserved_bytes[0].current);
+  }
+
+  void loadEnvironment() {
+    double high = parseRatio("PYTORCH_MPS_EXT_HIGH_WATERMARK_RATIO",
+                             kDefaultHighWatermark, 2.0);
+    double low = parseRatio("PYTORCH_MPS_EXT_LOW_WATERMARK_RATIO",
+                            std::min(kDefaultLowWatermark, high),
+                            high == 0.0 ? 2.0 : high);
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto& st : states_) {
+      st.fraction = high;
+      st.low_fraction = low;
+    }
+  }
+
+ private:
+  static void deleter(void* ptr);
+
+  DeviceState& state(int device) {
+    runtime::checkDevice(device);
+    return states_[device];
+  }
+
+  static void updateStat(StatArray& a, bool small, std::size_t amount,
+                         bool increase) {
+    Stat& pool = a[static_cast<std::size_t>(small ? StatType::SMALL_POOL
+                                                  : StatType::LARGE_POOL)];
+    Stat& all = a[static_cast<std::size_t>(StatType::AGGREGATE)];
+    if (increase) {
+      pool.increase(amount);
+      all.increase(amount);
+    } else {
+      pool.decrease(amount);
+      all.decrease(amount);
+    }
+  }
+
+  // Smallest free block of `stream` that holds `size`, removed from the pool.
+  Block* takeFree(std::set<Block*, BlockLess>& pool, std::int64_t stream,
+                  std::size_t size) {
+    Block key{0, stream, size, 0, nullptr, false};
+    auto it = pool.lower_bound(&key);
+    if (it == pool.end() || (*it)->stream != stream) return nullptr;
+    Block* b = *it;
+    // Do not carve a small request out of a much larger oversize segment.
+    if (!b->small && size < kMinLargeAlloc && b->size >= 2 * kMinLargeAlloc &&
+        !b->isSplit()) {
+      return nullptr;
+    }
+    pool.erase(it);
+    if (b->isSplit()) {
+      DeviceState& st = states_[b->device];
+      updateStat(st.stats.inactive_split, b->small, 1, false);
+      updateStat(st.stats.inactive_split_bytes, b->small, b->size, false);
+    }
+    return b;
+  }
+
+  Block* newSegment(int device, DeviceState& st, std::int64_t stream,
+                    std::size_t size, std::size_t nbytes, bool small) {
+    std::size_t seg = small ? kSmallBuffer
+        : size < kMinLargeAlloc ? kLargeBuffer
+                                : roundUp(size, kRoundLarge);
+    std::size_t total = runtime::deviceMemoryBytes();
+    auto limitOf = [total](double f) -> std::size_t {
+      return f <= 0.0 ? 0 : static_cast<std::size_t>(f * static_cast<double>(total));
+    };
+    std::size_t limit = limitOf(st.fraction);
+    std::size_t low = limitOf(st.low_fraction);
+    auto reserved = [&st]() {
+      return static_cast<std::size_t>(st.stats.reserved_bytes[0].current);
+    };
+    // Above the low watermark, give cached memory back before taking more.
+    if (low && reserved() + seg > low) releaseCached(device);
+    if (limit && reserved() + seg > limit) {
+      st.stats.num_alloc_retries += 1;
+      releaseCached(device);
+      // A tighter segment may still fit where the padded one does not.
+      if (reserved() + seg > limit && !small) seg = roundUp(size, kRoundLarge);
+    }
+    char* ptr = nullptr;
+    if (!limit || reserved() + seg <= limit) {
+      ptr = static_cast<char*>(runtime::allocateSegment(seg));
+      if (ptr == nullptr) {
+        st.stats.num_alloc_retries += 1;
+        releaseCached(device);
+        ptr = static_cast<char*>(runtime::allocateSegment(seg));
+      }
+    }
+    if (ptr == nullptr) {
+      st.stats.num_ooms += 1;
+      std::size_t allocated =
+          static_cast<std::size_t>(st.stats.allocated_bytes[0].current);
+      std::string why = limit && reserved() + seg > limit
+          ? "max allowed: " + formatBytes(limit)
+          : "the system refused " + formatBytes(seg) + ", max allowed: " +
+              (limit ? formatBytes(limit) : std::string("unlimited"));
+      TORCH_CHECK_WITH(
+          OutOfMemoryError, false,
+          "mps_ext out of memory on device mps_ext:", device,
+          " (allocated: ", formatBytes(allocated),
+          ", cached: ", formatBytes(reserved() - allocated), ", ", why,
+          "). Tried to allocate ", formatBytes(nbytes),
+          ". Free tensors, call torch.mps_ext.empty_cache(), or raise the limit "
+          "with torch.mps_ext.set_per_process_memory_fraction() or "
+          "PYTORCH_MPS_EXT_HIGH_WATERMARK_RATIO (0.0 disables the upper limit "
+          "for memory allocations; may cause system failure).");
+    }
+    st.stats.num_device_alloc += 1;
+    updateStat(st.stats.segment, small, 1, true);
+    updateStat(st.stats.reserved_bytes, small, seg, true);
+    return new Block{device, stream, seg, 0, ptr, small};
+  }
+
+  // Gives every cached, unsplit segment of the device back to the system.
+  void releaseCached(int device) {
+    DeviceState& st = states_[device];
+    for (auto* pool : {&st.small_free, &st.large_free}) {
+      for (auto it = pool->begin(); it != pool->end();) {
+        Block* b = *it;
+        if (b->isSplit()) {
+          ++it;
+          continue;
+        }
+        it = pool->erase(it);
+        runtime::freeSegment(b->ptr, b->size);
+        st.stats.num_device_free += 1;
+        updateStat(st.stats.segment, b->small, 1, false);
+        updateStat(st.stats.reserved_bytes, b->small, b->size, false);
+        delete b;
+      }
+    }
+  }
+
+  void release(void* ptr) {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = live_.find(ptr);
+    TORCH_INTERNAL_ASSERT(it != live_.end(), "mps_ext: freeing unknown pointer");
+    Block* b = it->second;
+    live_.erase(it);
+    DeviceState& st = states_[b->device];
+    updateStat(st.stats.allocation, b->small, 1, false);
+    updateStat(st.stats.allocated_bytes, b->small, b->size, false);
+    updateStat(st.stats.requested_bytes, b->small, b->requested, false);
+    b->allocated = false;
+    if (!b->stream_uses.empty()) {
+      Deferred d{b, {}};
+      for (auto s : b->stream_uses) {
+        d.marks.emplace_back(s, runtime::streamMark(b->device, s));
+      }
+      b->stream_uses.clear();
+      st.deferred.push_back(std::move(d));
+      processDeferred(b->device, /*wait=*/false);
+      return;
+    }
+    freeBlock(b);
+  }
+
+  // Returns deferred blocks whose streams have all passed their marks.
+  void processDeferred(int device, bool wait) {
+    DeviceState& st = states_[device];
+    std::vector<Deferred> still;
+    for (auto& d : st.deferred) {
+      bool done = true;
+      for (auto& [s, mark] : d.marks) {
+        while (!runtime::streamReached(device, s, mark)) {
+          if (!wait) {
+            done = false;
+            break;
+          }
+        }
+        if (!done) break;
+      }
+      if (done) {
+        freeBlock(d.block);
+      } else {
+        still.push_back(std::move(d));
+      }
+    }
+    st.deferred.swap(still);
+  }
+
+  void freeBlock(Block* b) {
+    DeviceState& st = states_[b->device];
+    updateStat(st.stats.active, b->small, 1, false);
+    updateStat(st.stats.active_bytes, b->small, b->size, false);
+    auto& pool = b->small ? st.small_free : st.large_free;
+    for (Block* n : {b->prev, b->next}) {
+      if (n == nullptr || n->allocated || pool.find(n) == pool.end()) continue;
+      pool.erase(n);
+      updateStat(st.stats.inactive_split, n->small, 1, false);
+      updateStat(st.stats.inactive_split_bytes, n->small, n->size, false);
+      if (n == b->prev) {
+        b->ptr = n->ptr;
+        b->prev = n->prev;
+        if (b->prev) b->prev->next = b;
+      } else {
+        b->next = n->next;
+        if (b->next) b->next->prev = b;
+      }
+      b->size += n->size;
+      delete n;
+    }
+    if (b->isSplit()) {
+      updateStat(st.stats.inactive_split, b->small, 1, true);
+      updateStat(st.stats.inactive_split_bytes, b->small, b->size, true);
+    }
+    pool.insert(b);
+  }
+
+  std::mutex mu_;
+  DeviceState states_[runtime::kMaxDevices];
+  ska::flat_hash_map<void*, Block*> live_;
+};
+
+namespace {
+CachingAllocator& impl() {
+  static CachingAllocator* a = new CachingAllocator();  // never destroyed:
+  return *a;  // tensors freed at interpreter exit still call its deleter
+}
+} // namespace
+
+void CachingAllocator::deleter(void* ptr) {
+  impl().release(ptr);
+}
+
+c10::DeviceAllocator& deviceAllocator() {
+  return impl();
+}
+
+c10::DataPtr allocateOn(int device, std::size_t bytes, c10::DeviceType type) {
+  return impl().allocateOn(device, bytes, type);
+}
+
+bool lookupDevice(const void* ptr, int* device) {
+  return impl().lookup(ptr, device);
+}
+
+void setMemoryFraction(int device, double fraction) {
+  impl().setFraction(device, fraction);
+}
+
+double memoryFraction(int device) {
+  return impl().fraction(device);
+}
+
+std::size_t currentAllocated(int device) {
+  return impl().allocatedBytes(device);
+}
+
+std::size_t driverAllocated(int device) {
+  return impl().reservedBytes(device);
+}
+
+void validateAllocatorEnvironment() {
+  impl().loadEnvironment();
+}
+
+c10::CachingDeviceAllocator::DeviceStats deviceStats(int device) {
+  return impl().getDeviceStats(static_cast<c10::DeviceIndex>(device));
+}
+
+} // namespace torch_mps_ext

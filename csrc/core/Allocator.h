@@ -1,0 +1,47 @@
+// Layer 2: the caching device allocator for mps_ext (c10::DeviceAllocator).
+//
+// Block sizes are rounded to 512 bytes. Requests up to 1 MiB are served from
+// the small pool, carved out of 2 MiB segments; larger ones from the large
+// pool (segments of 20 MiB for requests under 10 MiB, otherwise rounded up to
+// 2 MiB). Free blocks are split and coalesced, and cached until
+// empty_cache(). Blocks remember the stream they were allocated on and only
+// serve that stream again; a block used on other streams (record_stream) is
+// held back until those streams have passed the point of its release.
+#pragma once
+
+#include <c10/core/CachingDeviceAllocator.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+namespace torch_mps_ext {
+
+// The process-wide allocator registered for PrivateUse1.
+c10::DeviceAllocator& deviceAllocator();
+
+// Allocates `bytes` on `device` on its current stream and returns a DataPtr
+// whose device is `device_type` (PrivateUse1 normally; CPU when the zero-copy
+// fallback lends device memory to a CPU kernel).
+c10::DataPtr allocateOn(int device, std::size_t bytes,
+                        c10::DeviceType device_type);
+
+// True if `ptr` is the start of a live block; sets *device.
+bool lookupDevice(const void* ptr, int* device);
+
+// Memory fraction: limit = fraction * recommended_max_memory (0 = unlimited).
+void setMemoryFraction(int device, double fraction);
+double memoryFraction(int device);
+
+// Bytes in live blocks (rounded sizes) / bytes held from the system.
+std::size_t currentAllocated(int device);
+std::size_t driverAllocated(int device);
+
+// Throws std::invalid_argument on a bad PYTORCH_MPS_EXT_*_WATERMARK_RATIO.
+void validateAllocatorEnvironment();
+
+// A human-readable memory report in the style of torch.cuda.memory_summary.
+// (Formatting lives in Python; this exposes the raw stats.)
+c10::CachingDeviceAllocator::DeviceStats deviceStats(int device);
+
+} // namespace torch_mps_ext

@@ -1,0 +1,11 @@
+// Layer 4: each area of the API binds its functions in its own file.
+#pragma once
+
+#include <pybind11/pybind11.h>
+
+namespace torch_mps_ext::python {
+
+void initDeviceBindings(pybind11::module_& m);   // Module.cpp
+// Areas added later declare theirs here and are called from Module.cpp.
+
+} // namespace torch_mps_ext::python

@@ -1,0 +1,164 @@
+#include "runtime/Device.h"
+
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <stdexcept>
+
+namespace torch_mps_ext::runtime {
+namespace {
+
+int g_device_count = 0;
+std::size_t g_memory_bytes = 0;
+std::once_flag g_init_once;
+thread_local int t_current_device = 0;
+
+constexpr std::size_t kHugePage = 2u << 20;
+
+struct PendingErrors {
+  std::mutex mu;
+  std::optional<std::string> first[kMaxDevices];
+};
+PendingErrors& pending() {
+  static PendingErrors p;
+  return p;
+}
+
+// Parses a whole decimal integer; nullopt for anything else.
+std::optional<long long> parseInt(const char* text) {
+  if (text == nullptr || *text == '\0') return std::nullopt;
+  char* end = nullptr;
+  errno = 0;
+  long long v = std::strtoll(text, &end, 10);
+  if (errno != 0 || *end != '\0') return std::nullopt;
+  return v;
+}
+
+void doInitialize() {
+  const char* count = std::getenv("TORCH_MPS_EXT_DEVICE_COUNT");
+  if (count == nullptr) {
+    g_device_count = 1;
+  } else {
+    auto v = parseInt(count);
+    if (!v || *v < 1 || *v > kMaxDevices) {
+      throw std::invalid_argument(
+          std::string("TORCH_MPS_EXT_DEVICE_COUNT must be an integer from 1 to ") +
+          std::to_string(kMaxDevices) + ", got '" + count + "'");
+    }
+    g_device_count = static_cast<int>(*v);
+  }
+  const char* mem = std::getenv("TORCH_MPS_EXT_MEMORY_BYTES");
+  if (mem == nullptr) {
+    // Like Metal's recommendedMaxWorkingSetSize on unified memory: 3/4 of RAM.
+    g_memory_bytes = hostPhysicalBytes() / 4 * 3;
+  } else {
+    auto v = parseInt(mem);
+    if (!v || *v <= 0) {
+      throw std::invalid_argument(
+          std::string("TORCH_MPS_EXT_MEMORY_BYTES must be a positive integer "
+                      "number of bytes, got '") + mem + "'");
+    }
+    g_memory_bytes = static_cast<std::size_t>(*v);
+  }
+}
+
+} // namespace
+
+void initialize() {
+  // A failed initialisation throws out of call_once and is retried next time,
+  // so a fixed environment can be picked up without restarting.
+  std::call_once(g_init_once, doInitialize);
+}
+
+int deviceCount() {
+  return g_device_count;
+}
+
+int currentDevice() {
+  return t_current_device;
+}
+
+void setCurrentDevice(int device) {
+  checkDevice(device);
+  t_current_device = device;
+}
+
+void checkDevice(int device) {
+  if (device < 0 || device >= g_device_count) {
+    throw std::out_of_range(
+        "Invalid device index " + std::to_string(device) + " for mps_ext: " +
+        "valid indices are 0.." + std::to_string(g_device_count - 1) +
+        " (set TORCH_MPS_EXT_DEVICE_COUNT for more devices)");
+  }
+}
+
+std::size_t deviceMemoryBytes() {
+  return g_memory_bytes;
+}
+
+std::size_t hostPhysicalBytes() {
+  long pages = sysconf(_SC_PHYS_PAGES);
+  long page = sysconf(_SC_PAGESIZE);
+  if (pages <= 0 || page <= 0) return std::size_t(8) << 30;
+  return static_cast<std::size_t>(pages) * static_cast<std::size_t>(page);
+}
+
+void* allocateSegment(std::size_t bytes) {
+  if (bytes < kHugePage) {
+    void* p = nullptr;
+    if (posix_memalign(&p, 64, bytes) != 0) return nullptr;
+    return p;
+  }
+  // Over-map by one huge page and trim, so the segment starts 2 MiB aligned.
+  std::size_t span = bytes + kHugePage;
+  void* raw = mmap(nullptr, span, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (raw == MAP_FAILED) return nullptr;
+  auto base = reinterpret_cast<std::uintptr_t>(raw);
+  std::uintptr_t aligned = (base + kHugePage - 1) & ~(kHugePage - 1);
+  std::size_t head = aligned - base;
+  std::size_t tail = span - head - bytes;
+  if (head) munmap(raw, head);
+  if (tail) munmap(reinterpret_cast<void*>(aligned + bytes), tail);
+#ifdef MADV_HUGEPAGE
+  madvise(reinterpret_cast<void*>(aligned), bytes, MADV_HUGEPAGE);
+#endif
+  return reinterpret_cast<void*>(aligned);
+}
+
+void freeSegment(void* ptr, std::size_t bytes) {
+  if (ptr == nullptr) return;
+  if (bytes < kHugePage) {
+    std::free(ptr);
+  } else {
+    munmap(ptr, bytes);
+  }
+}
+
+void reportError(int device, const std::string& message) {
+  checkDevice(device);
+  auto& p = pending();
+  std::lock_guard<std::mutex> lock(p.mu);
+  if (!p.first[device]) p.first[device] = message;
+}
+
+std::optional<std::string> takeError(int device) {
+  checkDevice(device);
+  auto& p = pending();
+  std::lock_guard<std::mutex> lock(p.mu);
+  std::optional<std::string> out;
+  out.swap(p.first[device]);
+  return out;
+}
+
+std::int64_t nowNs() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+} // namespace torch_mps_ext::runtime

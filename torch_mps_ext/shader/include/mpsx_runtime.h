@@ -287,6 +287,7 @@ struct fiber {
   int state;
   unsigned key;
   unsigned sz;
+  unsigned seq;  // simd collectives this lane has entered (divergence bookkeeping)
   alignas(16) unsigned char slot[kSlot];
   tinfo t;
 };
@@ -341,13 +342,16 @@ static void resolve(group_ctx* c) {
   bool any = false;
   for (unsigned s = 0; s * 32 < n; ++s) {
     const unsigned l0 = s * 32, l1 = (s * 32 + 32 < n) ? s * 32 + 32 : n;
-    unsigned key = 0;
+    // Divergent lanes may wait at different collectives.  Resolve first the one reached by
+    // the lane that has executed the fewest collectives (the branch that is "behind"), so that
+    // lanes meeting again after the branch (reconvergence) run the next collective together.
+    unsigned key = 0, best_seq = ~0u;
     bool found = false;
     for (unsigned l = l0; l < l1; ++l) {
-      if (c->f[l].state == F_SIMD) {
+      if (c->f[l].state == F_SIMD && c->f[l].seq < best_seq) {
         key = c->f[l].key;
+        best_seq = c->f[l].seq;
         found = true;
-        break;
       }
     }
     if (!found) continue;
@@ -395,6 +399,7 @@ static void run_group(group_ctx* c) {
 #endif
     f.sp = sp;
     f.state = F_READY;
+    f.seq = 0;
   }
   unsigned live = n;
   for (;;) {
@@ -485,6 +490,7 @@ MPSX_INLINE simd_view simd_xchg(const T& v, unsigned op, unsigned line, const ch
   std::memcpy(f->slot, static_cast<const void*>(&v), sizeof(T));
   f->sz = sizeof(T);
   f->key = op * 2654435761u ^ line;
+  f->seq++;
   fiber_yield(c, F_SIMD);
   f = c->cur;
   return simd_view{&c->snap[f->t.sgid][0][0], c->mask[f->t.sgid], f->t.lane};

@@ -316,11 +316,28 @@ def _launch(kernel: MetalKernel, block, grid, group, n_groups: int, L: _Launch) 
     if C is not None and hasattr(C, "_launch_groups"):
         C._launch_groups(kernel._fn_ptr, ctypes.addressof(block), tuple(grid), tuple(group), n_groups)
         return
-    # TEMPORARY fallback until torch_mps_ext._C._launch_groups exists: run every threadgroup
-    # in one call on this thread (correct, but not spread over the cores).
+    # TEMPORARY fallback until torch_mps_ext._C._launch_groups exists: split the threadgroups
+    # into contiguous chunks run by Python threads (ctypes drops the GIL during the call).
     g = (ctypes.c_uint32 * 3)(*grid)
     s = (ctypes.c_uint32 * 3)(*group)
-    kernel._entry(ctypes.addressof(block), g, s, 0, n_groups)
+    addr = ctypes.addressof(block)
+    nthreads = max(1, min(torch.get_num_threads(), n_groups))
+    if nthreads == 1:
+        kernel._entry(addr, g, s, 0, n_groups)
+        return
+    global _pool
+    if _pool is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _pool = ThreadPoolExecutor(max_workers=max(1, (torch.get_num_threads() or 1)))
+    bounds = [n_groups * k // nthreads for k in range(nthreads + 1)]
+    futs = [_pool.submit(kernel._entry, addr, g, s, bounds[k], bounds[k + 1]) for k in range(1, nthreads)]
+    kernel._entry(addr, g, s, bounds[0], bounds[1])
+    for f in futs:
+        f.result()
+
+
+_pool = None
 
 
 class ShaderLibrary:

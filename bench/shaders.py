@@ -30,13 +30,15 @@ kernel void chunk_sum(device float* partial [[buffer(0)]], constant float4* x [[
                       uint gid [[threadgroup_position_in_grid]], uint lane [[thread_index_in_simdgroup]],
                       uint sg [[simdgroup_index_in_threadgroup]], uint nsg [[simdgroups_per_threadgroup]]) {
   threadgroup float shared[32];
-  float4 acc0 = 0, acc1 = 0;
+  float4 acc0 = 0, acc1 = 0, acc2 = 0, acc3 = 0;
   constant float4* p = x + size_t(i) * chunk4;
-  for (uint k = 0; k < chunk4; k += 2) {
+  for (uint k = 0; k < chunk4; k += 4) {
     acc0 += p[k];
     acc1 += p[k + 1];
+    acc2 += p[k + 2];
+    acc3 += p[k + 3];
   }
-  float4 acc = acc0 + acc1;
+  float4 acc = (acc0 + acc1) + (acc2 + acc3);
   float v = simd_sum(acc.x + acc.y + acc.z + acc.w);
   if (lane == 0) shared[sg] = v;
   threadgroup_barrier(mem_flags::mem_threadgroup);

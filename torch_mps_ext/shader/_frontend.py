@@ -285,6 +285,7 @@ class KDecl:
     tparams: list[str] = field(default_factory=list)
     targs: list[str] = field(default_factory=list)
     targ_toks: list[Tok] = field(default_factory=list)
+    kidx: int = -1  # token index of the `kernel` keyword
 
 
 @dataclass
@@ -663,7 +664,7 @@ def _parse_kernel(toks: list[Tok], i: int, lo: int, ns: list[tuple[str, bool]]) 
     else:
         j += 1
     decl = KDecl(kind, base, expr if kind == "inst" else qual, ns, params, {a: v for a, v in attrs}, body,
-                 tparams, targs, targ_toks)
+                 tparams, targs, targ_toks, i)
     return j, decl
 
 
@@ -894,8 +895,12 @@ def rewrite(p: Parsed, checked: bool) -> tuple[str, set[str]]:
             m = _HALF_LIT.match(t.text)
             if m:
                 edits.append((t.start, t.end, f"((half){m.group(1)}f)"))
-    if checked:
-        for d in p.decls:
+    for d in p.decls:
+        # kernels are inlined into their entry point's thread loop (so it can be vectorized);
+        # explicit instantiations cannot carry `inline`
+        t = toks[d.kidx]
+        edits.append((t.start, t.end, "" if d.kind == "inst" else "inline __attribute__((always_inline))"))
+        if checked:
             edits.extend(_checked_rewrites(d))
     edits.sort(key=lambda e: (e[0], e[1]))
     out = []

@@ -789,3 +789,10 @@ def test_checked_mode_reports_out_of_bounds(monkeypatch, tmp_path):
     # an in-bounds kernel runs normally under the checker
     lib.oob_write(big, dev(torch.ones(8)), threads=8)
     sync()
+
+
+def test_example_custom_kernel_runs():
+    import runpy
+    from pathlib import Path
+
+    runpy.run_path(str(Path(__file__).parent.parent / "examples" / "custom_kernel.py"), run_name="__main__")

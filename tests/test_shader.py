@@ -141,7 +141,21 @@ kernel void sum_rows(device float* out, constant float* x, constant uint& ncols,
   out[row] = s;
 }
 
-kernel void oob_write(device float* out, uint i [[thread_position_in_grid]]) { out[i + 1] = 2.0f; }
+kernel void conversions(device float* out, constant int4* iv, constant half4* hv, uint i [[thread_position_in_grid]]) {
+  float4 f = float4(iv[i]);                 // explicit vector conversions
+  long2 l = long2(iv[i].xy) * 3;
+  vec<float, 2> q = float2(hv[i].zw);
+  half2 h2 = half2(f.xy) + hv[i].xy;
+  bool4 m = f > 0.0f;
+  out[8 * i + 0] = f.x + f.y + f.z + f.w;
+  out[8 * i + 1] = float(l.x - l.y);
+  out[8 * i + 2] = q.x * q.y;
+  out[8 * i + 3] = float(h2.x) + float(h2.y);
+  out[8 * i + 4] = float(all(m)) + 2.0f * float(any(m));
+  out[8 * i + 5] = float(uint2(uint2(7u, 9u).yx).x);
+  out[8 * i + 6] = select(float4(-1), float4(1), m).w;
+  out[8 * i + 7] = distance(float3(f.xyz), float3(0.0f));
+}
 """
 
 SYNC_SRC = r"""
@@ -212,6 +226,11 @@ kernel void atomics(device atomic_int* acc_i [[buffer(0)]], device atomic_uint* 
   atomic_fetch_add_explicit(&acc_u[0], 1u, memory_order_relaxed);
   atomic_fetch_or_explicit(&acc_u[1], 1u << (i % 32), memory_order_relaxed);
   atomic_fetch_add_explicit(&acc_f[0], float(x[i]) * 0.5f, memory_order_relaxed);
+  atomic_fetch_max_explicit(&acc_f[1], float(x[i]) * 0.25f, memory_order_relaxed);
+  atomic_fetch_min_explicit(&acc_f[2], float(x[i]) * 0.25f, memory_order_relaxed);
+  float fexp = atomic_load_explicit(&acc_f[3], memory_order_relaxed);
+  while (!atomic_compare_exchange_weak_explicit(&acc_f[3], &fexp, fexp + 1.0f, memory_order_relaxed,
+                                                memory_order_relaxed)) {}
   // compare-and-swap increment
   int expected = atomic_load_explicit(&acc_i[3], memory_order_relaxed);
   while (!atomic_compare_exchange_weak_explicit(&acc_i[3], &expected, expected + 2, memory_order_relaxed,
@@ -410,6 +429,27 @@ def test_3d_grid_attributes_and_partial_groups(basic_lib):
                 size = min(gx, X - tg[0] * gx) * min(gy, Y - tg[1] * gy) * min(gz, Z - tg[2] * gz)
                 assert o[z, y, x].tolist() == [x + 10 * y + 100 * z, tg[0] + 10 * tg[1] + 100 * tg[2],
                                                lt[0] + 10 * lt[1] + 100 * lt[2], size]
+
+
+def test_vector_conversions(basic_lib):
+    n = 50
+    iv = torch.randint(-5, 6, (n, 4), dtype=torch.int32)
+    hv = torch.randn(n, 4).half()
+    out = torch.zeros(n * 8, device=DEV)
+    basic_lib.conversions(out, dev(iv), dev(hv), threads=n)
+    sync()
+    o = out.cpu().view(n, 8)
+    f = iv.float()
+    torch.testing.assert_close(o[:, 0], f.sum(1))
+    torch.testing.assert_close(o[:, 1], 3.0 * (f[:, 0] - f[:, 1]))
+    torch.testing.assert_close(o[:, 2], hv[:, 2].float() * hv[:, 3].float())
+    h2 = f[:, :2].half() + hv[:, :2]
+    torch.testing.assert_close(o[:, 3], h2[:, 0].float() + h2[:, 1].float())
+    pos = f > 0
+    torch.testing.assert_close(o[:, 4], pos.all(1).float() + 2 * pos.any(1).float())
+    torch.testing.assert_close(o[:, 5], torch.full((n,), 9.0))
+    torch.testing.assert_close(o[:, 6], torch.where(pos[:, 3], 1.0, -1.0))
+    torch.testing.assert_close(o[:, 7], f[:, :3].norm(dim=1))
 
 
 def test_lambda_and_metal_array(basic_lib):
@@ -613,7 +653,7 @@ def test_atomics(sync_lib):
     x = torch.randint(-1000, 1000, (n,), dtype=torch.int32)
     acc_i = dev(torch.tensor([0, -(2**31), 2**31 - 1, 0, 0], dtype=torch.int32))
     acc_u = torch.zeros(2, dtype=torch.int32, device=DEV)
-    acc_f = torch.zeros(1, device=DEV)
+    acc_f = dev(torch.tensor([0.0, float("-inf"), float("inf"), 0.0]))
     swapped = torch.zeros(n, dtype=torch.int32, device=DEV)
     sync_lib.atomics(acc_i, acc_u, acc_f, dev(x), swapped, threads=n, group_size=128)
     sync()
@@ -624,7 +664,10 @@ def test_atomics(sync_lib):
     assert ai[3].item() == 2 * n
     assert 0 <= ai[4].item() < n
     assert acc_u.cpu()[0].item() == n and acc_u.cpu()[1].item() == -1  # all 32 bits set
-    torch.testing.assert_close(acc_f.cpu()[0], x.float().sum() * 0.5)
+    af = acc_f.cpu()
+    torch.testing.assert_close(af[0], x.float().sum() * 0.5)
+    assert af[1].item() == x.max().item() * 0.25 and af[2].item() == x.min().item() * 0.25
+    assert af[3].item() == float(n)
     assert swapped.cpu().sum().item() == n
 
 

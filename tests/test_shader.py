@@ -541,11 +541,13 @@ def test_compile_error_maps_to_user_lines():
     assert "undefined_thing" in str(ei.value)
 
 
-def test_load_metallib_type_error():
+def test_load_metallib_type_error(tmp_path):
     with pytest.raises(TypeError, match="^expected bytes or path, got int$"):
         shader.load_metallib(42)
     with pytest.raises(TypeError, match="^expected bytes or path, got list$"):
         shader.load_metallib([b"x"])
+    with pytest.raises(RuntimeError, match="is not a torch_mps_ext shader library"):
+        shader.load_metallib(b"not a library")
 
 
 # --------------------------------------------------------------------------- cache & metallib

@@ -119,6 +119,7 @@ class MetalKernel:
 
     # ------------------------------------------------------------------ binding
     def _bind(self, args: tuple, arg_casts: Any, allow_host: bool) -> _Launch:
+        checked = self._library._checked
         if arg_casts is None:
             default_cast, cast_map = None, {}
         elif isinstance(arg_casts, str):
@@ -137,7 +138,8 @@ class MetalKernel:
                     if a.device.type == DEVICE_TYPE and L.device_index is None:
                         L.device_index = a.device.index or 0
                     L.slots[idx] = a.data_ptr()
-                    L.bounds[idx] = _tensor_extent(a)
+                    if checked:
+                        L.bounds[idx] = _tensor_extent(a)
                     L.keep.append(a)
                 elif a.device.type == "cpu":
                     if a.dim() != 0:
@@ -281,13 +283,18 @@ class MetalKernel:
             _report(L.device_index, "\n".join(msgs))
 
 
-def _native():
-    try:
-        import torch_mps_ext
+_native_cache: list = []
 
-        return getattr(torch_mps_ext, "_C", None)
-    except Exception:  # pragma: no cover - package not built yet
-        return None
+
+def _native():
+    if not _native_cache:
+        try:
+            import torch_mps_ext
+
+            _native_cache.append(getattr(torch_mps_ext, "_C", None))
+        except Exception:  # pragma: no cover - package not built yet
+            return None
+    return _native_cache[0]
 
 
 _pending_errors: list[str] = []  # TEMPORARY: only used while torch_mps_ext._C has no _report_error
@@ -346,7 +353,10 @@ class ShaderLibrary:
     def __init__(self, path: Path, from_cache: bool = False) -> None:
         self._path = Path(path)
         self._from_cache = from_cache
-        self._dll = ctypes.CDLL(str(self._path), mode=getattr(ctypes, "RTLD_LOCAL", 0))
+        try:
+            self._dll = ctypes.CDLL(str(self._path), mode=getattr(ctypes, "RTLD_LOCAL", 0))
+        except OSError as e:
+            raise RuntimeError(f"{path} is not a torch_mps_ext shader library: {e}") from None
         try:
             # mpsx_library_info is a char array, not a pointer: read it from its address
             raw = ctypes.c_char.in_dll(self._dll, "mpsx_library_info")

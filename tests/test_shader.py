@@ -141,6 +141,11 @@ kernel void sum_rows(device float* out, constant float* x, constant uint& ncols,
   out[row] = s;
 }
 
+namespace ops {
+inline float five() { return 5.0f; }
+kernel void ns_kernel(device float* o, uint i [[thread_position_in_grid]]) { o[i] = five() + float(i); }
+}  // namespace ops
+
 kernel void conversions(device float* out, constant int4* iv, constant half4* hv, uint i [[thread_position_in_grid]]) {
   float4 f = float4(iv[i]);                 // explicit vector conversions
   long2 l = long2(iv[i].xy) * 3;
@@ -452,6 +457,13 @@ def test_vector_conversions(basic_lib):
     torch.testing.assert_close(o[:, 7], f[:, :3].norm(dim=1))
 
 
+def test_kernel_in_namespace(basic_lib):
+    out = torch.zeros(5, device=DEV)
+    basic_lib.ns_kernel(out)
+    sync()
+    assert out.cpu().tolist() == [5.0, 6.0, 7.0, 8.0, 9.0]
+
+
 def test_lambda_and_metal_array(basic_lib):
     x = torch.randn(16)
     out = torch.empty(16, device=DEV)
@@ -754,7 +766,7 @@ def test_c10_random(c10_lib):
 def test_c10_special_math_igamma_expm1f(c10_lib):
     x = torch.linspace(-0.95, 2.0, 23)
     out = torch.zeros(23 * 6, device=DEV)
-    c10_lib.special_k(out, dev(x))
+    c10_lib.special_k(out, dev(x), threads=23)
     sync()
     o = out.cpu().view(23, 6)
     torch.testing.assert_close(o[:, 0], torch.special.erfinv(x * 0.45), rtol=1e-4, atol=1e-5)

@@ -85,7 +85,7 @@ def machine_identity() -> str:
 
 
 COMMON_FLAGS = [
-    "-x", "c++", "-std=gnu++17", "-D__METAL__=1", "-D__METAL_VERSION__=400",
+    "-x", "c++", "-std=gnu++17", "-D__METAL__=1", "-D__METAL_VERSION__=400", "-D__HAVE_BFLOAT__=1",
     "-DTORCH_MPS_EXT_SHADER=1",
 ]
 CODEGEN_FLAGS = [

@@ -854,7 +854,7 @@ _SWZ_RE = re.compile(r"\.\s*([xyzw]{2,4}|[rgba]{2,4})\b")
 def _checked_rewrites(d: KDecl) -> list[tuple[int, int, str]]:
     edits = []
     for prm in d.params:
-        if prm.space != "device" or not prm.name:
+        if prm.space != "device":
             continue
         tt = [t for t in prm.type_toks]
         texts = [t.text for t in tt]

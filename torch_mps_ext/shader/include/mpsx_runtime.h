@@ -325,8 +325,9 @@ static group_ctx* thread_group_ctx() {
       report("could not reserve fiber stacks (%zu bytes)", total);
       return nullptr;
     }
+    // One reservation, no per-stack guard pages: 1024 guards would cost 2048 memory mappings per
+    // OS thread (vm.max_map_count is 65530).  256 KiB per fiber is far more than kernels use.
     ctx->stacks = static_cast<char*>(m);
-    for (unsigned i = 0; i < kMaxThreads; ++i) mprotect(ctx->stacks + i * kStackSize, 4096, PROT_NONE);  // guard page
   }
   return ctx;
 }

@@ -222,6 +222,19 @@ kernel void simd_partial(device float* out, constant float* x, uint i [[thread_p
   out[8 * i + 7] = simd_broadcast(v, 2) + simd_shuffle_up(v, 3);
 }
 
+// collectives reached only through a namespace-scope lambda / a functor template argument:
+// the front end must still run these kernels with the fiber scheduler
+auto reduce_lanes = [](float x) { return simd_sum(x); };
+struct LaneMax { float operator()(float x) const { return simd_max(x); } };
+template <typename F> kernel void apply_op(device float* out, constant float* in, uint i [[thread_position_in_grid]]) {
+  F f;
+  out[i] = f(in[i]);
+}
+template [[host_name("apply_lanemax")]] kernel void apply_op<LaneMax>(device float*, constant float*, uint);
+kernel void via_lambda(device float* out, constant float* in, uint i [[thread_position_in_grid]]) {
+  out[i] = reduce_lanes(in[i]);
+}
+
 kernel void atomics(device atomic_int* acc_i [[buffer(0)]], device atomic_uint* acc_u [[buffer(1)]],
                     device atomic_float* acc_f [[buffer(2)]], constant int* x [[buffer(3)]],
                     device int* swapped [[buffer(4)]], uint i [[thread_position_in_grid]]) {
@@ -660,6 +673,17 @@ def test_simd_functions_with_inactive_lanes(sync_lib, n, group):
     sync_lib.simd_partial(out, dev(x), threads=n, group_size=group)
     sync()
     torch.testing.assert_close(out.cpu().view(n, 8), _simd_reference(x, group), rtol=1e-5, atol=1e-5)
+
+
+def test_collectives_behind_lambdas_and_functors(sync_lib):
+    x = torch.randn(64)
+    out = torch.zeros(64, device=DEV)
+    sync_lib.via_lambda(out, dev(x), group_size=64)
+    sync()
+    torch.testing.assert_close(out.cpu(), x.view(2, 32).sum(1).repeat_interleave(32))
+    sync_lib.apply_lanemax(out, dev(x), group_size=64)
+    sync()
+    torch.testing.assert_close(out.cpu(), x.view(2, 32).amax(1).repeat_interleave(32))
 
 
 def test_atomics(sync_lib):

@@ -480,6 +480,11 @@ def _is_function_head(prefix: list[Tok]) -> bool:
 
 def _function_name(prefix: list[Tok]) -> str | None:
     texts = [p.text for p in prefix]
+    if "=" in texts and "[" in texts[texts.index("="):]:
+        # a lambda bound to a name at namespace/class scope: auto name = [](...) {
+        k = texts.index("=")
+        if k > 0 and prefix[k - 1].kind == "id":
+            return texts[k - 1]
     # find the first top-level '(' that follows an identifier / operator
     depth_angle = 0
     for j, tx in enumerate(texts):

@@ -296,6 +296,11 @@ struct group_ctx {
   fiber f[kMaxThreads];
   alignas(64) unsigned char snap[kMaxThreads / 32][32][kSlot];
   uint32_t mask[kMaxThreads / 32];
+  uint32_t epoch[kMaxThreads / 32];  // bumped each time a collective of the simdgroup resolves
+  struct {
+    uint32_t epoch;
+    alignas(16) unsigned char val[kSlot];
+  } result[kMaxThreads / 32];  // uniform results (sum, max, ballot, ...) computed by the first lane
   void* sched_sp;
   void (*body)(void*, const tinfo&);
   void* fn;
@@ -370,6 +375,7 @@ static void resolve(group_ctx* c) {
     }
     for (unsigned l = l1 - l0; l < 32; ++l) std::memset(c->snap[s][l], 0, kSlot);
     c->mask[s] = mask;
+    c->epoch[s]++;
   }
   if (!any) {  // everybody still alive waits at a threadgroup barrier: release it
     for (unsigned l = 0; l < n; ++l)
@@ -475,6 +481,20 @@ struct simd_view {
   const unsigned char* snap;
   uint32_t mask;
   unsigned lane;
+  group_ctx* ctx;
+  unsigned sg;
+  // uniform results: the first lane of a resolved collective computes, the others copy
+  template <class T> MPSX_INLINE bool cached(T& out) const {
+    auto& r = ctx->result[sg];
+    if (r.epoch != ctx->epoch[sg]) return false;
+    std::memcpy(static_cast<void*>(&out), r.val, sizeof(T));
+    return true;
+  }
+  template <class T> MPSX_INLINE void store(const T& v) const {
+    auto& r = ctx->result[sg];
+    std::memcpy(r.val, static_cast<const void*>(&v), sizeof(T));
+    r.epoch = ctx->epoch[sg];
+  }
   template <class T> MPSX_INLINE T get(unsigned l) const {
     T t;
     std::memcpy(static_cast<void*>(&t), snap + l * kSlot, sizeof(T));
@@ -487,7 +507,7 @@ MPSX_INLINE simd_view simd_xchg(const T& v, unsigned op, unsigned line, const ch
   group_ctx* c = tl_ctx;
   if (__builtin_expect(!c, 0)) {
     misuse(what);
-    return simd_view{nullptr, 0, 0};
+    return simd_view{nullptr, 0, 0, nullptr, 0};
   }
   fiber* f = c->cur;
   std::memcpy(f->slot, static_cast<const void*>(&v), sizeof(T));
@@ -496,7 +516,7 @@ MPSX_INLINE simd_view simd_xchg(const T& v, unsigned op, unsigned line, const ch
   f->seq++;
   fiber_yield(c, F_SIMD);
   f = c->cur;
-  return simd_view{&c->snap[f->t.sgid][0][0], c->mask[f->t.sgid], f->t.lane};
+  return simd_view{&c->snap[f->t.sgid][0][0], c->mask[f->t.sgid], f->t.lane, c, f->t.sgid};
 }
 }  // namespace mpsx
 
@@ -529,11 +549,14 @@ struct simd_vote {
   MPSX_INLINE T name(T v, unsigned line = __builtin_LINE()) {                                        \
     ::mpsx::simd_view w = ::mpsx::simd_xchg(v, op_id, line, #name);                                             \
     if (!w.snap) return v;                                                                           \
-    T acc = init;                                                                                    \
+    T acc;                                                                                           \
+    if (w.cached(acc)) return acc;                                                                   \
+    acc = init;                                                                                      \
     for (uint32_t m = w.mask; m; m &= m - 1) {                                                       \
       T x = w.get<T>(__builtin_ctz(m));                                                              \
       acc = combine;                                                                                 \
     }                                                                                                \
+    w.store(acc);                                                                                    \
     return acc;                                                                                      \
   }
 MPSX_SIMD_FOLD(simd_sum, 1, T(0), T(acc + x))

@@ -850,6 +850,14 @@ def test_c10_indexing_register_unary_op(c10_lib):
     c10_lib.cube_dense_scalar_half_half(outh, dev(xh))
     sync()
     torch.testing.assert_close(outh.cpu(), xh * xh * xh)
+    # strided variant on a transposed input: sizes/strides innermost first, strides in bytes
+    base = torch.randn(6, 4)
+    xt = dev(base).t()  # shape (4, 6), strides (1, 4): a view of device memory
+    outs = torch.zeros(4, 6, device=DEV)
+    c10_lib.cube_strided_float_float(outs, xt, [6, 4], [xt.stride(1) * 4, xt.stride(0) * 4], [4, 24], 2,
+                                     threads=(6, 4))
+    sync()
+    torch.testing.assert_close(outs.cpu(), base.t() ** 3)
 
 
 # --------------------------------------------------------------------------- checked mode

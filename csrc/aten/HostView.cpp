@@ -13,6 +13,13 @@ namespace torch_mps_ext {
 namespace {
 
 thread_local int t_lend_device = -1;
+c10::DeleterFnPtr g_base_raw_deleter = nullptr;
+
+// Memory from raw_allocate() (oneDNN's buffers use it) may have been lent
+// from the pool; it goes back where it came from.
+void lendingRawDelete(void* ptr) {
+  if (!releaseIfPooled(ptr)) g_base_raw_deleter(ptr);
+}
 
 // The CPU allocator while mps_ext is loaded: the stock one, except on a
 // thread inside a LendScope, where allocations come from the device pool so
@@ -26,7 +33,7 @@ struct LendingAllocator final : public c10::Allocator {
     }
     return base->allocate(n);
   }
-  c10::DeleterFnPtr raw_deleter() const override { return base->raw_deleter(); }
+  c10::DeleterFnPtr raw_deleter() const override { return &lendingRawDelete; }
   void copy_data(void* dest, const void* src, std::size_t count) const override {
     base->copy_data(dest, src, count);
   }
@@ -48,6 +55,7 @@ void installLendingAllocator() {
   if (done) return;
   done = true;
   lending().base = c10::GetCPUAllocator();
+  g_base_raw_deleter = lending().base->raw_deleter();
   c10::SetCPUAllocator(&lending(), /*priority=*/1);
 }
 
@@ -98,6 +106,15 @@ c10::Storage adoptLentStorage(c10::StorageImpl* cpu_storage, int device) {
   return c10::Storage(c10::make_intrusive<c10::StorageImpl>(
       c10::StorageImpl::use_byte_size_t(), nbytes, std::move(dp),
       &deviceAllocator(), /*resizable=*/true));
+}
+
+at::Tensor adoptResult(const at::Tensor& cpu, int device) {
+  if (!cpu.defined()) return cpu;
+  c10::StorageImpl* s = cpu.storage().unsafeGetStorageImpl();
+  if (isPoolMemory(s->data_ptr()) && c10::raw::intrusive_ptr::use_count(s) == 1) {
+    return deviceTensor(adoptLentStorage(s, device), cpu);
+  }
+  return copyToDevice(cpu, device);
 }
 
 at::Tensor copyToDevice(const at::Tensor& cpu, int device) {

@@ -141,6 +141,14 @@ kernel void sum_rows(device float* out, constant float* x, constant uint& ncols,
   out[row] = s;
 }
 
+kernel void packed(device packed_float3* out, constant packed_float3* in, uint i [[thread_position_in_grid]]) {
+  float3 v = in[i];                      // packed -> padded vector
+  packed_float3 p = v * 2.0f + in[i];    // arithmetic mixes both
+  p += float3(1.0f);
+  out[i] = p;
+  out[i].y = float(sizeof(packed_float3) + 100 * sizeof(float3));
+}
+
 namespace ops {
 inline float five() { return 5.0f; }
 kernel void ns_kernel(device float* o, uint i [[thread_position_in_grid]]) { o[i] = five() + float(i); }
@@ -184,6 +192,19 @@ kernel void tg_reduce(device float* out, constant float* x, constant uint& n,
 }
 
 // simd_sum + threadgroup memory: the usual two-level reduction
+constexpr constant uint TILE = 16;
+template <uint N>
+kernel void tg_sizes(device float* out, uint tid [[thread_index_in_threadgroup]]) {
+  threadgroup float4 tile[TILE][TILE + 1];
+  threadgroup half extra[N], more[2 * N];
+  tile[0][tid] = float4(1.0f);
+  extra[tid] = half(2.0f);
+  more[tid] = half(3.0f);
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  out[tid] = tile[0][tid].x + float(extra[tid]) + float(more[tid]);
+}
+template [[host_name("tg_sizes_8")]] kernel void tg_sizes<8>(device float*, uint);
+
 kernel void simd_reduce(device float* out, constant float* x, uint gid [[threadgroup_position_in_grid]],
                         uint tid [[thread_index_in_threadgroup]], uint lane [[thread_index_in_simdgroup]],
                         uint sg [[simdgroup_index_in_threadgroup]], uint nsg [[simdgroups_per_threadgroup]],
@@ -363,6 +384,8 @@ def test_kernel_properties(basic_lib, sync_lib):
     assert basic_lib.small_groups.max_threads_per_threadgroup == 64
     assert sync_lib.tg_reduce.static_thread_group_memory_length == 1024 * 4
     assert sync_lib.simd_reduce.static_thread_group_memory_length == 32 * 4
+    # constexpr sizes, 2-D arrays, several declarators, template arguments; rounded up to 16
+    assert sync_lib.tg_sizes_8.static_thread_group_memory_length == 16 * 17 * 16 + 16 + 32
 
 
 @pytest.mark.parametrize("dtype,name", [(torch.float32, "axpy_float"), (torch.float16, "axpy_half"),
@@ -468,6 +491,16 @@ def test_vector_conversions(basic_lib):
     torch.testing.assert_close(o[:, 5], torch.full((n,), 9.0))
     torch.testing.assert_close(o[:, 6], torch.where(pos[:, 3], 1.0, -1.0))
     torch.testing.assert_close(o[:, 7], f[:, :3].norm(dim=1))
+
+
+def test_packed_vectors(basic_lib):
+    x = torch.randn(10, 3)
+    out = torch.zeros(10, 3, device=DEV)
+    basic_lib.packed(out, dev(x), threads=10)
+    sync()
+    exp = 3 * x + 1
+    exp[:, 1] = 12 + 100 * 16  # packed_float3 is 12 bytes, float3 is 16 (padded like Metal)
+    torch.testing.assert_close(out.cpu(), exp)
 
 
 def test_kernel_in_namespace(basic_lib):

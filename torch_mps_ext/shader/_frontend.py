@@ -724,8 +724,17 @@ def _type_size(type_text: str, env: dict[str, str]) -> int | None:
     return s * (4 if n == 3 else n)
 
 
+_CONST_RE = re.compile(
+    r"\b(?:static\s+)?(?:constexpr|const)\s+(?:constant\s+|const\s+|constexpr\s+)*"
+    r"(?:unsigned\s+|signed\s+)?(?:int|uint|ushort|short|long|ulong|size_t|char|uchar|auto|unsigned)\s+"
+    r"([A-Za-z_]\w*)\s*=\s*([0-9][0-9a-fA-FxX]*)[uUlL]*\s*;"
+)
+
+
 def analyze(p: Parsed) -> list[Kernel]:
     snames = sync_names(p)
+    # integer constants (constexpr int TILE = 16;) for threadgroup array sizes
+    consts = {m.group(1): str(int(m.group(2), 0)) for m in _CONST_RE.finditer(p.text)}
     templates: dict[str, list[KDecl]] = {}
     for d in p.decls:
         if d.kind == "template":
@@ -794,7 +803,9 @@ def analyze(p: Parsed) -> list[Kernel]:
         if src.body is not None:
             refs = _ids_in(p.toks, src.body[0], src.body[1])
             sync = bool(refs & snames)
-            env = dict(zip(src.tparams, d.targs)) if d.kind == "inst" else {}
+            env = dict(consts)
+            if d.kind == "inst":
+                env.update(zip(src.tparams, d.targs))
             fi = func_by_body.get(src.body)
             for k, end in tg_by_func.get(fi, []):
                 tg_mem += _tg_size(p.toks, k, end, env)

@@ -238,6 +238,7 @@ template <> struct numeric_limits<bfloat> {
 // ---------------------------------------------------------------- vectors
 template <class T, int N> struct vec;
 template <class T, int N, int... I> struct swz;
+template <class T, int N> struct packed_vec;
 
 namespace mpsx_d {
 template <class T> struct scalar_like : std::bool_constant<is_arithmetic<T>::value> {};
@@ -254,6 +255,11 @@ template <class T, int N> struct vt<vec<T, N>> {
 template <class T, int M, int... I> struct vt<swz<T, M, I...>> {
   static constexpr bool is = true;
   static constexpr int n = sizeof...(I);
+  using e = T;
+};
+template <class T, int N> struct vt<packed_vec<T, N>> {
+  static constexpr bool is = true;
+  static constexpr int n = N;
   using e = T;
 };
 template <class X> struct vt<const X> : vt<X> {};
@@ -444,6 +450,37 @@ MPSX_INLINE vec<bool, mpsx_d::vt<A>::n> operator!(const A& a) {
   return r;
 }
 
+// packed_floatN & co: no padding, alignment of the element type; convert to and from vec
+template <class T, int N> struct packed_vec;
+#define MPSX_PACKED_COMMON(N_)                                                                       \
+  packed_vec() = default;                                                                            \
+  MPSX_INLINE packed_vec(const vec<T, N_>& v) { for (int i = 0; i < N_; ++i) (*this)[i] = v[i]; }    \
+  template <class U, std::enable_if_t<mpsx_d::scalar_like<U>::value, int> = 0>                       \
+  MPSX_INLINE packed_vec(U s) { for (int i = 0; i < N_; ++i) (*this)[i] = T(s); }                     \
+  MPSX_INLINE operator vec<T, N_>() const { vec<T, N_> r; for (int i = 0; i < N_; ++i) r[i] = (*this)[i]; return r; } \
+  MPSX_INLINE T& operator[](int i) { return (&x)[i]; }                                               \
+  MPSX_INLINE const T& operator[](int i) const { return (&x)[i]; }                                   \
+  template <class U> MPSX_INLINE packed_vec& operator+=(const U& u) { return *this = vec<T, N_>(*this) + u; } \
+  template <class U> MPSX_INLINE packed_vec& operator-=(const U& u) { return *this = vec<T, N_>(*this) - u; } \
+  template <class U> MPSX_INLINE packed_vec& operator*=(const U& u) { return *this = vec<T, N_>(*this) * u; } \
+  template <class U> MPSX_INLINE packed_vec& operator/=(const U& u) { return *this = vec<T, N_>(*this) / u; }
+template <class T> struct packed_vec<T, 2> {
+  T x, y;
+  MPSX_INLINE packed_vec(T a, T b) : x(a), y(b) {}
+  MPSX_PACKED_COMMON(2)
+};
+template <class T> struct packed_vec<T, 3> {
+  T x, y, z;
+  MPSX_INLINE packed_vec(T a, T b, T c) : x(a), y(b), z(c) {}
+  MPSX_PACKED_COMMON(3)
+};
+template <class T> struct packed_vec<T, 4> {
+  T x, y, z, w;
+  MPSX_INLINE packed_vec(T a, T b, T c, T d) : x(a), y(b), z(c), w(d) {}
+  MPSX_PACKED_COMMON(4)
+};
+#undef MPSX_PACKED_COMMON
+
 }  // namespace metal
 
 using metal::vec;
@@ -455,7 +492,13 @@ using metal::vec;
   typedef ::metal::vec<T, 2> P##2;   \
   typedef ::metal::vec<T, 3> P##3;   \
   typedef ::metal::vec<T, 4> P##4;   \
-  }
+  typedef ::metal::packed_vec<T, 2> packed_##P##2; \
+  typedef ::metal::packed_vec<T, 3> packed_##P##3; \
+  typedef ::metal::packed_vec<T, 4> packed_##P##4; \
+  }                                  \
+  using metal::packed_##P##2;        \
+  using metal::packed_##P##3;        \
+  using metal::packed_##P##4;
 MPSX_VTYPES(float, float)
 MPSX_VTYPES(half, half)
 MPSX_VTYPES(bfloat, bfloat)

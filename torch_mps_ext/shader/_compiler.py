@@ -133,6 +133,7 @@ def _format_diagnostics(output: str) -> tuple[str, int | None, int | None]:
     for ln in lines:
         ln2 = re.sub(r"\S*/(program_source|<generated entry points>)", r"\1", ln)
         ln2 = re.sub(r"\S*/torch_mps_ext/shader/include/", "<metal_stdlib>/", ln2)
+        ln2 = re.sub(r"\S*/build-[^/\s]*/shader\.cpp", "<generated>", ln2)
         m = _DIAG_RE.match(ln2)
         if m and m["kind"] in ("error", "fatal error") and first_line is None and m["file"] == fe.SOURCE_NAME:
             first_line = int(m["line"])

@@ -232,15 +232,16 @@ kernel void simd_partial(device float* out, constant float* x, uint i [[thread_p
     r0 = simd_min(v);
     r1 = simd_product(v > 0 ? 1.0f : 2.0f);
   }
-  out[8 * i + 0] = r0;
-  out[8 * i + 1] = r1;
-  out[8 * i + 2] = simd_prefix_exclusive_sum(v);
-  out[8 * i + 3] = simd_prefix_inclusive_sum(v);
-  out[8 * i + 4] = simd_shuffle_down(v, 1);
-  out[8 * i + 5] = simd_shuffle_xor(v, 5);
-  out[8 * i + 6] = float(static_cast<ulong>(simd_ballot(v > 0.0f)) & 0xffffu) + (simd_any(v > 100.0f) ? 0.5f : 0.0f)
+  out[9 * i + 0] = r0;
+  out[9 * i + 1] = r1;
+  out[9 * i + 2] = simd_prefix_exclusive_sum(v);
+  out[9 * i + 3] = simd_prefix_inclusive_sum(v);
+  out[9 * i + 4] = simd_shuffle_down(v, 1);
+  out[9 * i + 5] = simd_shuffle_xor(v, 5);
+  out[9 * i + 6] = float(static_cast<ulong>(simd_ballot(v > 0.0f)) & 0xffffu) + (simd_any(v > 100.0f) ? 0.5f : 0.0f)
                    + (simd_all(v > -100.0f) ? 0.25f : 0.0f);
-  out[8 * i + 7] = simd_broadcast(v, 2) + simd_shuffle_up(v, 3);
+  out[9 * i + 7] = simd_broadcast(v, 2) + simd_shuffle_up(v, 3);
+  out[9 * i + 8] = simd_shuffle(v, ushort((lane * 7) % 32));
 }
 
 // collectives reached only through a namespace-scope lambda / a functor template argument:
@@ -670,7 +671,7 @@ def test_simd_sum_two_level_reduction(sync_lib, n, group):
 def _simd_reference(x, group):
     """Python model of simd_partial: 32-wide simdgroups inside each threadgroup."""
     n = x.numel()
-    out = torch.zeros(n, 8)
+    out = torch.zeros(n, 9)
     for g0 in range(0, n, group):
         gsize = min(group, n - g0)
         for s0 in range(0, gsize, 32):
@@ -696,16 +697,17 @@ def _simd_reference(x, group):
                 ballot = sum(1 << k for k in v if v[k] > 0) & 0xFFFF
                 out[i, 6] = ballot + (0.5 if any(v[k] > 100 for k in v) else 0) + 0.25
                 out[i, 7] = v.get(2, 0.0) + (v[l - 3] if l >= 3 else v[l])
+                out[i, 8] = v.get((l * 7) % 32, 0.0)  # lanes outside the group read as 0
     return out
 
 
 @pytest.mark.parametrize("n,group", [(64, 64), (50, 50), (100, 48), (45, 32)])
 def test_simd_functions_with_inactive_lanes(sync_lib, n, group):
     x = torch.randn(n)
-    out = torch.zeros(n * 8, device=DEV)
+    out = torch.zeros(n * 9, device=DEV)
     sync_lib.simd_partial(out, dev(x), threads=n, group_size=group)
     sync()
-    torch.testing.assert_close(out.cpu().view(n, 8), _simd_reference(x, group), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.cpu().view(n, 9), _simd_reference(x, group), rtol=1e-5, atol=1e-5)
 
 
 def test_collectives_behind_lambdas_and_functors(sync_lib):

@@ -244,6 +244,18 @@ kernel void simd_partial(device float* out, constant float* x, uint i [[thread_p
   out[9 * i + 8] = simd_shuffle(v, ushort((lane * 7) % 32));
 }
 
+// overloads that differ only by address space (all T* on the host): merged, first one kept
+inline float sum3(device const float* p) { return p[0] + p[1] + p[2]; }
+inline float sum3(threadgroup const float* p) { return p[0] + p[1] + p[2]; }
+inline float sum3(constant float* p) { return p[0] + p[1] + p[2]; }
+kernel void overloads(device float* out, device const float* in, constant float* c, uint i [[thread_position_in_grid]],
+                      uint tid [[thread_index_in_threadgroup]]) {
+  threadgroup float t[3];
+  if (tid < 3) t[tid] = in[tid] * 2.0f;
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  out[i] = sum3(in) + sum3(t) + sum3(c);
+}
+
 // collectives reached only through a namespace-scope lambda / a functor template argument:
 // the front end must still run these kernels with the fiber scheduler
 auto reduce_lanes = [](float x) { return simd_sum(x); };
@@ -708,6 +720,14 @@ def test_simd_functions_with_inactive_lanes(sync_lib, n, group):
     sync_lib.simd_partial(out, dev(x), threads=n, group_size=group)
     sync()
     torch.testing.assert_close(out.cpu().view(n, 9), _simd_reference(x, group), rtol=1e-5, atol=1e-5)
+
+
+def test_address_space_overloads(sync_lib):
+    x = torch.tensor([1.0, 2.0, 4.0])
+    out = torch.zeros(4, device=DEV)
+    sync_lib.overloads(out, dev(x), [10.0, 20.0, 30.0], group_size=4)
+    sync()
+    assert out.cpu().tolist() == [7.0 + 14.0 + 60.0] * 4
 
 
 def test_collectives_behind_lambdas_and_functors(sync_lib):

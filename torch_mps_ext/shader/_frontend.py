@@ -293,6 +293,8 @@ class FuncInfo:
     name: str
     cls: str | None
     body: tuple[int, int]
+    head: int = -1  # first token of the definition (for address-space overload merging)
+    ctx: str = ""
 
 
 @dataclass
@@ -392,7 +394,8 @@ def parse(text: str) -> Parsed:
                     fname = _function_name(prefix)
                     j = _match(toks, i, "{", "}")
                     if fname is not None:
-                        funcs.append(FuncInfo(fname, cur_class(), (i, j)))
+                        ctx = "::".join(f"{s_[0]}:{s_[1]}" for s_ in stack)
+                        funcs.append(FuncInfo(fname, cur_class(), (i, j), last_boundary, ctx))
                         _scan_body(toks, (i, j), len(funcs) - 1, tg_decls)
                     i = j + 1
                     last_boundary = i
@@ -887,9 +890,35 @@ def _checked_rewrites(d: KDecl) -> list[tuple[int, int, str]]:
     return edits
 
 
+_SPACE_ONLY = {"device", "thread", "threadgroup", "threadgroup_imageblock", "ray_data", "object_data"}
+
+
+def _address_space_duplicates(p: Parsed) -> list[tuple[int, int, str]]:
+    """MSL can overload a function on the address space of a pointer (device T* vs threadgroup T*);
+    on the host both are T*, which would be a redefinition.  Keep the first definition."""
+    toks = p.toks
+    seen: dict[tuple, tuple[str, ...]] = {}
+    edits = []
+    for f in p.funcs:
+        if f.head < 0:
+            continue
+        head = [t.text for t in toks[f.head : f.body[0]]]
+        if not any(h in _SPACE_ONLY or h == "constant" for h in head):
+            continue
+        norm = tuple("const" if h == "constant" else h for h in head if h not in _SPACE_ONLY)
+        key = (f.ctx, f.name, norm)
+        if key in seen and seen[key] != tuple(head):
+            start, end = toks[f.head].start, toks[f.body[1]].end
+            blank = "".join(c if c == "\n" else " " for c in p.text[start:end])
+            edits.append((start, end, blank))
+        else:
+            seen.setdefault(key, tuple(head))
+    return edits
+
+
 def rewrite(p: Parsed, checked: bool) -> tuple[str, set[str]]:
     """Apply the source edits; returns (text, swizzle names used)."""
-    edits: list[tuple[int, int, str]] = []
+    edits: list[tuple[int, int, str]] = _address_space_duplicates(p)
     toks = p.toks
     for k, end, _fi in p.tg_decls:
         edits.append((toks[k].start, toks[k].end, "static thread_local"))

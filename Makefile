@@ -26,6 +26,13 @@ test: build
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
+# The full OpInfo sweep (tests/test_opinfo.py, TORCH_MPS_EXT_OPINFO=full), one
+# pytest process per op category, then docs/conformance.md (generated).
+# CONFORMANCE_CATEGORIES=linalg,fft to run some; the report covers what ran.
+CONFORMANCE_CATEGORIES ?=
+conformance: build
+	$(PY) tests/conformance_report.py --run $(if $(CONFORMANCE_CATEGORIES),--categories $(CONFORMANCE_CATEGORIES))
+
 bench: build
 	$(PY) -m bench
 

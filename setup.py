@@ -12,6 +12,9 @@ ROOT = Path(__file__).resolve().parent
 # The build imports torch; an installed (possibly stale) copy of this package
 # must not autoload into it.
 os.environ["TORCH_DEVICE_BACKEND_AUTOLOAD"] = "0"
+# ccache keys on paths relative to the checkout (its .venv included), so a
+# fresh clone in another folder reuses earlier compilations.
+os.environ.setdefault("CCACHE_BASEDIR", str(ROOT))
 
 
 class CMakeExtension(Extension):

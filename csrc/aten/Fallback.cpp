@@ -230,6 +230,42 @@ struct Adopter {
   }
 };
 
+// Hooks that ATen calls only for out-of-tree backends ("*_overrideable"):
+// CPU has no kernel for them (they raise "not implemented"), so the fallback
+// runs what ATen runs on CPU instead, on the same host views. The
+// replacement takes the hook's arguments, adapted in place on the stack.
+struct Redirect {
+  c10::OperatorHandle target;
+  void (*adapt)(torch::jit::Stack& stack, std::size_t begin);
+};
+
+// convolution_backward takes bias_sizes (argument 3) where the hook has none.
+void addBiasSizes(torch::jit::Stack& stack, std::size_t begin) {
+  const at::Tensor& weight = stack[begin + 2].toTensor();
+  bool transposed = stack[begin + 6].toBool();
+  int64_t groups = stack[begin + 8].toInt();
+  int64_t channels = transposed ? weight.size(1) * groups : weight.size(0);
+  stack.insert(stack.begin() + static_cast<std::ptrdiff_t>(begin) + 3,
+               c10::IValue(std::vector<int64_t>{channels}));
+}
+
+const Redirect* redirectFor(const c10::OperatorHandle& op) {
+  static const auto table = [] {
+    auto& d = c10::Dispatcher::singleton();
+    std::vector<std::pair<c10::OperatorName, Redirect>> t;
+    t.push_back({{"aten::convolution_overrideable", ""},
+                 {d.findSchemaOrThrow("aten::convolution", ""), nullptr}});
+    t.push_back({{"aten::convolution_backward_overrideable", ""},
+                 {d.findSchemaOrThrow("aten::convolution_backward", ""), &addBiasSizes}});
+    return t;
+  }();
+  const c10::OperatorName& name = op.operator_name();
+  for (const auto& [n, r] : table) {
+    if (n == name) return &r;
+  }
+  return nullptr;
+}
+
 void fallback(const c10::OperatorHandle& op, c10::DispatchKeySet /*ks*/,
               torch::jit::Stack* stack) {
   const c10::FunctionSchema& schema = op.schema();
@@ -241,7 +277,12 @@ void fallback(const c10::OperatorHandle& op, c10::DispatchKeySet /*ks*/,
   toHostArgs(ctx, schema, *stack, begin);
   {
     LendScope lend(device);
-    op.redispatchBoxed(c10::DispatchKeySet(c10::DispatchKey::CPU), stack);
+    if (const Redirect* r = redirectFor(op)) {
+      if (r->adapt) r->adapt(*stack, begin);
+      r->target.redispatchBoxed(c10::DispatchKeySet(c10::DispatchKey::CPU), stack);
+    } else {
+      op.redispatchBoxed(c10::DispatchKeySet(c10::DispatchKey::CPU), stack);
+    }
   }
   writeBack(ctx, device);
   const std::size_t nret = schema.returns().size();
@@ -263,8 +304,64 @@ void fallback(const c10::OperatorHandle& op, c10::DispatchKeySet /*ks*/,
 
 } // namespace
 
+void preferCpuKernels() {
+  // A few ops have both a CPU kernel and a CompositeExplicitAutograd one
+  // (native_layer_norm, native_group_norm, addr, _stack, any/all.dims...).
+  // The composite kernel outranks a backend fallback, so mps_ext would run a
+  // decomposition with other numerics (and more passes over memory) than
+  // CPU. Registering the fallback for them makes mps_ext run CPU's kernel.
+  // Done at init, after every static registration, and only for ops with no
+  // mps_ext kernel of their own.
+  static torch::Library* lib = nullptr;
+  if (lib) return;
+  lib = new torch::Library(torch::Library::IMPL, "aten",
+                           c10::DispatchKey::PrivateUse1, __FILE__, __LINE__);
+  auto& d = c10::Dispatcher::singleton();
+  for (const c10::OperatorName& name : d.getAllOpNames()) {
+    if (name.name.rfind("aten::", 0) != 0) continue;
+    auto op = d.findOp(name);
+    if (!op || !op->hasKernelForDispatchKey(c10::DispatchKey::CPU) ||
+        op->hasKernelForDispatchKey(c10::DispatchKey::PrivateUse1)) {
+      continue;
+    }
+    if (op->hasKernelForDispatchKey(c10::DispatchKey::CompositeExplicitAutograd) ||
+        op->hasKernelForDispatchKey(
+            c10::DispatchKey::CompositeExplicitAutogradNonFunctional)) {
+      std::string n = name.name.substr(6);
+      if (!name.overload_name.empty()) n += "." + name.overload_name;
+      lib->impl(n.c_str(), torch::CppFunction::makeFromBoxedFunction<&fallback>());
+    }
+  }
+}
+
 TORCH_LIBRARY_IMPL(_, PrivateUse1, m) {
   m.fallback(torch::CppFunction::makeFromBoxedFunction<&fallback>());
+}
+
+// The redirected hooks have a CompositeExplicitAutograd default kernel (the
+// "not implemented" error), which wins over a backend fallback: register the
+// fallback for them explicitly.
+TORCH_LIBRARY_IMPL(aten, PrivateUse1, m) {
+  m.impl("convolution_overrideable",
+         torch::CppFunction::makeFromBoxedFunction<&fallback>());
+  m.impl("convolution_backward_overrideable",
+         torch::CppFunction::makeFromBoxedFunction<&fallback>());
+}
+
+// The conjugate/negative math-bit fallbacks materialize a tensor with the bit
+// set by cloning it, and a clone on the device copies through `_copy_from`:
+// without these fallthroughs, copying a conj/neg view to or from the device
+// recursed until the stack overflowed. `_copy_from` resolves the bits itself
+// (the host views keep them and at::native::copy_ applies them), as `copy_`
+// does on other devices.
+TORCH_LIBRARY_IMPL(aten, Conjugate, m) {
+  m.impl("_copy_from", torch::CppFunction::makeFallthrough());
+  m.impl("_copy_from_and_resize", torch::CppFunction::makeFallthrough());
+}
+
+TORCH_LIBRARY_IMPL(aten, Negative, m) {
+  m.impl("_copy_from", torch::CppFunction::makeFallthrough());
+  m.impl("_copy_from_and_resize", torch::CppFunction::makeFallthrough());
 }
 
 } // namespace torch_mps_ext

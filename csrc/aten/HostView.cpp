@@ -21,6 +21,20 @@ void lendingRawDelete(void* ptr) {
   if (!releaseIfPooled(ptr)) g_base_raw_deleter(ptr);
 }
 
+c10::DeleterFnPtr g_base_raw_deleter = nullptr;
+
+// raw_allocate()/raw_deallocate() pairs (scratch buffers of some CPU kernels)
+// free through raw_deleter(): memory lent from the pool must go back to the
+// pool, the rest to the stock allocator.
+void lendingRawDelete(void* ptr) {
+  int device = -1;
+  if (ptr && lookupDevice(ptr, &device)) {
+    deviceAllocator().raw_deleter()(ptr);
+  } else {
+    g_base_raw_deleter(ptr);
+  }
+}
+
 // The CPU allocator while mps_ext is loaded: the stock one, except on a
 // thread inside a LendScope, where allocations come from the device pool so
 // that a CPU kernel's outputs are already device memory.
@@ -57,6 +71,7 @@ void installLendingAllocator() {
   lending().base = c10::GetCPUAllocator();
   g_base_raw_deleter = lending().base->raw_deleter();
   c10::SetCPUAllocator(&lending(), /*priority=*/1);
+  preferCpuKernels();
 }
 
 LendScope::LendScope(int device) : saved_(t_lend_device) {

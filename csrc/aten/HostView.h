@@ -47,7 +47,12 @@ at::Tensor adoptResult(const at::Tensor& cpu, int device);
 // A device copy of the CPU tensor `cpu` on `device`, same sizes and strides.
 at::Tensor copyToDevice(const at::Tensor& cpu, int device);
 
-// Installs the lending CPU allocator (once).
+// Installs the lending CPU allocator (once), and makes mps_ext run CPU's
+// kernel for the ops that also have a composite one (preferCpuKernels).
 void installLendingAllocator();
+
+// Fallback.cpp: registers the fallback for the ops with both a CPU and a
+// CompositeExplicitAutograd kernel. Once, after static registration.
+void preferCpuKernels();
 
 } // namespace torch_mps_ext

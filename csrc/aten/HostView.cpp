@@ -21,20 +21,6 @@ void lendingRawDelete(void* ptr) {
   if (!releaseIfPooled(ptr)) g_base_raw_deleter(ptr);
 }
 
-c10::DeleterFnPtr g_base_raw_deleter = nullptr;
-
-// raw_allocate()/raw_deallocate() pairs (scratch buffers of some CPU kernels)
-// free through raw_deleter(): memory lent from the pool must go back to the
-// pool, the rest to the stock allocator.
-void lendingRawDelete(void* ptr) {
-  int device = -1;
-  if (ptr && lookupDevice(ptr, &device)) {
-    deviceAllocator().raw_deleter()(ptr);
-  } else {
-    g_base_raw_deleter(ptr);
-  }
-}
-
 // The CPU allocator while mps_ext is loaded: the stock one, except on a
 // thread inside a LendScope, where allocations come from the device pool so
 // that a CPU kernel's outputs are already device memory.
@@ -121,15 +107,6 @@ c10::Storage adoptLentStorage(c10::StorageImpl* cpu_storage, int device) {
   return c10::Storage(c10::make_intrusive<c10::StorageImpl>(
       c10::StorageImpl::use_byte_size_t(), nbytes, std::move(dp),
       &deviceAllocator(), /*resizable=*/true));
-}
-
-at::Tensor adoptResult(const at::Tensor& cpu, int device) {
-  if (!cpu.defined()) return cpu;
-  c10::StorageImpl* s = cpu.storage().unsafeGetStorageImpl();
-  if (isPoolMemory(s->data_ptr()) && c10::raw::intrusive_ptr::use_count(s) == 1) {
-    return deviceTensor(adoptLentStorage(s, device), cpu);
-  }
-  return copyToDevice(cpu, device);
 }
 
 at::Tensor copyToDevice(const at::Tensor& cpu, int device) {

@@ -1,6 +1,6 @@
 """compile_shader kernels on mps_ext vs torch's own CPU kernels (one run, ratios printed).
 
-    PYTHONPATH=. python bench/shaders.py
+    PYTHONPATH=. python -m bench.shaders        (or: python bench/shaders.py)
 
 Prints ``RATIO <name> <mps_ext time / cpu time>`` lines (lower is better; target <= 1.5).
 """

@@ -98,7 +98,9 @@ def _arch_flags() -> list[str]:
     env = os.environ.get("TORCH_MPS_EXT_SHADER_ARCH_FLAGS")
     if env is not None:
         return env.split()
-    return ["-march=native"]
+    # the define puts the host CPU into ccache's key too: -march=native means a different
+    # instruction set on another machine sharing the ccache directory
+    return ["-march=native", f"-DMPSX_HOST_CPU={machine_identity()}"]
 
 
 @functools.lru_cache(maxsize=None)

@@ -395,6 +395,9 @@ def test_kernel_properties(basic_lib, sync_lib):
     assert k.thread_execution_width == 32
     assert k.static_thread_group_memory_length == 0
     assert basic_lib.small_groups.max_threads_per_threadgroup == 64
+    # execution mode chosen by the front end: plain loops unless the kernel synchronizes
+    assert not basic_lib.full._info["sync"] and not basic_lib.axpy_half._info["sync"]
+    assert sync_lib.tg_reduce._info["sync"] and sync_lib.simd_partial._info["sync"]
     assert sync_lib.tg_reduce.static_thread_group_memory_length == 1024 * 4
     assert sync_lib.simd_reduce.static_thread_group_memory_length == 32 * 4
     # constexpr sizes, 2-D arrays, several declarators, template arguments; rounded up to 16

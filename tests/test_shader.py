@@ -244,6 +244,32 @@ kernel void simd_partial(device float* out, constant float* x, uint i [[thread_p
   out[9 * i + 8] = simd_shuffle(v, ushort((lane * 7) % 32));
 }
 
+// classic tiled matmul: 2-D threadgroups, threadgroup tiles, two barriers per step,
+// a defaulted template parameter sizing the tiles
+struct Dims { uint M, N, K; };
+template <typename T, int BS = 16>
+kernel void matmul(device T* C [[buffer(0)]], device const T* A [[buffer(1)]], device const T* B [[buffer(2)]],
+                   constant Dims& d [[buffer(3)]], uint2 gid [[thread_position_in_grid]],
+                   uint2 tid [[thread_position_in_threadgroup]]) {
+  threadgroup float As[BS][BS];
+  threadgroup float Bs[BS][BS];
+  float acc = 0;
+  const uint row = gid.y, col = gid.x;
+  for (uint t = 0; t < (d.K + BS - 1) / BS; ++t) {
+    const uint ac = t * BS + tid.x, br = t * BS + tid.y;
+    As[tid.y][tid.x] = (row < d.M && ac < d.K) ? float(A[row * d.K + ac]) : 0.0f;
+    Bs[tid.y][tid.x] = (br < d.K && col < d.N) ? float(B[br * d.N + col]) : 0.0f;
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    for (int k = 0; k < BS; ++k) acc += As[tid.y][k] * Bs[k][tid.x];
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+  }
+  if (row < d.M && col < d.N) C[row * d.N + col] = T(acc);
+}
+template [[host_name("matmul_f32")]] kernel void matmul<float>(device float*, device const float*, device const float*,
+                                                               constant Dims&, uint2, uint2);
+template [[host_name("matmul_f16")]] kernel void matmul<half>(device half*, device const half*, device const half*,
+                                                              constant Dims&, uint2, uint2);
+
 // overloads that differ only by address space (all T* on the host): merged, first one kept
 inline float sum3(device const float* p) { return p[0] + p[1] + p[2]; }
 inline float sum3(threadgroup const float* p) { return p[0] + p[1] + p[2]; }
@@ -723,6 +749,20 @@ def test_simd_functions_with_inactive_lanes(sync_lib, n, group):
     sync_lib.simd_partial(out, dev(x), threads=n, group_size=group)
     sync()
     torch.testing.assert_close(out.cpu().view(n, 9), _simd_reference(x, group), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,name", [(torch.float32, "matmul_f32"), (torch.float16, "matmul_f16")])
+def test_tiled_matmul(sync_lib, dtype, name):
+    M, N, K = 64, 48, 37
+    a, b = torch.randn(M, K).to(dtype), torch.randn(K, N).to(dtype)
+    c = torch.zeros(M, N, dtype=dtype, device=DEV)
+    dims = dev(torch.tensor([M, N, K], dtype=torch.int32))
+    getattr(sync_lib, name)(c, dev(a), dev(b), dims, threads=(N, M), group_size=(16, 16))
+    sync()
+    exp = (a.float() @ b.float()).to(dtype)
+    tol = 1e-4 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(c.cpu(), exp, rtol=tol, atol=tol)
+    assert getattr(sync_lib, name).static_thread_group_memory_length == 2 * 16 * 16 * 4
 
 
 def test_address_space_overloads(sync_lib):

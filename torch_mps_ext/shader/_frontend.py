@@ -286,6 +286,7 @@ class KDecl:
     targs: list[str] = field(default_factory=list)
     targ_toks: list[Tok] = field(default_factory=list)
     kidx: int = -1  # token index of the `kernel` keyword
+    tdefaults: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -568,6 +569,7 @@ def _parse_kernel(toks: list[Tok], i: int, lo: int, ns: list[tuple[str, bool]]) 
     prefix = toks[start:i]
     kind = "plain"
     tparams: list[str] = []
+    tdefaults: dict[str, str] = {}
     k = 0
     if prefix and prefix[0].text == "template":
         if len(prefix) > 1 and prefix[1].text == "<":
@@ -575,9 +577,12 @@ def _parse_kernel(toks: list[Tok], i: int, lo: int, ns: list[tuple[str, bool]]) 
             close = _match_angle(prefix, 1)
             for part in _split_commas(prefix[2:close]):
                 ids = [p.text for p in part if p.kind == "id"]
-                # "typename T", "int N", "typename T = float"
-                if "=" in [p.text for p in part]:
-                    ids = [p.text for p in part[: [p.text for p in part].index("=")] if p.kind == "id"]
+                # "typename T", "int N", "typename T = float", "int BS = 16"
+                texts = [p.text for p in part]
+                if "=" in texts:
+                    ids = [p.text for p in part[: texts.index("=")] if p.kind == "id"]
+                    if ids:
+                        tdefaults[ids[-1]] = _join(part[texts.index("=") + 1 :])
                 if ids:
                     tparams.append(ids[-1])
             k = close + 1
@@ -672,7 +677,7 @@ def _parse_kernel(toks: list[Tok], i: int, lo: int, ns: list[tuple[str, bool]]) 
     else:
         j += 1
     decl = KDecl(kind, base, expr if kind == "inst" else qual, ns, params, {a: v for a, v in attrs}, body,
-                 tparams, targs, targ_toks, i)
+                 tparams, targs, targ_toks, i, tdefaults)
     return j, decl
 
 
@@ -808,6 +813,7 @@ def analyze(p: Parsed) -> list[Kernel]:
             sync = bool(refs & snames)
             env = dict(consts)
             if d.kind == "inst":
+                env.update(src.tdefaults)
                 env.update(zip(src.tparams, d.targs))
             fi = func_by_body.get(src.body)
             for k, end in tg_by_func.get(fi, []):

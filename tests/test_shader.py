@@ -149,6 +149,14 @@ kernel void packed(device packed_float3* out, constant packed_float3* in, uint i
   out[i].y = float(sizeof(packed_float3) + 100 * sizeof(float3));
 }
 
+kernel void mats(device float4* out, constant float4x4& m, constant float4* v, uint i [[thread_position_in_grid]]) {
+  float4x4 t = transpose(m);
+  float2x2 r = float2x2(float2(0, 1), float2(-1, 0));  // columns: rotation by 90 degrees
+  float2 q = r * v[i].xy;
+  out[2 * i] = m * v[i] + (v[i] * m) * 2.0f;
+  out[2 * i + 1] = float4(q, determinant(float3x3(2.0f)), (t * m)[1][1]);
+}
+
 namespace ops {
 inline float five() { return 5.0f; }
 kernel void ns_kernel(device float* o, uint i [[thread_position_in_grid]]) { o[i] = five() + float(i); }
@@ -543,6 +551,20 @@ def test_packed_vectors(basic_lib):
     exp = 3 * x + 1
     exp[:, 1] = 12 + 100 * 16  # packed_float3 is 12 bytes, float3 is 16 (padded like Metal)
     torch.testing.assert_close(out.cpu(), exp)
+
+
+def test_matrices(basic_lib):
+    cols = torch.randn(4, 4)  # float4x4 is column-major: row c of this tensor is column c
+    v = torch.randn(8, 4)
+    out = torch.zeros(16, 4, device=DEV)
+    basic_lib.mats(out, dev(cols), dev(v), threads=8)
+    sync()
+    M = cols.t()  # the mathematical matrix
+    o = out.cpu().view(8, 2, 4)
+    torch.testing.assert_close(o[:, 0], v @ M.t() + 2 * (v @ M))
+    torch.testing.assert_close(o[:, 1, :2], torch.stack([-v[:, 1], v[:, 0]], 1))
+    torch.testing.assert_close(o[:, 1, 2], torch.full((8,), 8.0))
+    torch.testing.assert_close(o[:, 1, 3], (M.t() @ M)[1, 1].expand(8))
 
 
 def test_kernel_in_namespace(basic_lib):

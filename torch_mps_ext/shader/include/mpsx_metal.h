@@ -512,6 +512,15 @@ MPSX_VTYPES(long, long)
 MPSX_VTYPES(ulong, ulong)
 MPSX_VTYPES(bool, bool)
 #undef MPSX_VTYPES
+#define MPSX_MTYPES(T, P)                                                                            \
+  namespace metal {                                                                                  \
+  typedef matrix<T, 2, 2> P##2x2; typedef matrix<T, 2, 3> P##2x3; typedef matrix<T, 2, 4> P##2x4;     \
+  typedef matrix<T, 3, 2> P##3x2; typedef matrix<T, 3, 3> P##3x3; typedef matrix<T, 3, 4> P##3x4;     \
+  typedef matrix<T, 4, 2> P##4x2; typedef matrix<T, 4, 3> P##4x3; typedef matrix<T, 4, 4> P##4x4;     \
+  }                                                                                                  \
+  using metal::P##2x2; using metal::P##2x3; using metal::P##2x4; using metal::P##3x2;                \
+  using metal::P##3x3; using metal::P##3x4; using metal::P##4x2; using metal::P##4x3; using metal::P##4x4;
+
 namespace metal {
 typedef ::half half;
 typedef ::bfloat bfloat;
@@ -883,6 +892,85 @@ MPSX_MATH_NAMES(MPSX_USING)
 }
 #undef MPSX_USING
 
+// ---------------------------------------------------------------- matrices (column-major, like Metal)
+template <class T, int C, int R>
+struct matrix {
+  vec<T, R> columns[C];
+  matrix() = default;
+  // diagonal: matrix(s) puts s on the diagonal
+  template <class U, std::enable_if_t<mpsx_d::scalar_like<U>::value, int> = 0>
+  explicit matrix(U s) {
+    for (int c = 0; c < C; ++c)
+      for (int r = 0; r < R; ++r) columns[c][r] = c == r ? T(s) : T(0);
+  }
+  // from C column vectors
+  template <class... V, std::enable_if_t<sizeof...(V) == C && (mpsx_d::vt<V>::is && ...), int> = 0>
+  matrix(const V&... cols) {
+    int c = 0;
+    ((columns[c++] = vec<T, R>(cols)), ...);
+  }
+  // from C*R scalars, column by column
+  template <class... S, std::enable_if_t<sizeof...(S) == C * R && C * R != C && (mpsx_d::scalar_like<S>::value && ...), int> = 0>
+  matrix(S... s) {
+    const T v[] = {T(s)...};
+    for (int c = 0; c < C; ++c)
+      for (int r = 0; r < R; ++r) columns[c][r] = v[c * R + r];
+  }
+  MPSX_INLINE vec<T, R>& operator[](int c) { return columns[c]; }
+  MPSX_INLINE const vec<T, R>& operator[](int c) const { return columns[c]; }
+};
+template <class T, int C, int R, class V, std::enable_if_t<mpsx_d::vt<V>::is && mpsx_d::vt<V>::n == C, int> = 0>
+MPSX_INLINE vec<T, R> operator*(const matrix<T, C, R>& m, const V& v) {
+  vec<T, R> r(T(0));
+  for (int c = 0; c < C; ++c) r += m.columns[c] * T(v[c]);
+  return r;
+}
+template <class T, int C, int R, class V, std::enable_if_t<mpsx_d::vt<V>::is && mpsx_d::vt<V>::n == R, int> = 0>
+MPSX_INLINE vec<T, C> operator*(const V& v, const matrix<T, C, R>& m) {
+  vec<T, C> r;
+  for (int c = 0; c < C; ++c) r[c] = dot(vec<T, R>(v), m.columns[c]);
+  return r;
+}
+template <class T, int K, int C, int R>
+MPSX_INLINE matrix<T, C, R> operator*(const matrix<T, K, R>& a, const matrix<T, C, K>& b) {
+  matrix<T, C, R> r;
+  for (int c = 0; c < C; ++c) r.columns[c] = a * b.columns[c];
+  return r;
+}
+template <class T, int C, int R, class S, std::enable_if_t<mpsx_d::scalar_like<S>::value, int> = 0>
+MPSX_INLINE matrix<T, C, R> operator*(const matrix<T, C, R>& m, S s) {
+  matrix<T, C, R> r;
+  for (int c = 0; c < C; ++c) r.columns[c] = m.columns[c] * T(s);
+  return r;
+}
+template <class T, int C, int R, class S, std::enable_if_t<mpsx_d::scalar_like<S>::value, int> = 0>
+MPSX_INLINE matrix<T, C, R> operator*(S s, const matrix<T, C, R>& m) { return m * s; }
+template <class T, int C, int R>
+MPSX_INLINE matrix<T, C, R> operator+(const matrix<T, C, R>& a, const matrix<T, C, R>& b) {
+  matrix<T, C, R> r;
+  for (int c = 0; c < C; ++c) r.columns[c] = a.columns[c] + b.columns[c];
+  return r;
+}
+template <class T, int C, int R>
+MPSX_INLINE matrix<T, C, R> operator-(const matrix<T, C, R>& a, const matrix<T, C, R>& b) {
+  matrix<T, C, R> r;
+  for (int c = 0; c < C; ++c) r.columns[c] = a.columns[c] - b.columns[c];
+  return r;
+}
+template <class T, int C, int R>
+MPSX_INLINE matrix<T, R, C> transpose(const matrix<T, C, R>& m) {
+  matrix<T, R, C> r;
+  for (int c = 0; c < C; ++c)
+    for (int k = 0; k < R; ++k) r.columns[k][c] = m.columns[c][k];
+  return r;
+}
+template <class T> MPSX_INLINE T determinant(const matrix<T, 2, 2>& m) {
+  return m[0][0] * m[1][1] - m[1][0] * m[0][1];
+}
+template <class T> MPSX_INLINE T determinant(const matrix<T, 3, 3>& m) {
+  return dot(m[0], cross(m[1], m[2]));
+}
+
 // ---------------------------------------------------------------- array
 template <class T, size_t N>
 struct array {
@@ -1001,6 +1089,10 @@ MPSX_INLINE void atomic_thread_fence(int = 0, memory_order = memory_order_relaxe
 }
 
 }  // namespace metal
+
+MPSX_MTYPES(float, float)
+MPSX_MTYPES(half, half)
+#undef MPSX_MTYPES
 
 #endif  // MPSX_PARSE
 

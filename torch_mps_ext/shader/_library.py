@@ -118,7 +118,7 @@ class MetalKernel:
         return f"<mps_ext shader kernel '{self._info['name']}'>"
 
     # ------------------------------------------------------------------ binding
-    def _bind(self, args: tuple, arg_casts: Any, allow_host: bool) -> _Launch:
+    def _bind(self, args: tuple, arg_casts: Any) -> _Launch:
         checked = self._library._checked
         if arg_casts is None:
             default_cast, cast_map = None, {}
@@ -134,8 +134,8 @@ class MetalKernel:
             if isinstance(a, torch.Tensor):
                 if L.first_tensor is None:
                     L.first_tensor = a
-                if a.device.type == DEVICE_TYPE or (allow_host and a.device.type == "cpu" and a.dim() > 0):
-                    if a.device.type == DEVICE_TYPE and L.device_index is None:
+                if a.device.type == DEVICE_TYPE:
+                    if L.device_index is None:
                         L.device_index = a.device.index or 0
                     L.slots[idx] = a.data_ptr()
                     if checked:
@@ -160,7 +160,7 @@ class MetalKernel:
                     for t in a:
                         if not isinstance(t, torch.Tensor):
                             raise RuntimeError("Unexpected argument types")
-                        if t.device.type != DEVICE_TYPE and not (allow_host and t.device.type == "cpu"):
+                        if t.device.type != DEVICE_TYPE:
                             raise RuntimeError("Passed CPU tensor to MPS op")
                         L.keep.append(t)
                         ptrs.append(t.data_ptr())
@@ -199,10 +199,7 @@ class MetalKernel:
 
     def __call__(self, *args: Any, threads: Any = None, group_size: Any = None, arg_casts: Any = None,
                  error_buf_idx: int | None = None) -> None:
-        self._dispatch(args, threads, group_size, arg_casts, error_buf_idx, allow_host=False)
-
-    def _dispatch(self, args, threads, group_size, arg_casts, error_buf_idx, allow_host: bool) -> None:
-        L = self._bind(args, arg_casts, allow_host)
+        L = self._bind(args, arg_casts)
         err_buf = None
         if error_buf_idx is not None:
             err_buf = ctypes.create_string_buffer(_ERR_BUF_SIZE)
@@ -297,16 +294,14 @@ def _native():
     return _native_cache[0]
 
 
-_pending_errors: list[str] = []  # TEMPORARY: only used while torch_mps_ext._C has no _report_error
-
-
 def _report(device_index: int | None, message: str) -> None:
+    """Record a kernel error on the device: the next ``torch.mps_ext.synchronize()`` raises it."""
     C = _native()
     idx = device_index if device_index is not None else _current_device_index()
     if C is not None and hasattr(C, "_report_error"):
         C._report_error(int(idx), message)
-    else:
-        _pending_errors.append(message)
+    else:  # pragma: no cover - the native module always provides _report_error
+        raise torch.AcceleratorError(message)
 
 
 def _current_device_index() -> int:

@@ -284,7 +284,6 @@ template <class A, class B> struct bin<A, B, true> {
   using e = std::conditional_t<vt<A>::is && vt<B>::is, typename common_e<typename vt<A>::e, typename vt<B>::e>::type,
                                std::conditional_t<vt<A>::is, typename vt<A>::e, typename vt<B>::e>>;
 };
-template <int K> constexpr int stor(int n) { return n == 3 ? 4 : n; }
 }  // namespace mpsx_d
 
 // Swizzle proxy: a view of the parent vector's storage selecting lanes I...
@@ -988,7 +987,6 @@ struct array {
   constexpr T& front() { return _M_elems[0]; }
   constexpr T& back() { return _M_elems[N - 1]; }
 };
-template <class T, size_t N> using array_ref_unused_ = array<T, N>;
 
 // ---------------------------------------------------------------- atomics
 enum memory_order { memory_order_relaxed = 0, memory_order_acquire = 2, memory_order_release = 3, memory_order_acq_rel = 4, memory_order_seq_cst = 5 };
@@ -1003,9 +1001,6 @@ typedef atomic<float> atomic_float;
 typedef atomic<bool> atomic_bool;
 typedef atomic<ulong> atomic_ulong;
 typedef atomic<long> atomic_long;
-namespace mpsx_d {
-constexpr int mo(memory_order) { return __ATOMIC_SEQ_CST; }
-}
 template <class T, class U>
 MPSX_INLINE void atomic_store_explicit(volatile atomic<T>* o, U v, memory_order = memory_order_relaxed) {
   T t = T(v);

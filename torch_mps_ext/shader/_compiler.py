@@ -90,7 +90,7 @@ COMMON_FLAGS = [
 ]
 CODEGEN_FLAGS = [
     "-O2", "-ftree-vectorize", "-fvect-cost-model=dynamic", "-fno-math-errno", "-fno-trapping-math",
-    "-fsingle-precision-constant", "-fPIC", "-shared", "-w", "-fvisibility=hidden",
+    "-fsingle-precision-constant", "-fPIC", "-shared", "-w", "-fvisibility=hidden", "-fopenmp",
 ]
 
 

@@ -318,28 +318,12 @@ def _launch(kernel: MetalKernel, block, grid, group, n_groups: int, L: _Launch) 
     if C is not None and hasattr(C, "_launch_groups"):
         C._launch_groups(kernel._fn_ptr, ctypes.addressof(block), tuple(grid), tuple(group), n_groups)
         return
-    # TEMPORARY fallback until torch_mps_ext._C._launch_groups exists: split the threadgroups
-    # into contiguous chunks run by Python threads (ctypes drops the GIL during the call).
+    # TEMPORARY fallback until torch_mps_ext._C._launch_groups exists: the library's own
+    # OpenMP launcher spreads the threadgroups over torch's intra-op threads.
     g = (ctypes.c_uint32 * 3)(*grid)
     s = (ctypes.c_uint32 * 3)(*group)
-    addr = ctypes.addressof(block)
-    nthreads = max(1, min(torch.get_num_threads(), n_groups))
-    if nthreads == 1:
-        kernel._entry(addr, g, s, 0, n_groups)
-        return
-    global _pool
-    if _pool is None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _pool = ThreadPoolExecutor(max_workers=max(1, (torch.get_num_threads() or 1)))
-    bounds = [n_groups * k // nthreads for k in range(nthreads + 1)]
-    futs = [_pool.submit(kernel._entry, addr, g, s, bounds[k], bounds[k + 1]) for k in range(1, nthreads)]
-    kernel._entry(addr, g, s, bounds[0], bounds[1])
-    for f in futs:
-        f.result()
-
-
-_pool = None
+    kernel._library._launch_parallel(kernel._fn_ptr, ctypes.addressof(block), g, s, n_groups,
+                                     torch.get_num_threads())
 
 
 class ShaderLibrary:
@@ -365,6 +349,10 @@ class ShaderLibrary:
             self._kernels[k["name"]] = MetalKernel(self, k, ctypes.cast(fn, ctypes.c_void_p).value)
         self._take_error_fn = self._dll.mpsx_take_error
         self._take_error_fn.restype = ctypes.c_char_p
+        self._launch_parallel = self._dll.mpsx_launch_parallel
+        self._launch_parallel.restype = None
+        self._launch_parallel.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32),
+                                          ctypes.POINTER(ctypes.c_uint32), ctypes.c_uint64, ctypes.c_int]
 
     def _take_error(self) -> str | None:
         r = self._take_error_fn()

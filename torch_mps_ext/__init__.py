@@ -42,6 +42,18 @@ from .memory import (  # noqa: E402
     set_per_process_memory_fraction,
     get_per_process_memory_fraction,
 )
+from .streams import (  # noqa: E402
+    Event,
+    ExternalStream,
+    Stream,
+    StreamContext,
+    current_stream,
+    default_stream,
+    host_memory_stats,
+    set_stream,
+    stream,
+    _sleep,
+)
 from . import _utils  # noqa: E402,F401  (torch.serialization looks for _utils)
 from ._registration import register as _register  # noqa: E402
 
@@ -54,12 +66,17 @@ def _is_in_bad_fork() -> bool:
 __all__ = [
     "current_allocated_memory",
     "current_device",
+    "current_stream",
+    "default_stream",
     "device",
     "device_count",
     "device_of",
     "driver_allocated_memory",
     "empty_cache",
+    "Event",
+    "ExternalStream",
     "get_per_process_memory_fraction",
+    "host_memory_stats",
     "init",
     "is_available",
     "is_initialized",
@@ -75,6 +92,10 @@ __all__ = [
     "reset_max_memory_allocated",
     "reset_peak_memory_stats",
     "set_device",
+    "set_stream",
+    "stream",
+    "Stream",
+    "StreamContext",
     "set_per_process_memory_fraction",
     "synchronize",
 ]

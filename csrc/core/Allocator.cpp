@@ -375,6 +375,14 @@ class CachingAllocator final : public c10::DeviceAllocator {
   // Gives every cached, unsplit segment of the device back to the system.
   void releaseCached(int device) {
     DeviceState& st = states_[device];
+    // Queued work (a non_blocking copy) may still write to a cached block of
+    // its stream: memory goes back to the system only once streams are idle.
+    bool any = false;
+    for (auto* pool : {&st.small_free, &st.large_free}) {
+      for (Block* b : *pool) any |= !b->isSplit();
+    }
+    if (!any) return;
+    runtime::synchronizeStreams(device);
     for (auto* pool : {&st.small_free, &st.large_free}) {
       for (auto it = pool->begin(); it != pool->end();) {
         Block* b = *it;
@@ -430,11 +438,12 @@ class CachingAllocator final : public c10::DeviceAllocator {
     for (auto& d : st.deferred) {
       bool done = true;
       for (auto& [s, mark] : d.marks) {
-        while (!runtime::streamReached(device, s, mark)) {
+        if (!runtime::streamReached(device, s, mark)) {
           if (!wait) {
             done = false;
             break;
           }
+          runtime::awaitMark(device, s, mark);
         }
         if (!done) break;
       }

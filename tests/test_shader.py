@@ -1005,3 +1005,40 @@ def test_example_custom_kernel_runs():
     from pathlib import Path
 
     runpy.run_path(str(Path(__file__).parent.parent / "examples" / "custom_kernel.py"), run_name="__main__")
+
+
+def test_argument_block_is_relocatable_for_an_async_runtime(c10_lib, monkeypatch):
+    """The _launch_groups contract: the runtime may copy the argument block (size in its first
+    8 bytes), run the entry on the copy later, then call finish(copy) for the kernel's errors."""
+    import ctypes
+
+    from torch_mps_ext.shader import _library
+
+    real = torch_mps_ext._C
+    finished = []
+
+    class RelocatingRuntime:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def _launch_groups(self, fn, addr, grid, group, n_groups, finish):
+            size = ctypes.c_uint64.from_address(addr).value
+            copy = ctypes.create_string_buffer(ctypes.string_at(addr, size), size)
+            ctypes.memset(addr, 0xAB, size)  # the caller's block must not be used any more
+            g, s = (ctypes.c_uint32 * 3)(*grid), (ctypes.c_uint32 * 3)(*group)
+            _library._ENTRY_TYPE(fn)(ctypes.addressof(copy), g, s, 0, n_groups)
+            fin = ctypes.CFUNCTYPE(ctypes.c_size_t, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t)(finish)
+            buf = ctypes.create_string_buffer(4096)
+            n = fin(ctypes.addressof(copy), buf, len(buf))
+            finished.append(buf.raw[:n].decode())
+            if n:
+                real._report_error(0, finished[-1])
+
+    monkeypatch.setattr(_library, "_native_cache", [RelocatingRuntime()])
+    out = torch.zeros(8, device=DEV)
+    sync()
+    c10_lib.error_k(out, 5, threads=8, error_buf_idx=2)  # `limit` and the error buffer are inline
+    assert len(finished) == 1 and "index 6 is out of bounds for size 5" in finished[0]
+    with pytest.raises(torch.AcceleratorError, match="index 5 is out of bounds for size 5"):
+        sync()
+    assert out.cpu().tolist() == [1.0] * 5 + [0.0] * 3

@@ -993,8 +993,8 @@ def generate(kernels: list[Kernel], checked: bool) -> str:
             if role == "buffer":
                 if checked:
                     args.append(
-                        f"::mpsx::slot_cast_checked<{P}>(s_[{val}], lo_[{val}], hi_[{val}], "
-                        f"{json.dumps(k.name)}, {json.dumps(k.param_names[idx])})"
+                        f"::mpsx::slot_cast_checked<{P}>(a{val}_, ::mpsx::arg_lo(ab_, {val}), "
+                        f"::mpsx::arg_hi(ab_, {val}), {json.dumps(k.name)}, {json.dumps(k.param_names[idx])})"
                     )
                 else:
                     args.append(f"::mpsx::slot_cast<{P}>(a{val}_)")
@@ -1003,17 +1003,14 @@ def generate(kernels: list[Kernel], checked: bool) -> str:
             else:
                 args.append(f"::mpsx::slot_cast<{P}>(::mpsx::tg_param_buffer({val}))")
         nb = k.nbuffers
-        loads = "".join(f"  void* a{b}_ = s_[{b}];\n" for b in range(nb))
-        bounds = f"  const char* const* lo_ = (const char* const*)(s_ + {nb});\n" \
-                 f"  const char* const* hi_ = (const char* const*)(s_ + {2 * nb});\n" if checked else ""
+        loads = "".join(f"  void* a{b}_ = ::mpsx::arg(ab_, {b});\n" for b in range(nb))
         runner = "run_fibers" if k.sync else "run_loop"
         out.append(
             f"{opens}\n"
             f"extern \"C\" __attribute__((visibility(\"default\"))) void {k.symbol}(const void* ab_, "
             f"const uint32_t* grid_, const uint32_t* group_, uint64_t gbegin_, uint64_t gend_) {{\n"
             f"  using S_ = ::mpsx::fsig<decltype(&{k.expr})>;\n"
-            f"  void* const* s_ = (void* const*)ab_;\n  (void)s_;\n"
-            f"{loads}{bounds}"
+            f"{loads}"
             f"  auto body_ = [&](const ::mpsx::tinfo& t_) __attribute__((always_inline)) {{\n"
             f"    (void)t_;\n    {k.expr}({', '.join(args)});\n  }};\n"
             f"  ::mpsx::{runner}(grid_, group_, gbegin_, gend_, body_);\n"

@@ -72,23 +72,53 @@ def _tensor_extent(t: torch.Tensor) -> tuple[int, int]:
 
 
 class _Launch:
-    """Everything a single dispatch keeps alive until the kernel has run."""
+    """The arguments of one dispatch: pointers to device memory and inline bytes."""
 
-    __slots__ = ("keep", "slots", "bounds", "first_tensor", "device_index")
+    __slots__ = ("keep", "ptrs", "data", "first_tensor", "device_index")
 
     def __init__(self) -> None:
-        self.keep: list[Any] = []
-        self.slots: dict[int, int] = {}
-        self.bounds: dict[int, tuple[int, int]] = {}
+        self.keep: list[Any] = []  # tensors referenced by the launch
+        self.ptrs: dict[int, tuple[int, int, int]] = {}  # slot -> (pointer, lo, hi)
+        self.data: dict[int, bytes] = {}  # slot -> bytes copied into the argument block
         self.first_tensor: torch.Tensor | None = None
         self.device_index: int | None = None
 
     def bytes_arg(self, idx: int, data: bytes) -> None:
-        buf = ctypes.create_string_buffer(data, len(data))
-        self.keep.append(buf)
-        addr = ctypes.addressof(buf)
-        self.slots[idx] = addr
-        self.bounds[idx] = (addr, addr + len(data))
+        self.ptrs.pop(idx, None)
+        self.data[idx] = data
+
+    def slots(self) -> set[int]:
+        return set(self.ptrs) | set(self.data)
+
+    def block(self, nslots: int, err_slot: int | None, checked: bool) -> bytearray:
+        """The self-describing, relocatable argument block (layout: include/mpsx_runtime.h)."""
+        inline = 1 << 63
+        nwords = 4 + nslots * (3 if checked else 1)
+        offsets = {}
+        pos = nwords * 8
+        for idx, d in self.data.items():
+            pos = (pos + 15) & ~15
+            offsets[idx] = pos
+            pos += len(d)
+        buf = bytearray(pos)
+        words = [pos, nslots, 0xFFFFFFFFFFFFFFFF if err_slot is None else err_slot, 0] + [0] * (nwords - 4)
+        for idx in range(nslots):
+            if idx in self.ptrs:
+                p, lo, hi = self.ptrs[idx]
+                words[4 + idx] = p
+                if checked:
+                    words[4 + nslots + idx], words[4 + 2 * nslots + idx] = lo, hi
+            elif idx in offsets:
+                off = offsets[idx]
+                words[4 + idx] = inline | off
+                if checked:
+                    words[4 + nslots + idx] = inline | off
+                    words[4 + 2 * nslots + idx] = inline | (off + len(self.data[idx]))
+        struct.pack_into(f"<{nwords}Q", buf, 0, *words)
+        for idx, off in offsets.items():
+            d = self.data[idx]
+            buf[off : off + len(d)] = d
+        return buf
 
 
 class MetalKernel:
@@ -137,9 +167,8 @@ class MetalKernel:
                 if a.device.type == DEVICE_TYPE:
                     if L.device_index is None:
                         L.device_index = a.device.index or 0
-                    L.slots[idx] = a.data_ptr()
-                    if checked:
-                        L.bounds[idx] = _tensor_extent(a)
+                    lo, hi = _tensor_extent(a) if checked else (0, 0)
+                    L.ptrs[idx] = (a.data_ptr(), lo, hi)
                     L.keep.append(a)
                 elif a.device.type == "cpu":
                     if a.dim() != 0:
@@ -200,13 +229,10 @@ class MetalKernel:
     def __call__(self, *args: Any, threads: Any = None, group_size: Any = None, arg_casts: Any = None,
                  error_buf_idx: int | None = None) -> None:
         L = self._bind(args, arg_casts)
-        err_buf = None
+        err_slot = None
         if error_buf_idx is not None:
-            err_buf = ctypes.create_string_buffer(_ERR_BUF_SIZE)
-            L.keep.append(err_buf)
-            addr = ctypes.addressof(err_buf)
-            L.slots[int(error_buf_idx)] = addr
-            L.bounds[int(error_buf_idx)] = (addr, addr + _ERR_BUF_SIZE)
+            err_slot = int(error_buf_idx)
+            L.bytes_arg(err_slot, bytes(_ERR_BUF_SIZE))
         tdims = self._dims(threads, "threads")
         if tdims is None and L.first_tensor is not None:
             tdims = [L.first_tensor.numel()]
@@ -229,8 +255,8 @@ class MetalKernel:
             raise ValueError(f"group_size must be positive, got {gdims}")
         grid = (tdims + [1, 1])[:3]
         group = (gdims + [1, 1])[:3]
-        nb = max(self._info["nbuffers"], (max(L.slots) + 1) if L.slots else 0)
-        missing = [i for i in range(self._info["nbuffers"]) if i not in L.slots]
+        bound = L.slots()
+        missing = [i for i in range(self._info["nbuffers"]) if i not in bound]
         if missing:
             raise RuntimeError(
                 f"kernel '{self._info['name']}' reads buffer {missing[0]} "
@@ -240,45 +266,15 @@ class MetalKernel:
             n_groups *= (gsz + gd - 1) // gd
         if n_groups == 0:
             return
-        if self._library._checked:
-            block = (ctypes.c_void_p * (3 * nb))()
-            for i in range(nb):
-                block[i] = L.slots.get(i, 0)
-                lo, hi = L.bounds.get(i, (0, 0))
-                block[nb + i] = lo
-                block[2 * nb + i] = hi
-        else:
-            block = (ctypes.c_void_p * max(nb, 1))()
-            for i, p in L.slots.items():
-                block[i] = p
-        L.keep.append(block)
+        nslots = max([self._info["nbuffers"]] + [i + 1 for i in bound])
+        block = L.block(nslots, err_slot, self._library._checked)
         _launch(self, block, grid, group, n_groups, L)
-        self._after_launch(L, err_buf)
 
     def _buffer_param_name(self, idx: int) -> str:
         for (role, val), name in zip(self._info["roles"], self._info["param_names"]):
             if role == "buffer" and val == idx:
                 return name
         return "?"
-
-    def _after_launch(self, L: _Launch, err_buf) -> None:
-        msgs = []
-        native = self._library._take_error()
-        if native:
-            msgs.append(native)
-        if err_buf is not None:
-            raw = err_buf.raw
-            count = min(struct.unpack_from("<I", raw, 0)[0], _ERR_COUNT)
-            for i in range(count):
-                off = 4 + i * _ERR_MSG_SIZE
-                file = raw[off : off + 128].split(b"\0", 1)[0].decode(errors="replace")
-                func = raw[off + 128 : off + 256].split(b"\0", 1)[0].decode(errors="replace")
-                message = raw[off + 256 : off + 506].split(b"\0", 1)[0].decode(errors="replace")
-                line = struct.unpack_from("<I", raw, off + 508)[0]
-                msgs.append(f"{message} (reported by kernel '{func}' at {file}:{line})")
-        if msgs:
-            _report(L.device_index, "\n".join(msgs))
-
 
 _native_cache: list = []
 
@@ -313,17 +309,34 @@ def _current_device_index() -> int:
         return 0
 
 
-def _launch(kernel: MetalKernel, block, grid, group, n_groups: int, L: _Launch) -> None:
+def _launch(kernel: MetalKernel, block: bytearray, grid, group, n_groups: int, L: _Launch) -> None:
+    lib = kernel._library
     C = _native()
+    cblock = (ctypes.c_char * len(block)).from_buffer(block)
+    addr = ctypes.addressof(cblock)
     if C is not None and hasattr(C, "_launch_groups"):
-        C._launch_groups(kernel._fn_ptr, ctypes.addressof(block), tuple(grid), tuple(group), n_groups)
-        return
-    # TEMPORARY fallback until torch_mps_ext._C._launch_groups exists: the library's own
-    # OpenMP launcher spreads the threadgroups over torch's intra-op threads.
-    g = (ctypes.c_uint32 * 3)(*grid)
-    s = (ctypes.c_uint32 * 3)(*group)
-    kernel._library._launch_parallel(kernel._fn_ptr, ctypes.addressof(block), g, s, n_groups,
-                                     torch.get_num_threads())
+        try:
+            # Queued on the current stream.  The runtime copies the argument block (its first
+            # 8 bytes are its size; it is relocatable), runs the threadgroups, then calls
+            # finish(block, buf, cap) and reports a non-empty message as the device's error.
+            C._launch_groups(kernel._fn_ptr, addr, tuple(grid), tuple(group), n_groups, lib._finish_ptr)
+            return
+        except TypeError:
+            # a runtime with the 5-argument contract runs the launch before returning
+            C._launch_groups(kernel._fn_ptr, addr, tuple(grid), tuple(group), n_groups)
+    else:
+        # TEMPORARY until torch_mps_ext._C._launch_groups exists: run inline after the current
+        # stream's queued work (as ATen ops do), spreading the threadgroups with the library's
+        # OpenMP launcher over torch's intra-op threads.
+        dev = L.device_index if L.device_index is not None else _current_device_index()
+        if C is not None and hasattr(C, "_stream_synchronize") and hasattr(C, "_stream_current"):
+            C._stream_synchronize(dev, C._stream_current(dev))
+        g = (ctypes.c_uint32 * 3)(*grid)
+        s = (ctypes.c_uint32 * 3)(*group)
+        lib._launch_parallel(kernel._fn_ptr, addr, g, s, n_groups, torch.get_num_threads())
+    msg = lib._finish(addr)
+    if msg:
+        _report(L.device_index, msg)
 
 
 class ShaderLibrary:
@@ -347,16 +360,20 @@ class ShaderLibrary:
         for k in info["kernels"]:
             fn = getattr(self._dll, k["symbol"])
             self._kernels[k["name"]] = MetalKernel(self, k, ctypes.cast(fn, ctypes.c_void_p).value)
-        self._take_error_fn = self._dll.mpsx_take_error
-        self._take_error_fn.restype = ctypes.c_char_p
+        self._finish_fn = self._dll.mpsx_finish
+        self._finish_fn.restype = ctypes.c_size_t
+        self._finish_fn.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]
+        self._finish_ptr = ctypes.cast(self._finish_fn, ctypes.c_void_p).value
         self._launch_parallel = self._dll.mpsx_launch_parallel
         self._launch_parallel.restype = None
         self._launch_parallel.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32),
                                           ctypes.POINTER(ctypes.c_uint32), ctypes.c_uint64, ctypes.c_int]
 
-    def _take_error(self) -> str | None:
-        r = self._take_error_fn()
-        return r.decode(errors="replace") if r else None
+    def _finish(self, block_addr: int) -> str | None:
+        """Errors the kernels reported during the launch whose argument block is at block_addr."""
+        buf = ctypes.create_string_buffer(16384)
+        n = self._finish_fn(block_addr, buf, len(buf))
+        return buf.raw[:n].decode(errors="replace") if n else None
 
     def __getattr__(self, name: str) -> MetalKernel:
         if name.startswith("__") and name.endswith("__"):

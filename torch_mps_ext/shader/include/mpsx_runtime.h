@@ -83,6 +83,31 @@ template <class P> MPSX_INLINE P attr_cast(uint v) {
   (void)sizeof(D);
 }
 
+// The argument block (built by the Python side, self-describing and relocatable so that an
+// asynchronous runtime can copy it):
+//   uint64 header[4] = {total size in bytes, nslots, error-buffer slot or ~0, 0}
+//   uint64 slot[nslots]            buffer k: a pointer, or (1<<63 | offset) into this block
+//   uint64 lo[nslots], hi[nslots]  checked builds only: byte range bound to each slot
+//   inline data (scalars, lists, the error buffer)
+constexpr uint64_t kInline = 1ull << 63;
+MPSX_INLINE void* slot_ptr(const void* ab, uint64_t v) {
+  return (v & kInline) ? static_cast<void*>(const_cast<char*>(static_cast<const char*>(ab)) + (v & ~kInline))
+                       : reinterpret_cast<void*>(v);
+}
+MPSX_INLINE const uint64_t* ab_header(const void* ab) { return static_cast<const uint64_t*>(ab); }
+MPSX_INLINE void* arg(const void* ab, uint64_t k) {
+  const uint64_t* h = ab_header(ab);
+  return k < h[1] ? slot_ptr(ab, h[4 + k]) : nullptr;
+}
+MPSX_INLINE const char* arg_lo(const void* ab, uint64_t k) {
+  const uint64_t* h = ab_header(ab);
+  return k < h[1] ? static_cast<const char*>(slot_ptr(ab, h[4 + h[1] + k])) : nullptr;
+}
+MPSX_INLINE const char* arg_hi(const void* ab, uint64_t k) {
+  const uint64_t* h = ab_header(ab);
+  return k < h[1] ? static_cast<const char*>(slot_ptr(ab, h[4 + 2 * h[1] + k])) : nullptr;
+}
+
 // threadgroup-memory *parameters* ([[threadgroup(k)]]): torch's API cannot size them, Metal
 // would bind zero bytes; we give each index 32 KiB per OS thread (shared by a group's fibers).
 static void* tg_param_buffer(int k) {
@@ -723,10 +748,33 @@ extern "C" __attribute__((visibility("default"))) void mpsx_launch_parallel(mpsx
   entry(ab, grid, group, 0, n_groups);
 }
 
-extern "C" __attribute__((visibility("default"))) const char* mpsx_take_error() {
-  if (!__atomic_load_n(&::mpsx::g_err.flag, __ATOMIC_ACQUIRE)) return nullptr;
-  static char copy[sizeof(::mpsx::g_err.msg)];
-  std::memcpy(copy, ::mpsx::g_err.msg, sizeof(copy));
-  __atomic_store_n(&::mpsx::g_err.flag, 0, __ATOMIC_RELEASE);
-  return copy;
+// After a launch has completed: collect what the kernels reported -- the checked-mode /
+// runtime error of this library and the messages TORCH_REPORT_ERROR wrote into the error
+// buffer (c10/metal/error.h layout) -- as text in `out`.  Returns its length (0: no error).
+extern "C" __attribute__((visibility("default"))) size_t mpsx_finish(const void* ab, char* out, size_t cap) {
+  size_t n = 0;
+  if (cap == 0) return 0;
+  out[0] = 0;
+  auto put = [&](const char* fmt, auto... a) {
+    if (n + 1 >= cap) return;
+    int w = snprintf(out + n, cap - n, fmt, a...);
+    if (w > 0) n = (n + size_t(w) < cap) ? n + size_t(w) : cap - 1;
+  };
+  if (__atomic_exchange_n(&::mpsx::g_err.flag, 0, __ATOMIC_ACQ_REL)) put("%s", ::mpsx::g_err.msg);
+  const uint64_t* h = ::mpsx::ab_header(ab);
+  if (h[2] != ~0ull && h[2] < h[1]) {
+    const unsigned char* eb = static_cast<const unsigned char*>(::mpsx::slot_ptr(ab, h[4 + h[2]]));
+    uint32_t count;
+    std::memcpy(&count, eb, 4);
+    if (count > 30) count = 30;
+    for (uint32_t i = 0; i < count; ++i) {
+      const unsigned char* m = eb + 4 + 512 * i;
+      uint32_t line;
+      std::memcpy(&line, m + 508, 4);
+      put("%s%.*s (reported by kernel '%.*s' at %.*s:%u)", n ? "\n" : "", 250, (const char*)m + 256, 128,
+          (const char*)m + 128, 128, (const char*)m, line);
+    }
+  }
+  return n;
 }
+

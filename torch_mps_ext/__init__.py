@@ -70,12 +70,38 @@ from . import _utils  # noqa: E402,F401  (torch.serialization looks for _utils)
 from ._registration import register as _register  # noqa: E402
 
 
+def compile_shader(source: str):
+    r"""Compiles Metal Shading Language compute kernels for the mps_ext device
+    and returns a library whose attributes are its kernels (see
+    ``docs/shaders.md``). Example::
+
+        >>> lib = torch.mps_ext.compile_shader(
+        ... "kernel void full(device float* out, constant float& val, uint idx [[thread_position_in_grid]]) { out[idx] = val; }"
+        ...  )
+        >>> x = torch.zeros(16, device="mps_ext")
+        >>> lib.full(x, 3.14)
+    """
+    from .shader import compile_shader as _compile  # imported on first use
+
+    return _compile(source)
+
+
+def load_metallib(source):
+    r"""Loads a library that :func:`compile_shader`'s cache produced, from its
+    bytes or its path."""
+    from .shader import load_metallib as _load
+
+    return _load(source)
+
+
 def _is_in_bad_fork() -> bool:
     """mps_ext survives fork: its state is plain host memory."""
     return False
 
 
 __all__ = [
+    "compile_shader",
+    "load_metallib",
     "current_allocated_memory",
     "current_device",
     "current_stream",

@@ -107,5 +107,6 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "Native core of torch_mps_ext (the mps_ext device).";
   torch_mps_ext::python::initDeviceBindings(m);
   torch_mps_ext::python::initStreamBindings(m);
+  torch_mps_ext::python::initRandomBindings(m);
   torch_mps_ext::python::initProfilerBindings(m);
 }

@@ -140,7 +140,7 @@ def test_default_trace_path(monkeypatch):
     torch.ones(2, device="mps_ext")
     path = profiler.stop()
     try:
-        assert os.path.dirname(path) == os.path.join(tempfile.gettempdir(), "torch_mps_ext")
+        assert os.path.dirname(path) == os.path.join(tempfile.gettempdir(), "torch_mps_ext_traces")
         assert os.path.basename(path).startswith(f"trace-{os.getpid()}-")
         assert any(e["name"] == "aten::ones" for e in slices(load(path)))
     finally:
@@ -334,3 +334,17 @@ def test_ops_are_recorded_on_their_current_stream(trace_file):
     assert exp["tid"] == exp["args"]["stream"] == 0
     rows = {e["tid"] for e in trace["traceEvents"] if e["ph"] == "M" and e["name"] == "thread_name"}
     assert {0, s.stream_id} <= rows
+
+
+def test_shader_launches_are_recorded_with_their_grid(trace_file):
+    lib = torch.mps_ext.compile_shader(
+        "kernel void fill7(device float* out, uint i [[thread_position_in_grid]]) { out[i] = 7; }")
+    x = torch.zeros(100, device="mps_ext")
+    profiler.start()
+    lib.fill7(x, threads=100, group_size=32)
+    path = profiler.stop()
+    launch = next(e for e in slices(load(path)) if e["name"] == "fill7")
+    assert launch["args"]["attrs"]["grid"] == [100, 1, 1]
+    assert launch["args"]["attrs"]["group"] == [32, 1, 1]
+    assert launch["args"]["attrs"]["groups"] == 4
+    assert x.cpu().eq(7).all()

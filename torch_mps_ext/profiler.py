@@ -70,8 +70,10 @@ def _parse_mode(mode):
 
 def default_trace_path():
     """Where :func:`stop` writes when PYTORCH_MPS_EXT_TRACE_FILE is unset:
-    ``<tempdir>/torch_mps_ext/trace-<pid>-<n>.json`` (n counts stops)."""
-    directory = os.path.join(tempfile.gettempdir(), "torch_mps_ext")
+    ``<tempdir>/torch_mps_ext_traces/trace-<pid>-<n>.json`` (n counts stops)."""
+    # Not "torch_mps_ext": a folder of that name in the working directory
+    # (scripts run from the temp dir) would shadow the package on import.
+    directory = os.path.join(tempfile.gettempdir(), "torch_mps_ext_traces")
     return os.path.join(directory, f"trace-{os.getpid()}-{_trace_count}.json")
 
 

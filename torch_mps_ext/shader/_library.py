@@ -268,7 +268,14 @@ class MetalKernel:
             return
         nslots = max([self._info["nbuffers"]] + [i + 1 for i in bound])
         block = L.block(nslots, err_slot, self._library._checked)
-        _launch(self, block, grid, group, n_groups, L)
+        from .. import profiler
+
+        if profiler._is_recording():
+            with profiler._device_command(self._info["name"], grid=grid, group=group,
+                                          groups=n_groups):
+                _launch(self, block, grid, group, n_groups, L)
+        else:
+            _launch(self, block, grid, group, n_groups, L)
 
     def _buffer_param_name(self, idx: int) -> str:
         for (role, val), name in zip(self._info["roles"], self._info["param_names"]):

@@ -92,6 +92,16 @@ struct DeviceState {
   double low_fraction = kDefaultLowWatermark;
 };
 
+// Applies f to every Stat of the per-pool arrays.
+template <class F>
+void forEachStat(DeviceStats& s, F f) {
+  for (StatArray* a : {&s.allocation, &s.segment, &s.active, &s.inactive_split,
+                       &s.allocated_bytes, &s.reserved_bytes, &s.active_bytes,
+                       &s.inactive_split_bytes, &s.requested_bytes}) {
+    for (Stat& stat : *a) f(stat);
+  }
+}
+
 double parseRatio(const char* name, double fallback, double hi) {
   const char* text = std::getenv(name);
   if (text == nullptr) return fallback;
@@ -156,12 +166,7 @@ class CachingAllocator final : public c10::DeviceAllocator {
   void resetAccumulatedStats(c10::DeviceIndex device) override {
     std::lock_guard<std::mutex> lock(mu_);
     DeviceStats& s = state(device).stats;
-    for (StatArray* a : {&s.allocation, &s.segment, &s.active,
-                         &s.inactive_split, &s.allocated_bytes,
-                         &s.reserved_bytes, &s.active_bytes,
-                         &s.inactive_split_bytes, &s.requested_bytes}) {
-      for (auto& stat : *a) stat.reset_accumulated();
-    }
+    forEachStat(s, [](Stat& stat) { stat.reset_accumulated(); });
     s.num_alloc_retries = 0;
     s.num_ooms = 0;
     s.num_sync_all_streams = 0;
@@ -174,12 +179,7 @@ class CachingAllocator final : public c10::DeviceAllocator {
   void resetPeakStats(c10::DeviceIndex device) override {
     std::lock_guard<std::mutex> lock(mu_);
     DeviceStats& s = state(device).stats;
-    for (StatArray* a : {&s.allocation, &s.segment, &s.active,
-                         &s.inactive_split, &s.allocated_bytes,
-                         &s.reserved_bytes, &s.active_bytes,
-                         &s.inactive_split_bytes, &s.requested_bytes}) {
-      for (auto& stat : *a) stat.reset_peak();
-    }
+    forEachStat(s, [](Stat& stat) { stat.reset_peak(); });
     s.oversize_allocations.reset_peak();
     s.oversize_segments.reset_peak();
   }

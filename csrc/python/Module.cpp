@@ -16,18 +16,15 @@ namespace {
 py::dict statArray(const c10::CachingAllocator::StatArray& a) {
   static const char* names[] = {"all", "small_pool", "large_pool"};
   py::dict out;
-  for (std::size_t i = 0; i < a.size(); ++i) {
-    py::dict s;
-    s["current"] = a[i].current;
-    s["peak"] = a[i].peak;
-    s["allocated"] = a[i].allocated;
-    s["freed"] = a[i].freed;
-    out[names[i]] = s;
-  }
+  for (std::size_t i = 0; i < a.size(); ++i) out[names[i]] = python::statDict(a[i]);
   return out;
 }
 
-py::dict stat(const c10::CachingAllocator::Stat& s) {
+} // namespace
+
+namespace torch_mps_ext::python {
+
+py::dict statDict(const c10::CachingAllocator::Stat& s) {
   py::dict d;
   d["current"] = s.current;
   d["peak"] = s.peak;
@@ -35,10 +32,6 @@ py::dict stat(const c10::CachingAllocator::Stat& s) {
   d["freed"] = s.freed;
   return d;
 }
-
-} // namespace
-
-namespace torch_mps_ext::python {
 
 void initDeviceBindings(py::module_& m) {
   m.def("_init", [] {
@@ -88,8 +81,8 @@ void initDeviceBindings(py::module_& m) {
     d["requested_bytes"] = statArray(s.requested_bytes);
     d["num_alloc_retries"] = s.num_alloc_retries;
     d["num_ooms"] = s.num_ooms;
-    d["oversize_allocations"] = stat(s.oversize_allocations);
-    d["oversize_segments"] = stat(s.oversize_segments);
+    d["oversize_allocations"] = python::statDict(s.oversize_allocations);
+    d["oversize_segments"] = python::statDict(s.oversize_segments);
     d["num_sync_all_streams"] = s.num_sync_all_streams;
     d["num_device_alloc"] = s.num_device_alloc;
     d["num_device_free"] = s.num_device_free;

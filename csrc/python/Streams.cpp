@@ -70,14 +70,7 @@ void initStreamBindings(py::module_& m) {
   m.def("_host_memory_stats", [] {
     at::HostStats st = hostAllocator().get_stats();
     py::dict d;
-    auto stat = [](const c10::CachingAllocator::Stat& x) {
-      py::dict s;
-      s["current"] = x.current;
-      s["peak"] = x.peak;
-      s["allocated"] = x.allocated;
-      s["freed"] = x.freed;
-      return s;
-    };
+    auto stat = &statDict;
     d["allocations"] = stat(st.allocations);
     d["allocated_bytes"] = stat(st.allocated_bytes);
     d["active_requests"] = stat(st.active_requests);

@@ -72,9 +72,10 @@ def test_sizes_round_to_512_bytes_and_pools(fresh_memory):
     assert s["allocated_bytes.large_pool.current"] == 2 * MiB + 512
     assert s["requested_bytes.all.current"] == 10 + 2 * MiB + 1
     assert s["segment.small_pool.current"] == 1
-    assert s["reserved_bytes.small_pool.current"] == 2 * MiB
-    # A large request gets a segment rounded up to 2 MiB; the rest is split off.
-    assert s["reserved_bytes.large_pool.current"] == 4 * MiB
+    assert s["reserved_bytes.small_pool.current"] == MiB  # small-pool segments are 1 MiB
+    # A large request below 8 MiB gets a segment rounded up to 1 MiB; the rest
+    # is split off.
+    assert s["reserved_bytes.large_pool.current"] == 3 * MiB
     assert s["inactive_split.large_pool.current"] == 1
     del a, b
 

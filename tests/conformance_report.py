@@ -15,6 +15,7 @@ import collections
 import datetime
 import os
 import re
+import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -41,9 +42,16 @@ def run(categories):
     (segfault, abort) is recorded as crashed in <category>.crashed and
     deselected, and the category is run again."""
     RESULTS.mkdir(parents=True, exist_ok=True)
+    # Each category runs on a fresh copy of the built package, so rebuilding
+    # in place while the sweep runs cannot pull a shared object from under a
+    # running process; each category picks up the latest build.
+    snap = RESULTS / "pkg"
     env = dict(os.environ, TORCH_MPS_EXT_OPINFO="full",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+               PYTHONPATH=os.pathsep.join(filter(None, [str(snap), str(ROOT),
+                                                        os.environ.get("PYTHONPATH")])))
     for c in categories:
+        shutil.rmtree(snap, ignore_errors=True)
+        shutil.copytree(ROOT / "torch_mps_ext", snap / "torch_mps_ext")
         env["TORCH_MPS_EXT_OPINFO_CATEGORIES"] = c
         xml, crashed_file = result_file(c), result_file(c).with_suffix(".crashed")
         crashed = []
@@ -101,7 +109,13 @@ def load():
         if not f.exists():
             continue
         seen.append(c)
+        # <category>.rerun.xml (tests run again after a fix) overrides.
+        rerun = {}
+        if f.with_suffix(".rerun.xml").exists():
+            for case in ET.parse(f.with_suffix(".rerun.xml")).getroot().iter("testcase"):
+                rerun[case.get("name")] = case
         for case in ET.parse(f).getroot().iter("testcase"):
+            case = rerun.get(case.get("name"), case)
             m = NAME.match(case.get("name", ""))
             if not m:
                 continue

@@ -317,6 +317,15 @@ void preferCpuKernels() {
   lib = new torch::Library(torch::Library::IMPL, "aten",
                            c10::DispatchKey::PrivateUse1, __FILE__, __LINE__);
   auto& d = c10::Dispatcher::singleton();
+  // CompositeExplicitAutograd kernels that call a DispatchStub directly
+  // (so they only work on CPU/CUDA: "DispatchStub: missing kernel for
+  // mps_ext"): run them on host views, where the stub finds CPU's kernel.
+  for (const char* n : {"conj_physical_"}) {
+    auto op = d.findOp({std::string("aten::") + n, ""});
+    if (op && !op->hasKernelForDispatchKey(c10::DispatchKey::PrivateUse1)) {
+      lib->impl(n, torch::CppFunction::makeFromBoxedFunction<&fallback>());
+    }
+  }
   for (const c10::OperatorName& name : d.getAllOpNames()) {
     if (name.name.rfind("aten::", 0) != 0) continue;
     auto op = d.findOp(name);

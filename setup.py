@@ -9,6 +9,12 @@ from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
+# The build imports torch; an installed (possibly stale) copy of this package
+# must not autoload into it.
+os.environ["TORCH_DEVICE_BACKEND_AUTOLOAD"] = "0"
+# ccache keys on paths relative to the checkout (its .venv included), so a
+# fresh clone in another folder reuses earlier compilations.
+os.environ.setdefault("CCACHE_BASEDIR", str(ROOT))
 
 
 class CMakeExtension(Extension):
@@ -52,11 +58,12 @@ setup(
     version="0.1.0",
     description="An emulated mps_ext accelerator for PyTorch (PrivateUse1).",
     packages=find_packages(include=["torch_mps_ext", "torch_mps_ext.*"]),
+    py_modules=["torch_mps_ext_autoload"],
     package_data={"torch_mps_ext": ["shader/include/*", "shader/include/**/*"]},
     ext_modules=[CMakeExtension("torch_mps_ext._C")],
     cmdclass={"build_ext": CMakeBuild},
     python_requires=">=3.10",
     install_requires=["torch==2.13.0"],
-    entry_points={"torch.backends": ["mps_ext = torch_mps_ext:_autoload"]},
+    entry_points={"torch.backends": ["mps_ext = torch_mps_ext_autoload:load"]},
     zip_safe=False,
 )

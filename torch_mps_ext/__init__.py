@@ -80,7 +80,3 @@ __all__ = [
 ]
 
 _register()
-
-
-def _autoload():
-    """Entry point of the ``torch.backends`` group: the import did the work."""

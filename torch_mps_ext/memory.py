@@ -122,8 +122,9 @@ def mem_get_info(device: _device_t = None) -> tuple[int, int]:
 
 
 def _format_size(n: int) -> str:
+    # Switch units at 1000 so every cell fits in 10 characters.
     for unit in ("B  ", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
+        if abs(n) < 1000 or unit == "TiB":
             return f"{n:6d} {unit}" if unit == "B  " else f"{n:6.2f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
@@ -153,11 +154,11 @@ def memory_summary(device: _device_t = None, abbreviated: bool = False) -> str:
         ("segment", "Device reserved segments", _format_count),
         ("inactive_split", "Non-releasable allocs", _format_count),
     ]
-    width = 75
+    width = 78
     line = "|" + "=" * width + "|"
     thin = "|" + "-" * width + "|"
-    out = [line, "|{:^75}|".format(f"mps_ext memory summary, device ID {index}"), thin,
-           "|{:<75}|".format(f"  OOMs: {stats.get('num_ooms', 0):<12} "
+    out = [line, "|{:^78}|".format(f"mps_ext memory summary, device ID {index}"), thin,
+           "|{:<78}|".format(f"  OOMs: {stats.get('num_ooms', 0):<12} "
                              f"|  alloc retries: {stats.get('num_alloc_retries', 0)}"),
            line,
            "| {:<24} | {:>10} | {:>10} | {:>10} | {:>10} |".format(
@@ -171,9 +172,9 @@ def memory_summary(device: _device_t = None, abbreviated: bool = False) -> str:
             vals = [stats.get(f"{key}.{pool}.{m}", 0)
                     for m in ("current", "peak", "allocated", "freed")]
             out.append("| {:<24} | {} | {} | {} | {} |".format(
-                name, *(fmt(v)[:10].rjust(10) for v in vals)))
+                name, *(fmt(v).rjust(10) for v in vals)))
         out.append(thin)
-    out.append("| {:<24} | {:>47} |".format(
+    out.append("| {:<24} | {:>49} |".format(
         "Device allocs / frees",
         f"{stats.get('num_device_alloc', 0)} / {stats.get('num_device_free', 0)}"))
     out.append(line)

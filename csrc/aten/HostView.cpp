@@ -13,19 +13,12 @@ namespace torch_mps_ext {
 namespace {
 
 thread_local int t_lend_device = -1;
-
 c10::DeleterFnPtr g_base_raw_deleter = nullptr;
 
-// raw_allocate()/raw_deallocate() pairs (scratch buffers of some CPU kernels)
-// free through raw_deleter(): memory lent from the pool must go back to the
-// pool, the rest to the stock allocator.
+// Memory from raw_allocate() (oneDNN's buffers use it) may have been lent
+// from the pool; it goes back where it came from.
 void lendingRawDelete(void* ptr) {
-  int device = -1;
-  if (ptr && lookupDevice(ptr, &device)) {
-    deviceAllocator().raw_deleter()(ptr);
-  } else {
-    g_base_raw_deleter(ptr);
-  }
+  if (!releaseIfPooled(ptr)) g_base_raw_deleter(ptr);
 }
 
 // The CPU allocator while mps_ext is loaded: the stock one, except on a

@@ -307,11 +307,6 @@ class CachingAllocator final : public c10::DeviceAllocator {
     auto it = pool.lower_bound(&key);
     if (it == pool.end() || (*it)->stream != stream) return nullptr;
     Block* b = *it;
-    // Do not carve a small request out of a much larger oversize segment.
-    if (!b->small && size < kMinLargeAlloc && b->size >= 2 * kMinLargeAlloc &&
-        !b->isSplit()) {
-      return nullptr;
-    }
     pool.erase(it);
     if (b->isSplit()) {
       DeviceState& st = states_[b->device];
@@ -397,10 +392,15 @@ class CachingAllocator final : public c10::DeviceAllocator {
     }
   }
 
+ public:
   void release(void* ptr) {
+    TORCH_INTERNAL_ASSERT(releaseIfLive(ptr), "mps_ext: freeing unknown pointer");
+  }
+
+  bool releaseIfLive(void* ptr) {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = live_.find(ptr);
-    TORCH_INTERNAL_ASSERT(it != live_.end(), "mps_ext: freeing unknown pointer");
+    if (it == live_.end()) return false;
     Block* b = it->second;
     live_.erase(it);
     DeviceState& st = states_[b->device];
@@ -416,11 +416,13 @@ class CachingAllocator final : public c10::DeviceAllocator {
       b->stream_uses.clear();
       st.deferred.push_back(std::move(d));
       processDeferred(b->device, /*wait=*/false);
-      return;
+      return true;
     }
     freeBlock(b);
+    return true;
   }
 
+ private:
   // Returns deferred blocks whose streams have all passed their marks.
   void processDeferred(int device, bool wait) {
     DeviceState& st = states_[device];
@@ -495,6 +497,10 @@ c10::DeviceAllocator& deviceAllocator() {
 
 c10::DataPtr allocateOn(int device, std::size_t bytes, c10::DeviceType type) {
   return impl().allocateOn(device, bytes, type);
+}
+
+bool releaseIfPooled(void* ptr) {
+  return impl().releaseIfLive(ptr);
 }
 
 bool lookupDevice(const void* ptr, int* device) {

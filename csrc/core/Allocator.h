@@ -26,6 +26,9 @@ c10::DeviceAllocator& deviceAllocator();
 c10::DataPtr allocateOn(int device, std::size_t bytes,
                         c10::DeviceType device_type);
 
+// Frees `ptr` if it is a live block of the device pool; false otherwise.
+bool releaseIfPooled(void* ptr);
+
 // True if `ptr` is the start of a live block; sets *device.
 bool lookupDevice(const void* ptr, int* device);
 

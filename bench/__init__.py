@@ -1,0 +1,1 @@
+"""Benchmarks: mps_ext against CPU eager, in one process, printed as ratios."""

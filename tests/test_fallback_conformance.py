@@ -65,3 +65,12 @@ def test_ops_with_cpu_and_composite_kernels_match_cpu_bitwise():
     assert torch.equal(yd.cpu(), y)
     x = torch.randn(2, 4, 5)
     assert torch.equal(F.group_norm(x.to(DEV), 2).cpu(), F.group_norm(x, 2))
+
+
+def test_composite_kernel_calling_a_cpu_stub():
+    # conj_physical_'s CompositeExplicitAutograd kernel calls a DispatchStub
+    # ("missing kernel for mps_ext"): it runs on host views instead.
+    a = torch.randn(6, dtype=torch.complex64)
+    d = a.to(DEV)
+    assert d.conj_physical_() is d
+    assert torch.equal(d.cpu(), a.conj())

@@ -74,3 +74,18 @@ def test_composite_kernel_calling_a_cpu_stub():
     d = a.to(DEV)
     assert d.conj_physical_() is d
     assert torch.equal(d.cpu(), a.conj())
+
+
+def test_out_argument_math_bits_are_written_back():
+    # linalg_lu_solve(left=False, out=) leaves `out` a conjugate view on CPU;
+    # the fallback wrote back sizes and strides but not the conj bit.
+    torch.manual_seed(0)
+    A = torch.randn(3, 3, dtype=torch.complex64)
+    B = torch.randn(4, 3, dtype=torch.complex64)
+    LU, piv = torch.linalg.lu_factor(A)
+    out = torch.empty(4, 3, dtype=torch.complex64)
+    torch.linalg.lu_solve(LU, piv, B, left=False, out=out)
+    dout = torch.empty(4, 3, dtype=torch.complex64, device=DEV)
+    torch.linalg.lu_solve(LU.to(DEV), piv.to(DEV), B.to(DEV), left=False, out=dout)
+    assert dout.is_conj() == out.is_conj()
+    torch.testing.assert_close(dout.cpu(), out)

@@ -174,6 +174,10 @@ void writeBack(Context& ctx, int device) {
         h->storage_offset() != d->storage_offset()) {
       d->set_sizes_and_strides(h->sizes(), h->strides(), h->storage_offset());
     }
+    // Math bits too: e.g. linalg_lu_solve(left=False, out=) leaves `out` as
+    // a conjugate view of what it computed.
+    if (h->is_conj() != d->is_conj()) d->_set_conj(h->is_conj());
+    if (h->is_neg() != d->is_neg()) d->_set_neg(h->is_neg());
   }
 }
 

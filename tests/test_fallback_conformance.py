@@ -89,3 +89,16 @@ def test_out_argument_math_bits_are_written_back():
     torch.linalg.lu_solve(LU.to(DEV), piv.to(DEV), B.to(DEV), left=False, out=dout)
     assert dout.is_conj() == out.is_conj()
     torch.testing.assert_close(dout.cpu(), out)
+
+
+def test_index_lists_with_none_and_device_checking_out_overloads():
+    # x[:, idx, :, idx] passes a Tensor?[] with None entries (read as
+    # undefined tensors: "tensor does not have a device").
+    x = torch.randn(5, 5, 5, 5)
+    assert torch.equal(x.to(DEV)[:, (0, 1), :, (0, 1)].cpu(), x[:, (0, 1), :, (0, 1)])
+    # mode.values checks for CPU/CUDA/XPU itself: runs on host views.
+    y = torch.randn(300)
+    v = torch.empty(0, device=DEV)
+    i = torch.empty(0, dtype=torch.long, device=DEV)
+    torch.mode(y.to(DEV), out=(v, i))
+    assert torch.equal(v.cpu(), torch.mode(y).values)

@@ -127,13 +127,15 @@ void toHostArgs(Context& ctx, const c10::FunctionSchema& schema,
       auto list = v.toList();
       bool any = false;
       for (const c10::IValue& e : list) {
-        any |= e.isTensor() && e.toTensor().device().type() == kDev;
+        any |= e.isTensor() && e.toTensor().defined() &&
+               e.toTensor().device().type() == kDev;
       }
       if (!any) continue;
       auto out = list.copy();
       for (std::size_t j = 0; j < out.size(); ++j) {
         c10::IValue e = out.get(j);
-        if (e.isTensor() && e.toTensor().device().type() == kDev) {
+        if (e.isTensor() && e.toTensor().defined() &&
+            e.toTensor().device().type() == kDev) {
           out.set(j, ctx.toHost(e.toTensor()));
         }
       }
@@ -324,8 +326,14 @@ void preferCpuKernels() {
   // CompositeExplicitAutograd kernels that call a DispatchStub directly
   // (so they only work on CPU/CUDA: "DispatchStub: missing kernel for
   // mps_ext"): run them on host views, where the stub finds CPU's kernel.
-  for (const char* n : {"conj_physical_"}) {
-    auto op = d.findOp({std::string("aten::") + n, ""});
+  // Likewise out= overloads that check the device type themselves
+  // ("mode only supports CPU, CUDA and XPU device type").
+  for (const char* n : {"conj_physical_", "mode.values"}) {
+    std::string full = n;
+    auto dot = full.find('.');
+    c10::OperatorName opname{"aten::" + full.substr(0, dot),
+                             dot == std::string::npos ? "" : full.substr(dot + 1)};
+    auto op = d.findOp(opname);
     if (op && !op->hasKernelForDispatchKey(c10::DispatchKey::PrivateUse1)) {
       lib->impl(n, torch::CppFunction::makeFromBoxedFunction<&fallback>());
     }

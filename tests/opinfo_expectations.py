@@ -47,4 +47,8 @@ EXPECTATIONS = [
     # MPS, no sparse layouts on the device); CPU returns a sparse tensor.
     Expect("forward", "to_sparse", "skip", "sparse layouts are not supported on mps_ext (strided only)"),
     Expect("grad", "to_sparse", "skip", "sparse layouts are not supported on mps_ext (strided only)"),
+    # Bugs still open.
+    Expect("inplace", "addr", "xfail", "addr_ on a 0-D self: CPU raises '2D tensor expected', mps_ext resizes self (error parity)"),
+    Expect("grad", "istft", "xfail", "one OpInfo sample gets no window gradient on mps_ext (autograd graph differs)",
+           dtypes=(torch.complex64,)),
 ]

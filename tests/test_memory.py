@@ -73,20 +73,20 @@ def test_sizes_round_to_512_bytes_and_pools(fresh_memory):
     assert s["requested_bytes.all.current"] == 10 + 2 * MiB + 1
     assert s["segment.small_pool.current"] == 1
     assert s["reserved_bytes.small_pool.current"] == 2 * MiB
-    # A 2 MiB request is served from a 20 MiB segment and split.
-    assert s["reserved_bytes.large_pool.current"] == 20 * MiB
+    # A large request gets a segment rounded up to 2 MiB; the rest is split off.
+    assert s["reserved_bytes.large_pool.current"] == 4 * MiB
     assert s["inactive_split.large_pool.current"] == 1
     del a, b
 
 
 def test_split_blocks_coalesce(fresh_memory):
-    a = torch.empty(4 * MiB, dtype=torch.uint8, device="mps_ext")
-    b = torch.empty(4 * MiB, dtype=torch.uint8, device="mps_ext")
-    assert b.data_ptr() == a.data_ptr() + 4 * MiB  # same 20 MiB segment
+    a = torch.empty(10 * MiB + MiB // 2, dtype=torch.uint8, device="mps_ext")  # 12 MiB segment
+    b = torch.empty(MiB + MiB // 4, dtype=torch.uint8, device="mps_ext")
+    assert b.data_ptr() == a.data_ptr() + 10 * MiB + MiB // 2  # carved from a's segment
     del a, b
     s = torch.mps_ext.memory_stats()
     assert s["inactive_split.all.current"] == 0  # merged back into one block
-    c = torch.empty(18 * MiB, dtype=torch.uint8, device="mps_ext")
+    c = torch.empty(11 * MiB, dtype=torch.uint8, device="mps_ext")
     assert torch.mps_ext.memory_stats()["segment.all.current"] == 1
     del c
 

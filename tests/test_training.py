@@ -40,7 +40,7 @@ def test_mlp_training_matches_cpu():
 def test_cnn_with_batchnorm_and_adam_matches_cpu():
     g = torch.Generator().manual_seed(1)
     model = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.Conv2d(3, 8, 3, padding=1, bias=False), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
         torch.nn.MaxPool2d(2), torch.nn.Conv2d(8, 8, 3), torch.nn.ReLU(),
         torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 4))
     data = torch.randn(16, 3, 12, 12, generator=g)

@@ -42,8 +42,57 @@ from .memory import (  # noqa: E402
     set_per_process_memory_fraction,
     get_per_process_memory_fraction,
 )
+from .streams import (  # noqa: E402
+    Event,
+    ExternalStream,
+    Stream,
+    StreamContext,
+    current_stream,
+    default_stream,
+    host_memory_stats,
+    set_stream,
+    stream,
+    _sleep,
+)
+from .random import (  # noqa: E402
+    default_generators,
+    get_rng_state,
+    get_rng_state_all,
+    initial_seed,
+    manual_seed,
+    manual_seed_all,
+    seed,
+    seed_all,
+    set_rng_state,
+    set_rng_state_all,
+)
 from . import _utils  # noqa: E402,F401  (torch.serialization looks for _utils)
+from . import profiler  # noqa: E402  (torch.mps_ext.profiler)
 from ._registration import register as _register  # noqa: E402
+
+
+def compile_shader(source: str):
+    r"""Compiles Metal Shading Language compute kernels for the mps_ext device
+    and returns a library whose attributes are its kernels (see
+    ``docs/shaders.md``). Example::
+
+        >>> lib = torch.mps_ext.compile_shader(
+        ... "kernel void full(device float* out, constant float& val, uint idx [[thread_position_in_grid]]) { out[idx] = val; }"
+        ...  )
+        >>> x = torch.zeros(16, device="mps_ext")
+        >>> lib.full(x, 3.14)
+    """
+    from .shader import compile_shader as _compile  # imported on first use
+
+    return _compile(source)
+
+
+def load_metallib(source):
+    r"""Loads a library that :func:`compile_shader`'s cache produced, from its
+    bytes or its path."""
+    from .shader import load_metallib as _load
+
+    return _load(source)
 
 
 def _is_in_bad_fork() -> bool:
@@ -52,17 +101,30 @@ def _is_in_bad_fork() -> bool:
 
 
 __all__ = [
+    "compile_shader",
+    "load_metallib",
     "current_allocated_memory",
     "current_device",
+    "current_stream",
+    "default_stream",
+    "default_generators",
     "device",
     "device_count",
     "device_of",
     "driver_allocated_memory",
     "empty_cache",
+    "Event",
+    "ExternalStream",
+    "get_rng_state",
+    "get_rng_state_all",
     "get_per_process_memory_fraction",
+    "host_memory_stats",
     "init",
+    "initial_seed",
     "is_available",
     "is_initialized",
+    "manual_seed",
+    "manual_seed_all",
     "max_memory_allocated",
     "max_memory_reserved",
     "mem_get_info",
@@ -70,12 +132,21 @@ __all__ = [
     "memory_reserved",
     "memory_stats",
     "memory_summary",
+    "profiler",
     "recommended_max_memory",
     "reset_accumulated_memory_stats",
     "reset_max_memory_allocated",
     "reset_peak_memory_stats",
+    "seed",
+    "seed_all",
     "set_device",
+    "set_stream",
+    "stream",
+    "Stream",
+    "StreamContext",
     "set_per_process_memory_fraction",
+    "set_rng_state",
+    "set_rng_state_all",
     "synchronize",
 ]
 

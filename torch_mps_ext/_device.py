@@ -83,6 +83,7 @@ def synchronize(device: _device_t = None) -> None:
     last synchronization.
     """
     index = _get_device_index(device, optional=True)
+    _C._synchronize(index)
     error = _C._take_error(index)
     if error is not None:
         raise torch.AcceleratorError(error)

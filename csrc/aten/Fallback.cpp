@@ -14,6 +14,7 @@
 //    did not get from the pool).
 #include "aten/HostView.h"
 #include "runtime/Device.h"
+#include "runtime/Stream.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/op_registration/op_registration.h>
@@ -280,6 +281,9 @@ void fallback(const c10::OperatorHandle& op, c10::DispatchKeySet /*ks*/,
   Context ctx{op, std::nullopt, {}};
   scanDevices(ctx, schema, *stack, begin);
   int device = ctx.device ? ctx.device->index() : runtime::currentDevice();
+  // Inline on the current stream: after what is queued on it (factories that
+  // reuse a block a queued copy still reads included).
+  runtime::awaitCurrentStream(device);
   toHostArgs(ctx, schema, *stack, begin);
   {
     LendScope lend(device);
@@ -309,6 +313,10 @@ void fallback(const c10::OperatorHandle& op, c10::DispatchKeySet /*ks*/,
 }
 
 } // namespace
+
+void runFallback(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  fallback(op, c10::DispatchKeySet(c10::DispatchKey::PrivateUse1), stack);
+}
 
 void preferCpuKernels() {
   // A few ops have both a CPU kernel and a CompositeExplicitAutograd one

@@ -2,6 +2,7 @@
 
 #include "core/Allocator.h"
 #include "runtime/Device.h"
+#include "runtime/Stream.h"
 
 #include <ATen/EmptyTensor.h>
 #include <ATen/ops/copy_native.h>
@@ -73,6 +74,9 @@ bool isPoolMemory(const c10::DataPtr& dp) {
 }
 
 at::Tensor hostView(const at::Tensor& t) {
+  // The host is about to touch device memory inline: first let the current
+  // stream finish what is queued on it (runtime/Stream.h).
+  runtime::awaitCurrentStream(t.device().index());
   c10::StorageImpl* dev = t.storage().unsafeGetStorageImpl();
   auto storage = c10::make_intrusive<c10::StorageImpl>(
       c10::StorageImpl::use_byte_size_t(), dev->nbytes(),

@@ -7,6 +7,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/StorageImpl.h>
 
 namespace torch_mps_ext {
@@ -14,6 +15,7 @@ namespace torch_mps_ext {
 // A CPU tensor over the same bytes as the device tensor `t` (same sizes,
 // strides, offset, dtype, conj/neg bits). Its storage does not own the
 // memory; it allocates from the lending allocator when a kernel resizes it.
+// Waits first for the work queued on the current stream of t's device.
 at::Tensor hostView(const at::Tensor& t);
 
 // A device tensor on `device` over `storage` with the given geometry.
@@ -45,6 +47,10 @@ at::Tensor copyToDevice(const at::Tensor& cpu, int device);
 // Installs the lending CPU allocator (once), and makes mps_ext run CPU's
 // kernel for the ops that also have a composite one (preferCpuKernels).
 void installLendingAllocator();
+
+// Fallback.cpp: the boxed fallback, for kernels that take the general path
+// when their fast path does not apply.
+void runFallback(const c10::OperatorHandle& op, std::vector<c10::IValue>* stack);
 
 // Fallback.cpp: registers the fallback for the ops with both a CPU and a
 // CompositeExplicitAutograd kernel. Once, after static registration.

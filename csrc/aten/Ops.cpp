@@ -3,7 +3,9 @@
 #include "aten/HostView.h"
 #include "core/Allocator.h"
 #include "core/Hooks.h"
+#include "core/HostAllocator.h"
 #include "runtime/Device.h"
+#include "runtime/Stream.h"
 
 #include <ATen/EmptyTensor.h>
 #include <ATen/ops/_local_scalar_dense_native.h>
@@ -119,8 +121,37 @@ at::Tensor& set_empty(at::Tensor& self) {
   return at::native::set_storage_cpu_(self, std::move(storage), 0, {0}, {});
 }
 
+// A non_blocking copy between pinned host memory and the device, queued on
+// the device's current stream (docs/streams.md). Only plain byte copies
+// (same dtype, geometry and conj/neg bits, dense) are queued; false means
+// "copy synchronously", which is also what CUDA does for pageable memory.
+bool queueCopy(const at::Tensor& src, const at::Tensor& dst) {
+  bool h2d = src.is_cpu() && dst.device().type() == kDev;
+  bool d2h = src.device().type() == kDev && dst.is_cpu();
+  if (!h2d && !d2h) return false;
+  const at::Tensor& host = h2d ? src : dst;
+  const at::Tensor& dev = h2d ? dst : src;
+  if (!isPinnedPtr(host.storage().data())) return false;
+  if (src.dtype() != dst.dtype() || src.sizes() != dst.sizes() ||
+      src.strides() != dst.strides() || !src.is_non_overlapping_and_dense() ||
+      src.is_conj() != dst.is_conj() || src.is_neg() != dst.is_neg()) {
+    return false;
+  }
+  std::size_t n = static_cast<std::size_t>(src.numel()) * src.itemsize();
+  if (n == 0) return true;
+  int device = dev.device().index();
+  std::int64_t stream = runtime::currentStreamId(device);
+  // The pinned block may not be reused before the stream has done the copy.
+  recordHostUse(host.storage().data(), device, stream);
+  const void* from = src.const_data_ptr();
+  void* to = dst.data_ptr();
+  runtime::enqueue(device, stream, [to, from, n] { std::memcpy(to, from, n); });
+  return true;
+}
+
 at::Tensor copy_from(const at::Tensor& self, const at::Tensor& dst,
-                     bool /*non_blocking*/) {
+                     bool non_blocking) {
+  if (non_blocking && queueCopy(self, dst)) return dst;
   at::Tensor src_h = self.device().type() == kDev ? hostView(self) : self;
   at::Tensor dst_h = dst.device().type() == kDev ? hostView(dst) : dst;
   at::native::copy_(dst_h, src_h, false);
@@ -146,6 +177,7 @@ void resizeStorageBytes(c10::StorageImpl* storage, std::size_t newsize) {
   TORCH_CHECK(storage->resizable(),
               "Trying to resize storage that is not resizable");
   c10::DeviceGuard guard(storage->device());
+  runtime::awaitCurrentStream(storage->device().index());
   c10::DataPtr fresh = deviceAllocator().allocate(newsize);
   std::size_t keep = std::min(newsize, storage->nbytes());
   if (keep && storage->data()) std::memcpy(fresh.get(), storage->data(), keep);

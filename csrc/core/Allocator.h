@@ -2,8 +2,7 @@
 //
 // Block sizes are rounded to 512 bytes. Requests up to 1 MiB are served from
 // the small pool, carved out of 2 MiB segments; larger ones from the large
-// pool (segments of 20 MiB for requests under 10 MiB, otherwise rounded up to
-// 2 MiB). Free blocks are split and coalesced, and cached until
+// pool (segments of the request rounded up to 2 MiB). Free blocks are split and coalesced, and cached until
 // empty_cache(). Blocks remember the stream they were allocated on and only
 // serve that stream again; a block used on other streams (record_stream) is
 // held back until those streams have passed the point of its release.

@@ -105,6 +105,17 @@ const at::Generator& defaultGenerator(c10::DeviceIndex device) {
   return gens[device];
 }
 
+PhiloxStream reserveWords(PhiloxGenerator* gen, std::uint64_t words) {
+  std::lock_guard<std::mutex> lock(gen->mutex_);
+  const std::uint64_t seed = gen->current_seed();
+  return PhiloxStream{seed, gen->advance((words + 3) / 4)};
+}
+
+PhiloxGenerator* generatorFor(const std::optional<at::Generator>& gen,
+                              c10::DeviceIndex device) {
+  return at::get_generator_or_default<PhiloxGenerator>(gen, defaultGenerator(device));
+}
+
 at::Generator newGenerator(c10::DeviceIndex device) {
   if (device < 0) device = static_cast<c10::DeviceIndex>(runtime::currentDevice());
   runtime::checkDevice(device);

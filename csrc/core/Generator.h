@@ -13,6 +13,7 @@
 #include <c10/core/GeneratorImpl.h>
 
 #include <cstdint>
+#include <optional>
 
 namespace torch_mps_ext {
 
@@ -43,6 +44,22 @@ class PhiloxGenerator final : public c10::GeneratorImpl {
   std::uint64_t seed_;
   std::uint64_t offset_ = 0;
 };
+
+// Where one op's random words come from: Philox key `seed`, first block
+// `offset`. Word j of the op's stream is word j % 4 of block offset + j / 4.
+struct PhiloxStream {
+  std::uint64_t seed;
+  std::uint64_t offset;
+};
+
+// Locks `gen` and reserves ceil(words / 4) blocks (the op's offset
+// increment) for an op that consumes `words` 32-bit words.
+PhiloxStream reserveWords(PhiloxGenerator* gen, std::uint64_t words);
+
+// The generator a random op on `device` uses: `gen` when given (it must be an
+// mps_ext generator: a CPU one is an error, as on CUDA), else the device's
+// default generator.
+PhiloxGenerator* generatorFor(const std::optional<at::Generator>& gen, c10::DeviceIndex device);
 
 // One default generator per device (created on first use).
 const at::Generator& defaultGenerator(c10::DeviceIndex device);

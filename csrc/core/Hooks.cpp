@@ -3,6 +3,7 @@
 #include "core/Allocator.h"
 #include "core/Generator.h"
 #include "core/Hooks.h"
+#include "core/HostAllocator.h"
 #include "runtime/Device.h"
 
 #include <ATen/detail/PrivateUse1HooksInterface.h>
@@ -45,6 +46,13 @@ struct MpsExtHooks final : public at::PrivateUse1HooksInterface {
     lookupDevice(data, &device);
     return at::Device(c10::DeviceType::PrivateUse1, static_cast<c10::DeviceIndex>(device));
   }
+  // Pinned host memory: the mps_ext host allocator (core/HostAllocator.h).
+  bool isPinnedPtr(const void* data) const override {
+    return torch_mps_ext::isPinnedPtr(data);
+  }
+  c10::Allocator* getPinnedMemoryAllocator() const override {
+    return &hostAllocator();
+  }
   void resizePrivateUse1Bytes(const c10::Storage& storage, size_t newsize) const override {
     resizeStorageBytes(storage.unsafeGetStorageImpl(), newsize);
   }
@@ -58,6 +66,7 @@ void registerHooks() {
   done = true;
   c10::SetAllocator(c10::DeviceType::PrivateUse1, &deviceAllocator());
   at::RegisterPrivateUse1HooksInterface(new MpsExtHooks());
+  registerHostAllocator();
 }
 
 } // namespace torch_mps_ext

@@ -6,6 +6,9 @@
 namespace torch_mps_ext::python {
 
 void initDeviceBindings(pybind11::module_& m);   // Module.cpp
+void initStreamBindings(pybind11::module_& m);   // Streams.cpp
+void initRandomBindings(pybind11::module_& m);   // Random.cpp
+void initProfilerBindings(pybind11::module_& m);  // Profiler.cpp
 // Areas added later declare theirs here and are called from Module.cpp.
 
 } // namespace torch_mps_ext::python

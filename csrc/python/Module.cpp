@@ -106,4 +106,7 @@ void initDeviceBindings(py::module_& m) {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "Native core of torch_mps_ext (the mps_ext device).";
   torch_mps_ext::python::initDeviceBindings(m);
+  torch_mps_ext::python::initStreamBindings(m);
+  torch_mps_ext::python::initRandomBindings(m);
+  torch_mps_ext::python::initProfilerBindings(m);
 }

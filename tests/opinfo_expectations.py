@@ -54,4 +54,6 @@ EXPECTATIONS = [
     Expect("forward", "nn.functional.linear_cross_entropy.chunked_none", "xfail",
            "one element differs from CPU by about one half-precision ulp; cause not found yet",
            dtypes=(torch.float16, torch.bfloat16)),
+    Expect("out", "fft.ihfftn", "xfail",
+           "out= leaves part of the output uninitialized (the kernel's write to out is lost in write-back)"),
 ]

@@ -65,3 +65,40 @@ def test_ops_with_cpu_and_composite_kernels_match_cpu_bitwise():
     assert torch.equal(yd.cpu(), y)
     x = torch.randn(2, 4, 5)
     assert torch.equal(F.group_norm(x.to(DEV), 2).cpu(), F.group_norm(x, 2))
+
+
+def test_composite_kernel_calling_a_cpu_stub():
+    # conj_physical_'s CompositeExplicitAutograd kernel calls a DispatchStub
+    # ("missing kernel for mps_ext"): it runs on host views instead.
+    a = torch.randn(6, dtype=torch.complex64)
+    d = a.to(DEV)
+    assert d.conj_physical_() is d
+    assert torch.equal(d.cpu(), a.conj())
+
+
+def test_out_argument_math_bits_are_written_back():
+    # linalg_lu_solve(left=False, out=) leaves `out` a conjugate view on CPU;
+    # the fallback wrote back sizes and strides but not the conj bit.
+    torch.manual_seed(0)
+    A = torch.randn(3, 3, dtype=torch.complex64)
+    B = torch.randn(4, 3, dtype=torch.complex64)
+    LU, piv = torch.linalg.lu_factor(A)
+    out = torch.empty(4, 3, dtype=torch.complex64)
+    torch.linalg.lu_solve(LU, piv, B, left=False, out=out)
+    dout = torch.empty(4, 3, dtype=torch.complex64, device=DEV)
+    torch.linalg.lu_solve(LU.to(DEV), piv.to(DEV), B.to(DEV), left=False, out=dout)
+    assert dout.is_conj() == out.is_conj()
+    torch.testing.assert_close(dout.cpu(), out)
+
+
+def test_index_lists_with_none_and_device_checking_out_overloads():
+    # x[:, idx, :, idx] passes a Tensor?[] with None entries (read as
+    # undefined tensors: "tensor does not have a device").
+    x = torch.randn(5, 5, 5, 5)
+    assert torch.equal(x.to(DEV)[:, (0, 1), :, (0, 1)].cpu(), x[:, (0, 1), :, (0, 1)])
+    # mode.values checks for CPU/CUDA/XPU itself: runs on host views.
+    y = torch.randn(300)
+    v = torch.empty(0, device=DEV)
+    i = torch.empty(0, dtype=torch.long, device=DEV)
+    torch.mode(y.to(DEV), out=(v, i))
+    assert torch.equal(v.cpu(), torch.mode(y).values)

@@ -128,13 +128,15 @@ void toHostArgs(Context& ctx, const c10::FunctionSchema& schema,
       auto list = v.toList();
       bool any = false;
       for (const c10::IValue& e : list) {
-        any |= e.isTensor() && e.toTensor().device().type() == kDev;
+        any |= e.isTensor() && e.toTensor().defined() &&
+               e.toTensor().device().type() == kDev;
       }
       if (!any) continue;
       auto out = list.copy();
       for (std::size_t j = 0; j < out.size(); ++j) {
         c10::IValue e = out.get(j);
-        if (e.isTensor() && e.toTensor().device().type() == kDev) {
+        if (e.isTensor() && e.toTensor().defined() &&
+            e.toTensor().device().type() == kDev) {
           out.set(j, ctx.toHost(e.toTensor()));
         }
       }
@@ -175,6 +177,10 @@ void writeBack(Context& ctx, int device) {
         h->storage_offset() != d->storage_offset()) {
       d->set_sizes_and_strides(h->sizes(), h->strides(), h->storage_offset());
     }
+    // Math bits too: e.g. linalg_lu_solve(left=False, out=) leaves `out` as
+    // a conjugate view of what it computed.
+    if (h->is_conj() != d->is_conj()) d->_set_conj(h->is_conj());
+    if (h->is_neg() != d->is_neg()) d->_set_neg(h->is_neg());
   }
 }
 
@@ -325,6 +331,21 @@ void preferCpuKernels() {
   lib = new torch::Library(torch::Library::IMPL, "aten",
                            c10::DispatchKey::PrivateUse1, __FILE__, __LINE__);
   auto& d = c10::Dispatcher::singleton();
+  // CompositeExplicitAutograd kernels that call a DispatchStub directly
+  // (so they only work on CPU/CUDA: "DispatchStub: missing kernel for
+  // mps_ext"): run them on host views, where the stub finds CPU's kernel.
+  // Likewise out= overloads that check the device type themselves
+  // ("mode only supports CPU, CUDA and XPU device type").
+  for (const char* n : {"conj_physical_", "mode.values"}) {
+    std::string full = n;
+    auto dot = full.find('.');
+    c10::OperatorName opname{"aten::" + full.substr(0, dot),
+                             dot == std::string::npos ? "" : full.substr(dot + 1)};
+    auto op = d.findOp(opname);
+    if (op && !op->hasKernelForDispatchKey(c10::DispatchKey::PrivateUse1)) {
+      lib->impl(n, torch::CppFunction::makeFromBoxedFunction<&fallback>());
+    }
+  }
   for (const c10::OperatorName& name : d.getAllOpNames()) {
     if (name.name.rfind("aten::", 0) != 0) continue;
     auto op = d.findOp(name);

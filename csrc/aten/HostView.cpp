@@ -113,6 +113,14 @@ c10::Storage adoptLentStorage(c10::StorageImpl* cpu_storage, int device) {
       &deviceAllocator(), /*resizable=*/true));
 }
 
+at::Tensor adoptResult(const at::Tensor& cpu, int device) {
+  const c10::Storage& st = cpu.storage();
+  if (isPoolMemory(st.data_ptr()) && st.use_count() == 1) {
+    return deviceTensor(adoptLentStorage(st.unsafeGetStorageImpl(), device), cpu);
+  }
+  return copyToDevice(cpu, device);
+}
+
 at::Tensor copyToDevice(const at::Tensor& cpu, int device) {
   c10::DeviceGuard guard(
       c10::Device(c10::DeviceType::PrivateUse1, static_cast<c10::DeviceIndex>(device)));

@@ -41,6 +41,11 @@ bool isPoolMemory(const c10::DataPtr& dp);
 // it a device storage on `device`. The CPU storage is left empty.
 c10::Storage adoptLentStorage(c10::StorageImpl* cpu_storage, int device);
 
+// The CPU result `cpu` of a kernel run inside a LendScope, as a device tensor
+// on `device`: its lent memory adopted when nothing else holds the storage,
+// else a copy.
+at::Tensor adoptResult(const at::Tensor& cpu, int device);
+
 // A device copy of the CPU tensor `cpu` on `device`, same sizes and strides.
 at::Tensor copyToDevice(const at::Tensor& cpu, int device);
 

@@ -56,14 +56,6 @@ const T& toHost(const T& x) {
   return x;
 }
 
-at::Tensor adopt(at::Tensor cpu, int device) {
-  c10::StorageImpl* s = cpu.storage().unsafeGetStorageImpl();
-  if (isPoolMemory(s->data_ptr()) && c10::raw::intrusive_ptr::use_count(s) == 1) {
-    return deviceTensor(adoptLentStorage(s, device), cpu);
-  }
-  return copyToDevice(cpu, device);
-}
-
 c10::OperatorHandle lookup(const char* name, const char* overload) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, overload);
 }
@@ -97,7 +89,7 @@ struct Functional<CpuFn, Name, Overload> {
       LendScope lend(a.device);
       out = CpuFn(toHost(args)...);
     }
-    return adopt(std::move(out), a.device);
+    return adoptResult(out, a.device);
   }
 };
 

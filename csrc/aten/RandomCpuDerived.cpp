@@ -45,17 +45,6 @@ void checkSameDevice(const at::Tensor& a, const at::Tensor& b) {
               a.device(), " and ", b.device(), "!");
 }
 
-// The CPU result `r` of a kernel run inside a LendScope as a device tensor:
-// its memory adopted when the kernel allocated it from the device pool and
-// nothing else holds it, else a copy.
-at::Tensor toDevice(const at::Tensor& r, int device) {
-  const c10::Storage& st = r.storage();
-  if (isPoolMemory(st.data_ptr()) && st.use_count() == 1) {
-    return deviceTensor(adoptLentStorage(st.unsafeGetStorageImpl(), device), r);
-  }
-  return copyToDevice(r, device);
-}
-
 template <class F>
 at::Tensor runOnHost(const at::Tensor& like, const F& f) {
   const int device = like.device().index();
@@ -64,7 +53,7 @@ at::Tensor runOnHost(const at::Tensor& like, const F& f) {
     LendScope lend(device);
     r = f();
   }
-  return toDevice(r, device);
+  return adoptResult(r, device);
 }
 
 at::Tensor poisson(const at::Tensor& self, std::optional<at::Generator> generator) {

@@ -48,12 +48,9 @@ EXPECTATIONS = [
     Expect("forward", "to_sparse", "skip", "sparse layouts are not supported on mps_ext (strided only)"),
     Expect("grad", "to_sparse", "skip", "sparse layouts are not supported on mps_ext (strided only)"),
     # Bugs still open.
-    Expect("inplace", "addr", "xfail", "addr_ on a 0-D self: CPU raises '2D tensor expected', mps_ext resizes self (error parity)"),
     Expect("grad", "istft", "xfail", "one OpInfo sample gets no window gradient on mps_ext (autograd graph differs)",
            dtypes=(torch.complex64,)),
     Expect("forward", "nn.functional.linear_cross_entropy.chunked_none", "xfail",
            "one element differs from CPU by about one half-precision ulp; cause not found yet",
            dtypes=(torch.float16, torch.bfloat16)),
-    Expect("out", "fft.ihfftn", "xfail",
-           "out= leaves part of the output uninitialized (the kernel's write to out is lost in write-back)"),
 ]

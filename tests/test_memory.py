@@ -92,6 +92,23 @@ def test_split_blocks_coalesce(fresh_memory):
     del c
 
 
+def test_free_block_at_a_segment_end_grows_in_place(fresh_memory):
+    a = torch.empty(2 * MiB, dtype=torch.uint8, device="mps_ext")  # a 2 MiB segment
+    del a
+    keep = torch.full((MiB,), 7, dtype=torch.uint8, device="mps_ext")  # its first half
+    assert torch.mps_ext.memory_reserved() == 2 * MiB
+    # 2 MiB do not fit in the free 1 MiB tail: the segment grows by 1 MiB
+    # instead of a new 2 MiB segment being reserved.
+    big = torch.full((2 * MiB,), 3, dtype=torch.uint8, device="mps_ext")
+    assert big.data_ptr() == keep.data_ptr() + MiB
+    assert torch.mps_ext.memory_reserved() == 3 * MiB
+    assert torch.mps_ext.memory_stats()["segment.all.current"] == 1
+    assert int(big.sum()) == 3 * 2 * MiB and int(keep.sum()) == 7 * MiB  # both intact
+    del big, keep
+    torch.mps_ext.empty_cache()
+    assert torch.mps_ext.memory_reserved() == 0
+
+
 def test_memory_stats_keys_match_torch_cuda(fresh_memory):
     keys = set(torch.mps_ext.memory_stats())
     for metric in ("allocation", "segment", "active", "inactive_split", "allocated_bytes",

@@ -219,6 +219,7 @@ class CachingAllocator final : public c10::DeviceAllocator {
     bool small = size <= kSmallSize;
     auto& pool = small ? st.small_free : st.large_free;
     Block* block = takeFree(pool, stream, size);
+    if (block == nullptr && !small) block = growTail(device, st, stream, size);
     if (block == nullptr) {
       block = newSegment(device, st, stream, size, nbytes, small);
     }
@@ -321,12 +322,54 @@ class CachingAllocator final : public c10::DeviceAllocator {
     if (it == pool.end() || (*it)->stream != stream) return nullptr;
     Block* b = *it;
     pool.erase(it);
+    noteTaken(b);
+    return b;
+  }
+
+  void noteTaken(Block* b) {
     if (b->isSplit()) {
       DeviceState& st = states_[b->device];
       updateStat(st.stats.inactive_split, b->small, 1, false);
       updateStat(st.stats.inactive_split_bytes, b->small, b->size, false);
     }
-    return b;
+  }
+
+  // Large segments are growable (runtime::allocateGrowableSegment). When no
+  // free block fits, a free block at the end of a segment of this stream is
+  // grown in place: only the missing part is newly reserved, where a new
+  // segment would reserve the whole request. (The CNN benchmark's backward
+  // asks for a 2 MiB block while a 1 MiB half of a segment is free: peak
+  // reserved/allocated falls from 1.31 to 1.21.) The largest such tail
+  // block needs the least growth. Only below the low watermark: above it,
+  // newSegment first gives cached segments back.
+  Block* growTail(int device, DeviceState& st, std::int64_t stream,
+                  std::size_t size) {
+    Block* best = nullptr;
+    for (Block* b : st.large_free) {
+      if (b->stream != stream || b->next != nullptr) continue;
+      if (best == nullptr || b->size > best->size) best = b;
+    }
+    if (best == nullptr) return nullptr;
+    std::size_t grow = roundUp(size - best->size, kRoundMedium);
+    Block* head = best;
+    std::size_t seg = best->size;
+    while (head->prev) {
+      head = head->prev;
+      seg += head->size;
+    }
+    std::size_t total = runtime::deviceMemoryBytes();
+    double cap = st.low_fraction > 0.0 ? st.low_fraction : st.fraction;
+    std::size_t reserved = static_cast<std::size_t>(st.stats.reserved_bytes[0].current);
+    if (cap > 0.0 && static_cast<double>(reserved + grow) >
+                         cap * static_cast<double>(total)) {
+      return nullptr;
+    }
+    if (!runtime::growSegment(head->ptr, seg, seg + grow)) return nullptr;
+    st.large_free.erase(best);
+    noteTaken(best);
+    best->size += grow;
+    updateStat(st.stats.reserved_bytes, /*small=*/false, grow, true);
+    return best;
   }
 
   Block* newSegment(int device, DeviceState& st, std::int64_t stream,
@@ -351,11 +394,11 @@ class CachingAllocator final : public c10::DeviceAllocator {
     }
     char* ptr = nullptr;
     if (!limit || reserved() + seg <= limit) {
-      ptr = static_cast<char*>(runtime::allocateSegment(seg));
+      ptr = newMemory(seg, small);
       if (ptr == nullptr) {
         st.stats.num_alloc_retries += 1;
         releaseCached(device);
-        ptr = static_cast<char*>(runtime::allocateSegment(seg));
+        ptr = newMemory(seg, small);
       }
     }
     if (ptr == nullptr) {
@@ -383,6 +426,11 @@ class CachingAllocator final : public c10::DeviceAllocator {
     return new Block{device, stream, seg, 0, ptr, small};
   }
 
+  static char* newMemory(std::size_t bytes, bool small) {
+    return static_cast<char*>(small ? runtime::allocateSegment(bytes)
+                                    : runtime::allocateGrowableSegment(bytes));
+  }
+
   // Gives every cached, unsplit segment of the device back to the system.
   void releaseCached(int device) {
     DeviceState& st = states_[device];
@@ -402,7 +450,11 @@ class CachingAllocator final : public c10::DeviceAllocator {
           continue;
         }
         it = pool->erase(it);
-        runtime::freeSegment(b->ptr, b->size);
+        if (b->small) {
+          runtime::freeSegment(b->ptr, b->size);
+        } else {
+          runtime::freeGrowableSegment(b->ptr, b->size);
+        }
         st.stats.num_device_free += 1;
         updateStat(st.stats.segment, b->small, 1, false);
         updateStat(st.stats.reserved_bytes, b->small, b->size, false);

@@ -139,6 +139,52 @@ void freeSegment(void* ptr, std::size_t bytes) {
   }
 }
 
+namespace {
+// Address space only (PROT_NONE, not committed): 64 MiB per growable segment
+// is nothing next to a 47-bit address space.
+constexpr std::size_t kGrowReserve = 64u << 20;
+} // namespace
+
+std::size_t growableReserve(std::size_t bytes) {
+  std::size_t r = bytes > kGrowReserve ? bytes : kGrowReserve;
+  return (r + kHugePage - 1) & ~(kHugePage - 1);
+}
+
+void* allocateGrowableSegment(std::size_t bytes) {
+  std::size_t reserve = growableReserve(bytes);
+  std::size_t span = reserve + kHugePage;
+  void* raw = mmap(nullptr, span, PROT_NONE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (raw == MAP_FAILED) return nullptr;
+  auto base = reinterpret_cast<std::uintptr_t>(raw);
+  std::uintptr_t aligned = (base + kHugePage - 1) & ~(kHugePage - 1);
+  std::size_t head = aligned - base;
+  std::size_t tail = span - head - reserve;
+  if (head) munmap(raw, head);
+  if (tail) munmap(reinterpret_cast<void*>(aligned + reserve), tail);
+  auto* p = reinterpret_cast<void*>(aligned);
+  if (!growSegment(p, 0, bytes)) {
+    munmap(p, reserve);
+    return nullptr;
+  }
+  return p;
+}
+
+bool growSegment(void* base, std::size_t old_bytes, std::size_t new_bytes) {
+  if (new_bytes <= old_bytes) return true;
+  if (new_bytes > growableReserve(old_bytes ? old_bytes : new_bytes)) return false;
+  char* from = static_cast<char*>(base) + old_bytes;
+  if (mprotect(from, new_bytes - old_bytes, PROT_READ | PROT_WRITE) != 0) return false;
+#ifdef MADV_HUGEPAGE
+  madvise(from, new_bytes - old_bytes, MADV_HUGEPAGE);
+#endif
+  return true;
+}
+
+void freeGrowableSegment(void* base, std::size_t bytes) {
+  if (base != nullptr) munmap(base, growableReserve(bytes));
+}
+
 void reportError(int device, const std::string& message) {
   checkDevice(device);
   auto& p = pending();

@@ -39,6 +39,16 @@ std::size_t hostPhysicalBytes();
 void* allocateSegment(std::size_t bytes);
 void freeSegment(void* ptr, std::size_t bytes);
 
+// Growable segments: `bytes` of memory at the start of a 2 MiB-aligned
+// address-space reservation of growableReserve(bytes), which growSegment()
+// commits further in place (so a free block at the end of a segment can
+// become larger without a new segment). freeGrowableSegment() takes the
+// segment's current size and releases the whole reservation.
+std::size_t growableReserve(std::size_t bytes);
+void* allocateGrowableSegment(std::size_t bytes);
+bool growSegment(void* base, std::size_t old_bytes, std::size_t new_bytes);
+void freeGrowableSegment(void* base, std::size_t bytes);
+
 // Device-side errors (a kernel's TORCH_REPORT_ERROR, a failed async copy):
 // kept per device until the next synchronize takes the first one.
 void reportError(int device, const std::string& message);

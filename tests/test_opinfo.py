@@ -58,7 +58,7 @@ import os.path
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from opinfo_expectations import EXPECTATIONS, NONDETERMINISTIC_OPS  # noqa: E402
+from opinfo_expectations import EXPECTATIONS, NONDETERMINISTIC_OPS, random_sample  # noqa: E402
 
 DEVICE_TYPE = "mps_ext"
 
@@ -290,9 +290,9 @@ class TestOpInfo(TestCase):
     if ALL_OPS:  # @ops refuses an empty list (e.g. a category without out=)
         @ops(ALL_OPS, allowed_dtypes=FWD_DTYPES)
         def test_forward(self, device, dtype, op):
-            shape_only = op.full_name in NONDETERMINISTIC_OPS
             ran = 0
             for sample in self.samples(op, device, dtype, noncontig=NONCONTIG_SAMPLES):
+                shape_only = random_sample(op, sample)
                 cpu_sample = to_cpu_sample(sample)
                 expected, cpu_err = call(op, cpu_sample)
                 actual, dev_err = call(op, sample)
@@ -317,9 +317,9 @@ class TestOpInfo(TestCase):
     if OUT_OPS:  # @ops refuses an empty list (e.g. a category without out=)
         @ops(OUT_OPS, allowed_dtypes=FWD_DTYPES)
         def test_out(self, device, dtype, op):
-            shape_only = op.full_name in NONDETERMINISTIC_OPS
             ran = 0
             for i, sample in enumerate(self.samples(op, device, dtype)):
+                shape_only = random_sample(op, sample)
                 if i >= OUT_SAMPLES:
                     break
                 cpu_sample = to_cpu_sample(sample)
@@ -368,9 +368,9 @@ class TestOpInfo(TestCase):
     if INPLACE_OPS:  # @ops refuses an empty list (e.g. a category without out=)
         @ops(INPLACE_OPS, allowed_dtypes=FWD_DTYPES)
         def test_inplace(self, device, dtype, op):
-            shape_only = op.full_name in NONDETERMINISTIC_OPS
             ran = 0
             for sample in self.samples(op, device, dtype, noncontig=1):
+                shape_only = random_sample(op, sample)
                 if not isinstance(sample.input, torch.Tensor):
                     continue
                 cpu_sample = to_cpu_sample(sample)
@@ -391,9 +391,9 @@ class TestOpInfo(TestCase):
     if GRAD_OPS:  # @ops refuses an empty list (e.g. a category without out=)
         @ops(GRAD_OPS, dtypes=OpDTypes.supported_backward, allowed_dtypes=GRAD_DTYPES)
         def test_grad(self, device, dtype, op):
-            shape_only = op.full_name in NONDETERMINISTIC_OPS
             ran = 0
             for sample in self.samples(op, device, dtype, requires_grad=True):
+                shape_only = random_sample(op, sample)
                 cpu_sample = to_cpu_sample(sample)
                 cpu_grads, cpu_err = self._grads(op, cpu_sample, None)
                 if cpu_err is not None or cpu_grads is None:

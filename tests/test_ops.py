@@ -276,3 +276,24 @@ def test_new_outputs_live_in_device_memory():
     assert torch.mps_ext.current_allocated_memory() - before == 2 * (1 << 20)
     del a, b
     assert torch.mps_ext.current_allocated_memory() == before
+
+
+def test_scaled_dot_product_attention_takes_cpus_route():
+    # CPU runs its flash kernel where it applies and the math decomposition
+    # where the mask requires grad; mps_ext must pick the same (bit-equal
+    # results), forward and backward.
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 3, 8), torch.randn(2, 4, 6, 8), torch.randn(2, 4, 6, 8)
+    mask = torch.randn(3, 6)
+    for mask_grad in (False, True):
+        outs, grads = [], []
+        for device in ("cpu", "mps_ext"):
+            leaves = [t.clone().to(device).requires_grad_() for t in (q, k, v)]
+            m = mask.clone().to(device).requires_grad_(mask_grad)
+            out = torch.nn.functional.scaled_dot_product_attention(*leaves, attn_mask=m)
+            out.sum().backward()
+            outs.append(out.detach().cpu())
+            grads.append([t.grad.cpu() for t in leaves] + ([m.grad.cpu()] if mask_grad else []))
+        assert torch.equal(outs[0], outs[1])
+        for a, b in zip(*grads):
+            assert torch.equal(a, b)

@@ -78,9 +78,6 @@ EXPECTATIONS = [
     Expect("forward", "sparse.sampled_addmm", "skip", "takes a sparse CSR tensor: sparse layouts are not supported on mps_ext (strided only)"),
     Expect("out", "sparse.sampled_addmm", "skip", "takes a sparse CSR tensor: sparse layouts are not supported on mps_ext (strided only)"),
     Expect("grad", "sparse.sampled_addmm", "skip", "takes a sparse CSR tensor: sparse layouts are not supported on mps_ext (strided only)"),
-    # Bugs still open.
-    Expect("grad", "istft", "xfail", "one OpInfo sample gets no window gradient on mps_ext (autograd graph differs)",
-           dtypes=(torch.complex64,)),
     # torch picks linear_cross_entropy's chunked accumulation per device type
     # (torch/nn/modules/linear_cross_entropy_options.py, _AUTO_DEFAULTS and
     # _resolve_auto_acc_dtype): float32 accumulation ("accurate") on CPU,

@@ -186,13 +186,14 @@ def _is_dev(d):
         isinstance(d, str) and d.split(":")[0] == DEVICE_TYPE)
 
 
-def to_cpu_sample(sample):
+def to_cpu_sample(sample, device="cpu"):
     """The sample with every tensor exactly copied to CPU and every
-    device="mps_ext" argument made device="cpu"."""
+    device="mps_ext" argument made device="cpu". (`device=` another device:
+    copies there, device arguments unchanged.)"""
     def conv(x):
         if isinstance(x, torch.Tensor):
-            return exact_copy(x, "cpu")
-        if _is_dev(x):
+            return exact_copy(x, device)
+        if _is_dev(x) and device == "cpu":
             return "cpu" if isinstance(x, str) else torch.device("cpu")
         if isinstance(x, (list, tuple)) and not isinstance(x, torch.Size):
             return type(x)(conv(e) for e in x)
@@ -395,6 +396,10 @@ class TestOpInfo(TestCase):
             for sample in self.samples(op, device, dtype, requires_grad=True):
                 shape_only = random_sample(op, sample)
                 cpu_sample = to_cpu_sample(sample)
+                # Both sides get fresh leaves: an OpInfo sample can hold a
+                # leaf that is a view of another leaf, whose gradient torch
+                # leaves None on every device, and exact copies have none.
+                sample = to_cpu_sample(sample, device)
                 cpu_grads, cpu_err = self._grads(op, cpu_sample, None)
                 if cpu_err is not None or cpu_grads is None:
                     continue  # not differentiable on CPU either for this sample

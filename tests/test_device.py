@@ -50,6 +50,8 @@ def test_bad_device_count_is_a_clear_error(value):
      "PYTORCH_MPS_EXT_HIGH_WATERMARK_RATIO must be a number in [0, 2], got 'abc'"),
     ("PYTORCH_MPS_EXT_LOW_WATERMARK_RATIO", "1.9",
      "PYTORCH_MPS_EXT_LOW_WATERMARK_RATIO must be a number in [0, 1.7], got '1.9'"),
+    ("TORCH_MPS_EXT_AUTOGRAD_DEVICE_THREAD", "yes",
+     "TORCH_MPS_EXT_AUTOGRAD_DEVICE_THREAD must be 0 or 1, got 'yes'"),
 ])
 def test_bad_memory_settings_are_clear_errors(name, value, message):
     proc = run_python("import torch_mps_ext", check=False,

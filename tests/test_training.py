@@ -2,6 +2,8 @@
 
 import copy
 
+from conftest import run_python
+
 import torch
 
 DEV = "mps_ext"
@@ -64,3 +66,27 @@ def test_training_frees_its_memory():
         opt.step()
     del model, opt
     assert torch.mps_ext.current_allocated_memory() == base
+
+
+BACKWARD_THREAD = """
+import threading, torch, torch_mps_ext
+w = torch.randn(8, 8, device="mps_ext", requires_grad=True)
+loss = (w @ w).relu().sum()
+threads = []
+loss.grad_fn.register_prehook(lambda g: threads.append(threading.get_ident()))
+loss.backward()
+print(threads == [threading.get_ident()], torch.autograd.is_multithreading_enabled(),
+      torch.allclose(w.grad.cpu(), torch.func.grad(lambda v: (v @ v).relu().sum())(w.detach().cpu())))
+"""
+
+
+def test_backward_runs_on_the_calling_thread():
+    # mps_ext kernels run on the host: torch's per-device autograd thread
+    # would only add hand-offs and a second OpenMP team (torch_mps_ext/_autograd.py).
+    out = run_python(BACKWARD_THREAD, env={"TORCH_MPS_EXT_AUTOGRAD_DEVICE_THREAD": None})
+    assert out.stdout.split() == ["True", "False", "True"]
+
+
+def test_device_thread_setting_keeps_torchs_default():
+    out = run_python(BACKWARD_THREAD, env={"TORCH_MPS_EXT_AUTOGRAD_DEVICE_THREAD": "1"})
+    assert out.stdout.split() == ["False", "True", "True"]

@@ -9,9 +9,11 @@ functions.
 
 import torch
 
-from . import _C
+from . import _autograd, _C
 
+_device_thread = _autograd.device_thread_setting()
 _C._init()  # validates TORCH_MPS_EXT_* / PYTORCH_MPS_EXT_* environment variables
+_autograd.configure(_device_thread)  # backward on the calling thread (see _autograd.py)
 
 from ._device import (  # noqa: E402
     current_device,

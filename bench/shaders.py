@@ -2,15 +2,20 @@
 
     PYTHONPATH=. python -m bench.shaders        (or: python bench/shaders.py)
 
-Prints ``RATIO <name> <mps_ext time / cpu time>`` lines (lower is better; target <= 1.5).
+Prints a table and ``RATIO <name> <mps_ext time / cpu time>`` lines (lower is better;
+target <= 1.5). `python -m bench` runs these with the other workloads.
 """
 
-import time
+import os
+import sys
 
 import torch
 
-import torch_mps_ext  # noqa: F401
-from torch_mps_ext.shader import compile_shader
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch_mps_ext  # noqa: E402,F401
+from bench.common import compare, report  # noqa: E402
+from torch_mps_ext.shader import compile_shader  # noqa: E402
 
 N = 16 * 1024 * 1024
 
@@ -50,59 +55,64 @@ kernel void chunk_sum(device float* partial [[buffer(0)]], constant float4* x [[
 """
 
 
-def bench_pair(dev_fn, cpu_fn, reps=21):
-    """Median times of the two functions, measured interleaved (the machine may be shared)."""
-    dev_fn()
-    cpu_fn()
-    td, tc = [], []
-    for _ in range(reps):
-        for fn, acc in ((dev_fn, td), (cpu_fn, tc)):
-            t0 = time.perf_counter()
-            fn()
-            acc.append(time.perf_counter() - t0)
-    td.sort()
-    tc.sort()
-    return td[reps // 2], tc[reps // 2]
+_LIB = None
 
 
-def main():
-    lib = compile_shader(SRC)
-    sync = torch.mps_ext.synchronize
-    x, y = torch.randn(N), torch.randn(N)
-    xd, yd = x.to("mps_ext"), y.to("mps_ext")
-    out_d = torch.empty(N, device="mps_ext")
-    out_c = torch.empty(N)
+def _library():
+    global _LIB
+    if _LIB is None:
+        _LIB = compile_shader(SRC)
+    return _LIB
 
-    def dev_axpy():
-        lib.axpy(out_d, xd, yd, 0.5)
-        sync()
 
-    def cpu_axpy():
-        torch.add(y, x, alpha=0.5, out=out_c)
+def axpy(device):
+    """`out = 0.5 * x + y` over 16M floats: the axpy kernel on mps_ext,
+    torch.add(out=) on CPU."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(N, generator=g), torch.randn(N, generator=g)
+    if device == "cpu":
+        out_c = torch.empty(N)
+        return lambda: torch.add(y, x, alpha=0.5, out=out_c)
+    lib = _library()
+    xd, yd = x.to(device), y.to(device)
+    out = torch.empty(N, device=device)
+    lib.axpy(out, xd, yd, 0.5)
+    torch.testing.assert_close(out.cpu(), torch.add(y, x, alpha=0.5))
+    return lambda: lib.axpy(out, xd, yd, 0.5)
 
-    dev_axpy()
-    torch.testing.assert_close(out_d.cpu(), torch.add(y, x, alpha=0.5))
-    t_dev, t_cpu = bench_pair(dev_axpy, cpu_axpy)
-    print(f"axpy 16M floats: mps_ext {t_dev * 1e3:.2f} ms, cpu torch.add {t_cpu * 1e3:.2f} ms")
-    print(f"RATIO elementwise_axpy {t_dev / t_cpu:.3f}")
 
+def reduction_sum(device):
+    """Sum of 16M floats: a threadgroup reduction kernel (simd_sum and
+    threadgroup memory, 64 partial sums added by torch) on mps_ext,
+    torch.sum on CPU."""
+    x = torch.randn(N, generator=torch.Generator().manual_seed(0))
+    if device == "cpu":
+        return lambda: torch.sum(x)
+    lib = _library()
     threads_per_group, groups = 128, 64
     nthreads = threads_per_group * groups
     chunk4 = N // 4 // nthreads
-    partial = torch.empty(groups, device="mps_ext")
+    xd = x.to(device)
+    partial = torch.empty(groups, device=device)
 
-    def dev_sum():
+    def run():
         lib.chunk_sum(partial, xd, chunk4, threads=nthreads, group_size=threads_per_group)
-        sync()
-        return partial.cpu().double().sum()
+        return partial.sum()
+    torch.testing.assert_close(run().cpu(), torch.sum(x), rtol=1e-4, atol=1e-2)
+    return run
 
-    def cpu_sum():
-        return torch.sum(x)
 
-    torch.testing.assert_close(dev_sum().float(), torch.sum(x), rtol=1e-4, atol=1e-2)
-    t_dev, t_cpu = bench_pair(dev_sum, cpu_sum)
-    print(f"sum 16M floats: mps_ext threadgroup reduction {t_dev * 1e3:.2f} ms, cpu torch.sum {t_cpu * 1e3:.2f} ms")
-    print(f"RATIO threadgroup_reduction_sum {t_dev / t_cpu:.3f}")
+WORKLOADS = [
+    ("shader_axpy_16M", axpy, dict(inner=5)),
+    ("shader_reduction_sum_16M", reduction_sum, dict(inner=5)),
+]
+
+TARGETS = {"shader_axpy_16M": 1.5, "shader_reduction_sum_16M": 1.5}
+
+
+def main():
+    rows = [compare(n, f, **kw) for n, f, kw in WORKLOADS]
+    report(rows, TARGETS)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 import torch
 
 import torch_mps_ext  # noqa: F401
+from bench import shaders
 from bench.ops import add_large_fresh, add_large_out, add_small, mlp_step, mm
 
 
@@ -57,11 +58,12 @@ WORKLOADS = [
     ("cnn_step", cnn_step, dict(inner=5)),
     ("alloc_fill_64MB", alloc_fill, dict(inner=5)),
     ("rand_16M", rand, dict(inner=3)),
+    *shaders.WORKLOADS,
 ]
 
 TARGETS = {"add_1k": 1.3, "add_16M_fresh": 0.35, "add_16M_out": 1.05, "mm_1024": 1.05,
            "conv2d_8x64x56x56": 1.05, "softmax_4096": 1.05, "mlp_step": 1.0,
-           "cnn_step": 1.0, "alloc_fill_64MB": 0.4, "rand_16M": 1.0}
+           "cnn_step": 1.0, "alloc_fill_64MB": 0.4, "rand_16M": 1.0, **shaders.TARGETS}
 
 
 def memory_overheads(names=()):

@@ -102,7 +102,10 @@ def _is_in_bad_fork() -> bool:
     return False
 
 
+from .amp import get_amp_supported_dtype  # noqa: E402
+
 __all__ = [
+    "get_amp_supported_dtype",
     "compile_shader",
     "load_metallib",
     "current_allocated_memory",

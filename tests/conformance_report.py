@@ -239,9 +239,10 @@ def report():
 
 
 RUN_UPSTREAM = """torch's device-generic test files instantiate `PrivateUse1TestBase`
-classes (suffix `PRIVATEUSE1`) once mps_ext is registered before
+classes (tests named `..._mps_ext`) once mps_ext is registered before
 `torch.testing._internal.common_device_type` is imported. From a PyTorch
-source checkout at the installed version (details in docs/testing.md):
+source checkout at the installed version (details, and a checked run of
+upstream's test_view_ops.py, in docs/testing.md):
 
 ```sh
 git clone --depth 1 --branch v2.13.0 https://github.com/pytorch/pytorch /tmp/pytorch
@@ -249,8 +250,9 @@ cd /tmp/pytorch/test
 export PYTHONPATH=/path/to/torch_mps_ext          # not needed after `make build`
 export TORCH_TEST_DEVICES=/path/to/torch_mps_ext/tests/mps_ext_test_base.py
 export PYTORCH_TESTING_DEVICE_ONLY_FOR=privateuse1
-python -m pytest test_ops.py -k "TestCommonPRIVATEUSE1 and test_compare_cpu" -q
-python -m pytest test_torch.py test_nn.py -k PRIVATEUSE1 -q
+python -m pytest test_view_ops.py -q -rfEs
+python -m pytest test_ops.py -k "TestCommon and test_compare_cpu and mps_ext" -q
+python -m pytest test_torch.py test_nn.py -k mps_ext -q
 ```
 """
 

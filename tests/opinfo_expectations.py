@@ -25,6 +25,8 @@ NONDETERMINISTIC_OPS = frozenset({
     "nn.functional.rrelu",
     "nn.functional.fractional_max_pool2d",
     "nn.functional.fractional_max_pool3d",
+    # randomized algorithms (random projections drawn with torch.randn)
+    "svd_lowrank", "pca_lowrank",
     # uninitialized memory
     "empty", "empty_like", "empty_strided", "empty_permuted", "new_empty",
     "new_empty_strided",

@@ -188,11 +188,11 @@ def _is_dev(d):
 
 def to_cpu_sample(sample, device="cpu"):
     """The sample with every tensor exactly copied to CPU and every
-    device="mps_ext" argument made device="cpu". (`device=` another device:
-    copies there, device arguments unchanged.)"""
+    device="mps_ext" argument made device="cpu". (`device=None`: every
+    tensor exactly copied where it is, a fresh leaf.)"""
     def conv(x):
         if isinstance(x, torch.Tensor):
-            return exact_copy(x, device)
+            return exact_copy(x, x.device if device is None else device)
         if _is_dev(x) and device == "cpu":
             return "cpu" if isinstance(x, str) else torch.device("cpu")
         if isinstance(x, (list, tuple)) and not isinstance(x, torch.Size):
@@ -399,7 +399,7 @@ class TestOpInfo(TestCase):
                 # Both sides get fresh leaves: an OpInfo sample can hold a
                 # leaf that is a view of another leaf, whose gradient torch
                 # leaves None on every device, and exact copies have none.
-                sample = to_cpu_sample(sample, device)
+                sample = to_cpu_sample(sample, None)
                 cpu_grads, cpu_err = self._grads(op, cpu_sample, None)
                 if cpu_err is not None or cpu_grads is None:
                     continue  # not differentiable on CPU either for this sample

@@ -186,10 +186,10 @@ def _is_dev(d):
         isinstance(d, str) and d.split(":")[0] == DEVICE_TYPE)
 
 
-def to_cpu_sample(sample, device="cpu"):
-    """The sample with every tensor exactly copied to CPU and every
-    device="mps_ext" argument made device="cpu". (`device=None`: every
-    tensor exactly copied where it is, a fresh leaf.)"""
+def copy_sample(sample, device="cpu"):
+    """The sample with every tensor exactly copied: to CPU, with every
+    device="mps_ext" argument made device="cpu" (the default); or, with
+    `device=None`, where each tensor already is (fresh leaves)."""
     def conv(x):
         if isinstance(x, torch.Tensor):
             return exact_copy(x, x.device if device is None else device)
@@ -294,7 +294,7 @@ class TestOpInfo(TestCase):
             ran = 0
             for sample in self.samples(op, device, dtype, noncontig=NONCONTIG_SAMPLES):
                 shape_only = random_sample(op, sample)
-                cpu_sample = to_cpu_sample(sample)
+                cpu_sample = copy_sample(sample)
                 expected, cpu_err = call(op, cpu_sample)
                 actual, dev_err = call(op, sample)
                 if cpu_err is not None:
@@ -323,7 +323,7 @@ class TestOpInfo(TestCase):
                 shape_only = random_sample(op, sample)
                 if i >= OUT_SAMPLES:
                     break
-                cpu_sample = to_cpu_sample(sample)
+                cpu_sample = copy_sample(sample)
                 expected, err = call(op, cpu_sample)
                 if err is not None:
                     continue
@@ -374,7 +374,7 @@ class TestOpInfo(TestCase):
                 shape_only = random_sample(op, sample)
                 if not isinstance(sample.input, torch.Tensor):
                     continue
-                cpu_sample = to_cpu_sample(sample)
+                cpu_sample = copy_sample(sample)
                 cpu_res, cpu_err = call(op.inplace_variant, cpu_sample)
                 dev_res, dev_err = call(op.inplace_variant, sample)
                 if cpu_err is not None:
@@ -395,11 +395,11 @@ class TestOpInfo(TestCase):
             ran = 0
             for sample in self.samples(op, device, dtype, requires_grad=True):
                 shape_only = random_sample(op, sample)
-                cpu_sample = to_cpu_sample(sample)
+                cpu_sample = copy_sample(sample)
                 # Both sides get fresh leaves: an OpInfo sample can hold a
                 # leaf that is a view of another leaf, whose gradient torch
                 # leaves None on every device, and exact copies have none.
-                sample = to_cpu_sample(sample, None)
+                sample = copy_sample(sample, device=None)
                 cpu_grads, cpu_err = self._grads(op, cpu_sample, None)
                 if cpu_err is not None or cpu_grads is None:
                     continue  # not differentiable on CPU either for this sample

@@ -326,6 +326,18 @@ class CachingAllocator final : public c10::DeviceAllocator {
     return b;
   }
 
+  // Bytes a fraction of the device memory allows; 0 = no limit.
+  static std::size_t limitBytes(double fraction) {
+    return fraction <= 0.0
+        ? 0
+        : static_cast<std::size_t>(fraction *
+                                   static_cast<double>(runtime::deviceMemoryBytes()));
+  }
+
+  static std::size_t reservedOf(const DeviceState& st) {
+    return static_cast<std::size_t>(st.stats.reserved_bytes[0].current);
+  }
+
   void noteTaken(Block* b) {
     if (b->isSplit()) {
       DeviceState& st = states_[b->device];
@@ -357,13 +369,8 @@ class CachingAllocator final : public c10::DeviceAllocator {
       head = head->prev;
       seg += head->size;
     }
-    std::size_t total = runtime::deviceMemoryBytes();
-    double cap = st.low_fraction > 0.0 ? st.low_fraction : st.fraction;
-    std::size_t reserved = static_cast<std::size_t>(st.stats.reserved_bytes[0].current);
-    if (cap > 0.0 && static_cast<double>(reserved + grow) >
-                         cap * static_cast<double>(total)) {
-      return nullptr;
-    }
+    std::size_t cap = limitBytes(st.low_fraction > 0.0 ? st.low_fraction : st.fraction);
+    if (cap && reservedOf(st) + grow > cap) return nullptr;
     if (!runtime::growSegment(head->ptr, seg, seg + grow)) return nullptr;
     st.large_free.erase(best);
     noteTaken(best);
@@ -375,15 +382,9 @@ class CachingAllocator final : public c10::DeviceAllocator {
   Block* newSegment(int device, DeviceState& st, std::int64_t stream,
                     std::size_t size, std::size_t nbytes, bool small) {
     std::size_t seg = small ? kSmallBuffer : largeSegment(size);
-    std::size_t total = runtime::deviceMemoryBytes();
-    auto limitOf = [total](double f) -> std::size_t {
-      return f <= 0.0 ? 0 : static_cast<std::size_t>(f * static_cast<double>(total));
-    };
-    std::size_t limit = limitOf(st.fraction);
-    std::size_t low = limitOf(st.low_fraction);
-    auto reserved = [&st]() {
-      return static_cast<std::size_t>(st.stats.reserved_bytes[0].current);
-    };
+    std::size_t limit = limitBytes(st.fraction);
+    std::size_t low = limitBytes(st.low_fraction);
+    auto reserved = [&st]() { return reservedOf(st); };
     // Above the low watermark, give cached memory back before taking more.
     if (low && reserved() + seg > low) releaseCached(device);
     if (limit && reserved() + seg > limit) {

@@ -107,16 +107,12 @@ std::size_t hostPhysicalBytes() {
   return static_cast<std::size_t>(pages) * static_cast<std::size_t>(page);
 }
 
-void* allocateSegment(std::size_t bytes) {
-  if (bytes < kHugePage) {
-    void* p = nullptr;
-    if (posix_memalign(&p, 64, bytes) != 0) return nullptr;
-    return p;
-  }
-  // Over-map by one huge page and trim, so the segment starts 2 MiB aligned.
+namespace {
+// `bytes` of fresh mapping starting on a 2 MiB boundary (over-map by one huge
+// page and trim), so transparent huge pages can back it.
+void* mapAligned(std::size_t bytes, int prot, int flags) {
   std::size_t span = bytes + kHugePage;
-  void* raw = mmap(nullptr, span, PROT_READ | PROT_WRITE,
-                   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  void* raw = mmap(nullptr, span, prot, MAP_PRIVATE | MAP_ANONYMOUS | flags, -1, 0);
   if (raw == MAP_FAILED) return nullptr;
   auto base = reinterpret_cast<std::uintptr_t>(raw);
   std::uintptr_t aligned = (base + kHugePage - 1) & ~(kHugePage - 1);
@@ -124,10 +120,21 @@ void* allocateSegment(std::size_t bytes) {
   std::size_t tail = span - head - bytes;
   if (head) munmap(raw, head);
   if (tail) munmap(reinterpret_cast<void*>(aligned + bytes), tail);
-#ifdef MADV_HUGEPAGE
-  madvise(reinterpret_cast<void*>(aligned), bytes, MADV_HUGEPAGE);
-#endif
   return reinterpret_cast<void*>(aligned);
+}
+} // namespace
+
+void* allocateSegment(std::size_t bytes) {
+  if (bytes < kHugePage) {
+    void* p = nullptr;
+    if (posix_memalign(&p, 64, bytes) != 0) return nullptr;
+    return p;
+  }
+  void* p = mapAligned(bytes, PROT_READ | PROT_WRITE, 0);
+#ifdef MADV_HUGEPAGE
+  if (p) madvise(p, bytes, MADV_HUGEPAGE);
+#endif
+  return p;
 }
 
 void freeSegment(void* ptr, std::size_t bytes) {
@@ -152,17 +159,8 @@ std::size_t growableReserve(std::size_t bytes) {
 
 void* allocateGrowableSegment(std::size_t bytes) {
   std::size_t reserve = growableReserve(bytes);
-  std::size_t span = reserve + kHugePage;
-  void* raw = mmap(nullptr, span, PROT_NONE,
-                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-  if (raw == MAP_FAILED) return nullptr;
-  auto base = reinterpret_cast<std::uintptr_t>(raw);
-  std::uintptr_t aligned = (base + kHugePage - 1) & ~(kHugePage - 1);
-  std::size_t head = aligned - base;
-  std::size_t tail = span - head - reserve;
-  if (head) munmap(raw, head);
-  if (tail) munmap(reinterpret_cast<void*>(aligned + reserve), tail);
-  auto* p = reinterpret_cast<void*>(aligned);
+  void* p = mapAligned(reserve, PROT_NONE, MAP_NORESERVE);
+  if (p == nullptr) return nullptr;
   if (!growSegment(p, 0, bytes)) {
     munmap(p, reserve);
     return nullptr;

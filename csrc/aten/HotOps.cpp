@@ -1,30 +1,92 @@
-// Layer 3: unboxed fast paths for the hottest pointwise operators.
+// Layer 3: device structured kernels for the hottest pointwise operators.
 //
-// The boxed fallback handles any schema, which costs a stack of IValues, a
-// schema walk and a second dispatch per call: several microseconds, as much
-// as a small CPU kernel itself. For the ops below, a typed kernel calls CPU's
-// structured kernel (at::cpu::*) directly on host views, inside a LendScope,
-// and adopts the output. Anything unusual (tensors on different devices, a
-// CPU tensor that is not a scalar, conj/neg bits) takes the boxed fallback,
-// so behaviour and error messages are the fallback's.
-#include "aten/HostView.h"
+// The boxed fallback handles any schema, at the price of an IValue stack, a
+// schema walk, host views of every argument and adoption of every output:
+// a microsecond or more per call, as much as a small CPU kernel itself. The
+// ops below instead run CPU's own structured kernel class (its meta: shapes,
+// type promotion, checks and error texts; its impl: the DispatchStub kernel)
+// directly on the device tensors, the way CUDA runs its structured kernels:
+//   - the output is allocated on the device by our set_output (no lending,
+//     no adoption), an in-place op writes `self` itself;
+//   - the DispatchStubs those impls call get a PrivateUse1 entry that
+//     forwards to CPU's kernel (the memory is host memory).
+// TensorIterator converts mixed dtypes only when the common device is CPU,
+// so the fast path takes calls whose operands all have one dtype after meta
+// (a Python number operand is converted to it first, the conversion CPU's
+// TensorIterator makes); any other call, tensors on different devices, and
+// conj/neg tensors take the boxed fallback: its behaviour and errors.
 
-#include <ATen/ops/add_cpu_dispatch.h>
-#include <ATen/ops/div_cpu_dispatch.h>
-#include <ATen/ops/mul_cpu_dispatch.h>
-#include <ATen/ops/sub_cpu_dispatch.h>
+// A DispatchStub call passes CPU's kernel for each CPU capability torch was
+// built with; torch's x86-64 builds have AVX2 and AVX-512 kernels, and the
+// declarations must say so to match (elsewhere the fast path is not built
+// and these ops take the fallback).
+#if defined(__x86_64__)
+#define HAVE_AVX2_CPU_DEFINITION
+#define HAVE_AVX512_CPU_DEFINITION
+#define MPS_EXT_HOT_OPS 1
+#endif
+
+#include "aten/HostView.h"
+#include "core/Allocator.h"
+#include "runtime/Device.h"
+#include "runtime/Stream.h"
+
+#include <ATen/EmptyTensor.h>
+#include <ATen/ScalarOps.h>
+#include <ATen/TensorIterator.h>
 #include <ATen/core/stack.h>
+#include <ATen/native/Activation.h>
+#include <ATen/native/BinaryOps.h>
+#include <ATen/native/TensorCompare.h>
+#include <ATen/native/TypeProperties.h>
+#include <ATen/native/UnaryOps.h>
+#include <ATen/ops/_local_scalar_dense_native.h>
+#include <ATen/ops/add_native.h>
+#include <ATen/ops/clamp_min_native.h>
+#include <ATen/ops/div_native.h>
+#include <ATen/ops/mul_native.h>
+#include <ATen/ops/neg_native.h>
+#include <ATen/ops/relu_native.h>
+#include <ATen/ops/sub_native.h>
+#include <ATen/ops/threshold_backward_native.h>
+#include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
+
+#include <optional>
+#include <type_traits>
 
 namespace torch_mps_ext {
 namespace {
 
 constexpr auto kDev = c10::DeviceType::PrivateUse1;
 
-// The device all tensor arguments agree on, or -1 when the fast path does
-// not apply.
+// ---------------------------------------------------------------------------
+// DispatchStubs: the PrivateUse1 entry runs CPU's kernel.
+
+template <class Stub, Stub& S, class Fn = typename Stub::FnPtr>
+struct OnCpu;
+
+template <class Stub, Stub& S, class... A>
+struct OnCpu<Stub, S, void (*)(A...)> {
+  static void run(A... a) { S(c10::DeviceType::CPU, std::forward<A>(a)...); }
+};
+
+template <class Stub, Stub& S>
+void forwardToCpu() {
+  S.set_privateuse1_dispatch_ptr(&OnCpu<Stub, S>::run);
+}
+
+#define MPS_EXT_FORWARD_STUB(stub) forwardToCpu<decltype(stub), stub>()
+
+// ---------------------------------------------------------------------------
+// Which calls the fast path takes.
+
+// The device all tensor arguments agree on; declines (fast() false) for
+// anything the fallback should judge: tensors on two devices, a CPU tensor
+// that is not a 0-dim scalar (or more than one of those), conj/neg bits.
 struct Agreement {
   int device = -2;  // -2: no device tensor seen yet
+  int cpu_scalars = 0;
   bool ok = true;
 
   void see(const at::Tensor& t) {
@@ -38,7 +100,7 @@ struct Agreement {
       } else if (device != d) {
         ok = false;
       }
-    } else if (t.dim() != 0) {
+    } else if (t.dim() != 0 || !t.is_cpu() || ++cpu_scalars > 1) {
       ok = false;
     }
   }
@@ -48,21 +110,128 @@ struct Agreement {
   bool fast() const { return ok && device >= 0; }
 };
 
-at::Tensor toHost(const at::Tensor& t) {
-  return t.defined() && t.device().type() == kDev ? hostView(t) : t;
+// A CPU 0-dim operand in the dtype of the device operand `like`, or
+// undefined when type promotion would not give like's dtype. CPU's
+// TensorIterator converts such an operand (`x * 0.5`: a double "wrapped
+// number") to the common dtype before its kernel runs; this is that
+// conversion, done before meta because a device TensorIterator does not.
+at::Tensor scalarOperand(const at::Tensor& like, const at::Tensor& s) {
+  if (!s.defined() || s.device().type() == kDev) return s;
+  if (s.scalar_type() == like.scalar_type()) return s;
+  // For half-precision types CPU's kernels read the scalar in float from
+  // the operand before conversion (original_scalar_value): leave those to
+  // the fallback.
+  at::ScalarType to = like.scalar_type();
+  if (at::isReducedFloatingType(to) || to == at::kComplexHalf || at::isFloat8Type(to)) {
+    return at::Tensor();
+  }
+  at::native::ResultTypeState state;
+  state = at::native::update_result_type_state(like, state);
+  state = at::native::update_result_type_state(s, state);
+  if (at::native::result_type(state) != like.scalar_type()) return at::Tensor();
+  at::Tensor t = at::detail::scalar_tensor_static(at::native::_local_scalar_dense_cpu(s),
+                                                  like.scalar_type(), at::kCPU);
+  if (s.unsafeGetTensorImpl()->is_wrapped_number()) {
+    t.unsafeGetTensorImpl()->set_wrapped_number(true);
+  }
+  return t;
 }
-template <class T>
-const T& toHost(const T& x) {
-  return x;
+
+// True when TensorIterator would not have converted anything on CPU: all
+// operands (outputs included) have one dtype.
+bool oneDtype(const at::TensorIteratorBase& it) {
+  for (int i = 1; i < it.ntensors(); ++i) {
+    if (it.dtype(i) != it.dtype(0)) return false;
+  }
+  return true;
 }
+
+// ---------------------------------------------------------------------------
+// The structured kernel wrappers (what torchgen writes per backend).
+
+at::Tensor newOutput(c10::IntArrayRef sizes, c10::IntArrayRef strides,
+                     const c10::TensorOptions& options) {
+  std::optional<c10::DeviceGuard> guard;
+  if (runtime::currentDevice() != options.device().index()) {
+    guard.emplace(options.device());
+  }
+  constexpr c10::DispatchKeySet ks(c10::DispatchKey::PrivateUse1);
+  auto dtype = options.dtype().toScalarType();
+  return strides.empty()
+      ? at::detail::empty_generic(sizes, &deviceAllocator(), ks, dtype,
+                                  options.memory_format_opt())
+      : at::detail::empty_strided_generic(sizes, strides, &deviceAllocator(), ks,
+                                          dtype);
+}
+
+// Impl is a TensorIterator-based structured class of CPU's.
+template <class Impl>
+struct Functional final : Impl {
+  static_assert(std::is_base_of_v<at::TensorIteratorBase, Impl>);
+  at::Tensor out;
+
+  void set_output_strided(int64_t i, c10::IntArrayRef sizes, c10::IntArrayRef strides,
+                          c10::TensorOptions options) override {
+    make(i, sizes, strides, options);
+  }
+  void set_output_raw_strided(int64_t i, c10::IntArrayRef sizes,
+                              c10::IntArrayRef strides,
+                              c10::TensorOptions options) override {
+    make(i, sizes, strides, options);
+  }
+  const at::Tensor& maybe_get_output(int64_t /*i*/) override { return out; }
+
+ private:
+  void make(int64_t i, c10::IntArrayRef sizes, c10::IntArrayRef strides,
+            const c10::TensorOptions& options) {
+    out = newOutput(sizes, strides, options);
+    Impl::set_output_raw_strided(i, sizes, strides, options);
+  }
+};
+
+template <class Impl>
+struct InPlace final : Impl {
+  static_assert(std::is_base_of_v<at::TensorIteratorBase, Impl>);
+  explicit InPlace(const at::Tensor& s) : self(s) {}
+  const at::Tensor& self;
+
+  void set_output_strided(int64_t i, c10::IntArrayRef sizes, c10::IntArrayRef strides,
+                          c10::TensorOptions options) override {
+    check(i, sizes, strides, options);
+  }
+  void set_output_raw_strided(int64_t i, c10::IntArrayRef sizes,
+                              c10::IntArrayRef strides,
+                              c10::TensorOptions options) override {
+    check(i, sizes, strides, options);
+  }
+  const at::Tensor& maybe_get_output(int64_t /*i*/) override { return self; }
+
+ private:
+  // The checks torchgen's in-place wrappers make (TensorIterator has
+  // usually refused such a call before).
+  void check(int64_t i, c10::IntArrayRef sizes, c10::IntArrayRef strides,
+             const c10::TensorOptions& options) {
+    TORCH_CHECK(options.dtype() == self.dtype(), "Bad in-place call: ",
+                "input tensor dtype ", self.dtype(), " and output tensor dtype ",
+                options.dtype(), " should match");
+    TORCH_CHECK(options.device() == self.device(), "Bad in-place call: ",
+                "input tensor device ", self.device(), " and output tensor device ",
+                options.device(), " should match");
+    TORCH_CHECK(sizes == self.sizes(), "Bad in-place call: ", "input tensor size ",
+                self.sizes(), " and output tensor size ", sizes, " should match");
+    Impl::set_output_raw_strided(i, sizes, strides, options);
+  }
+};
+
+// ---------------------------------------------------------------------------
+// Running an op: fast path, else the boxed fallback.
 
 c10::OperatorHandle lookup(const char* name, const char* overload) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, overload);
 }
 
-// The general path for a call the fast path declined.
-template <class Ret, class... Args>
-Ret viaFallback(const c10::OperatorHandle& op, Args&&... args) {
+template <class... Args>
+at::Tensor viaFallback(const c10::OperatorHandle& op, const Args&... args) {
   torch::jit::Stack stack;
   stack.reserve(sizeof...(Args));
   (stack.emplace_back(args), ...);
@@ -70,79 +239,116 @@ Ret viaFallback(const c10::OperatorHandle& op, Args&&... args) {
   return std::move(stack.back()).toTensor();
 }
 
-// out = CpuFn(args...) for a functional op.
-template <auto CpuFn, const char* Name, const char* Overload>
-struct Functional;
-
-template <class... Args, at::Tensor (*CpuFn)(Args...), const char* Name,
-          const char* Overload>
-struct Functional<CpuFn, Name, Overload> {
-  static at::Tensor call(Args... args) {
-    Agreement a;
-    (a.see(args), ...);
-    if (!a.fast()) {
-      static const c10::OperatorHandle op = lookup(Name, Overload);
-      return viaFallback<at::Tensor>(op, args...);
-    }
-    at::Tensor out;
-    {
-      LendScope lend(a.device);
-      out = CpuFn(toHost(args)...);
-    }
-    return adoptResult(out, a.device);
-  }
+struct OpName {
+  const char* name;
+  const char* overload;
 };
 
-// self = CpuFn(self, args...) for an in-place op: returns the caller's self.
-template <auto CpuFn, const char* Name, const char* Overload>
-struct InPlace;
+// out = op(args...): CPU's structured Impl on device tensors.
+template <class Impl, const OpName& Name, class... Args>
+at::Tensor functional(const Args&... args) {
+  Agreement a;
+  (a.see(args), ...);
+  if (a.fast()) {
+    Functional<Impl> op;
+    op.meta(args...);
+    if (oneDtype(op)) {
+      runtime::awaitCurrentStream(a.device);
+      op.impl(args..., op.out);
+      return std::move(op.out);
+    }
+  }
+  static const c10::OperatorHandle handle = lookup(Name.name, Name.overload);
+  return viaFallback(handle, args...);
+}
 
-template <class... Args, at::Tensor& (*CpuFn)(at::Tensor&, Args...), const char* Name,
-          const char* Overload>
-struct InPlace<CpuFn, Name, Overload> {
-  static at::Tensor& call(at::Tensor& self, Args... args) {
-    Agreement a;
-    a.see(self);
-    (a.see(args), ...);
-    if (!a.fast() || self.device().type() != kDev) {
-      static const c10::OperatorHandle op = lookup(Name, Overload);
-      viaFallback<at::Tensor>(op, self, args...);
+// self = op(self, args...) in place.
+template <class Impl, const OpName& Name, class... Args>
+at::Tensor& inplace(at::Tensor& self, const Args&... args) {
+  Agreement a;
+  a.see(self);
+  (a.see(args), ...);
+  if (a.fast() && self.device().type() == kDev) {
+    InPlace<Impl> op(self);
+    op.meta(self, args...);
+    if (oneDtype(op)) {
+      runtime::awaitCurrentStream(a.device);
+      op.impl(self, args..., self);
       return self;
     }
-    at::Tensor host = hostView(self);
-    {
-      LendScope lend(a.device);
-      CpuFn(host, toHost(args)...);
-    }
-    return self;
   }
-};
+  static const c10::OperatorHandle handle = lookup(Name.name, Name.overload);
+  viaFallback(handle, self, args...);
+  return self;
+}
 
-constexpr char kAdd[] = "aten::add", kSub[] = "aten::sub", kMul[] = "aten::mul",
-               kDiv[] = "aten::div", kAdd_[] = "aten::add_", kSub_[] = "aten::sub_",
-               kMul_[] = "aten::mul_", kDiv_[] = "aten::div_", kTensor[] = "Tensor";
+// Binary ops whose second operand may be a Python number (a CPU 0-dim
+// tensor): converted to self's dtype first where CPU would convert it.
+template <class Impl, const OpName& Name, class... Rest>
+at::Tensor binary(const at::Tensor& self, const at::Tensor& other, const Rest&... rest) {
+  if (self.device().type() == kDev) {
+    at::Tensor o = scalarOperand(self, other);
+    if (o.defined()) return functional<Impl, Name>(self, o, rest...);
+  }
+  return functional<Impl, Name>(self, other, rest...);
+}
+
+template <class Impl, const OpName& Name, class... Rest>
+at::Tensor& binary_(at::Tensor& self, const at::Tensor& other, const Rest&... rest) {
+  if (self.device().type() == kDev) {
+    at::Tensor o = scalarOperand(self, other);
+    if (o.defined()) return inplace<Impl, Name>(self, o, rest...);
+  }
+  return inplace<Impl, Name>(self, other, rest...);
+}
+
+constexpr OpName kAdd{"aten::add", "Tensor"}, kAdd_{"aten::add_", "Tensor"},
+    kSub{"aten::sub", "Tensor"}, kSub_{"aten::sub_", "Tensor"},
+    kMul{"aten::mul", "Tensor"}, kMul_{"aten::mul_", "Tensor"},
+    kDiv{"aten::div", "Tensor"}, kDiv_{"aten::div_", "Tensor"},
+    kNeg{"aten::neg", ""}, kNeg_{"aten::neg_", ""},
+    kClampMin{"aten::clamp_min", ""}, kClampMin_{"aten::clamp_min_", ""},
+    kThresholdBackward{"aten::threshold_backward", ""};
+
+using T = at::Tensor;
+using S = at::Scalar;
+namespace an = at::native;
+
+void installHotOpStubs() {
+  // The stubs the impls below call. add_stub also serves sub.
+  MPS_EXT_FORWARD_STUB(at::native::add_stub);
+  MPS_EXT_FORWARD_STUB(at::native::mul_stub);
+  MPS_EXT_FORWARD_STUB(at::native::div_true_stub);
+  MPS_EXT_FORWARD_STUB(at::native::neg_stub);
+  MPS_EXT_FORWARD_STUB(at::native::clamp_min_scalar_stub);
+  MPS_EXT_FORWARD_STUB(at::native::threshold_stub);
+}
 
 } // namespace
 
+#if MPS_EXT_HOT_OPS
 TORCH_LIBRARY_IMPL(aten, PrivateUse1, m) {
-  using T = const at::Tensor&;
-  using S = const at::Scalar&;
-  m.impl("add.Tensor", TORCH_FN((Functional<static_cast<at::Tensor (*)(T, T, S)>(&at::cpu::add),
-                                            kAdd, kTensor>::call)));
-  m.impl("sub.Tensor", TORCH_FN((Functional<static_cast<at::Tensor (*)(T, T, S)>(&at::cpu::sub),
-                                            kSub, kTensor>::call)));
-  m.impl("mul.Tensor", TORCH_FN((Functional<static_cast<at::Tensor (*)(T, T)>(&at::cpu::mul),
-                                            kMul, kTensor>::call)));
-  m.impl("div.Tensor", TORCH_FN((Functional<static_cast<at::Tensor (*)(T, T)>(&at::cpu::div),
-                                            kDiv, kTensor>::call)));
-  m.impl("add_.Tensor", TORCH_FN((InPlace<static_cast<at::Tensor& (*)(at::Tensor&, T, S)>(
-                                              &at::cpu::add_), kAdd_, kTensor>::call)));
-  m.impl("sub_.Tensor", TORCH_FN((InPlace<static_cast<at::Tensor& (*)(at::Tensor&, T, S)>(
-                                              &at::cpu::sub_), kSub_, kTensor>::call)));
-  m.impl("mul_.Tensor", TORCH_FN((InPlace<static_cast<at::Tensor& (*)(at::Tensor&, T)>(
-                                              &at::cpu::mul_), kMul_, kTensor>::call)));
-  m.impl("div_.Tensor", TORCH_FN((InPlace<static_cast<at::Tensor& (*)(at::Tensor&, T)>(
-                                              &at::cpu::div_), kDiv_, kTensor>::call)));
+  installHotOpStubs();
+  m.impl("add.Tensor", TORCH_FN((binary<an::structured_ufunc_add_CPU, kAdd, S>)));
+  m.impl("add_.Tensor", TORCH_FN((binary_<an::structured_ufunc_add_CPU, kAdd_, S>)));
+  m.impl("sub.Tensor", TORCH_FN((binary<an::structured_sub_out, kSub, S>)));
+  m.impl("sub_.Tensor", TORCH_FN((binary_<an::structured_sub_out, kSub_, S>)));
+  m.impl("mul.Tensor", TORCH_FN((binary<an::structured_mul_out, kMul>)));
+  m.impl("mul_.Tensor", TORCH_FN((binary_<an::structured_mul_out, kMul_>)));
+  m.impl("div.Tensor", TORCH_FN((binary<an::structured_div_out, kDiv>)));
+  m.impl("div_.Tensor", TORCH_FN((binary_<an::structured_div_out, kDiv_>)));
+  m.impl("neg", TORCH_FN((functional<an::structured_neg_out, kNeg, T>)));
+  m.impl("neg_", TORCH_FN((inplace<an::structured_neg_out, kNeg_>)));
+  m.impl("clamp_min", TORCH_FN((functional<an::structured_clamp_min_out, kClampMin, T, S>)));
+  m.impl("clamp_min_", TORCH_FN((inplace<an::structured_clamp_min_out, kClampMin_, S>)));
+  m.impl("threshold_backward",
+         TORCH_FN((functional<an::structured_threshold_backward_out, kThresholdBackward,
+                              T, T, S>)));
+  // CPU's relu/relu_ are clamp_min(self, 0) after a bool check: the same
+  // composition here reaches the fast clamp_min.
+  m.impl("relu", TORCH_FN(an::relu));
+  m.impl("relu_", TORCH_FN(an::relu_));
 }
+#endif
 
 } // namespace torch_mps_ext

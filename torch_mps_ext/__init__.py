@@ -70,6 +70,7 @@ from .random import (  # noqa: E402
 )
 from . import _utils  # noqa: E402,F401  (torch.serialization looks for _utils)
 from . import profiler  # noqa: E402  (torch.mps_ext.profiler)
+from . import distributed  # noqa: E402  (the "mps_ext" c10d backend)
 from ._registration import register as _register  # noqa: E402
 
 
@@ -116,6 +117,7 @@ __all__ = [
     "device",
     "device_count",
     "device_of",
+    "distributed",
     "driver_allocated_memory",
     "empty_cache",
     "Event",
@@ -156,3 +158,4 @@ __all__ = [
 ]
 
 _register()
+distributed._register()

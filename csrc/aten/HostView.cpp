@@ -9,6 +9,7 @@
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/TensorImpl.h>
+#include <torch/library.h>
 
 namespace torch_mps_ext {
 namespace {
@@ -91,6 +92,27 @@ at::Tensor hostView(const at::Tensor& t) {
   return at::Tensor(std::move(impl));
 }
 
+at::Tensor hostAlias(const at::Tensor& t) {
+  TORCH_CHECK(t.device().type() == c10::DeviceType::PrivateUse1,
+              "_host_alias: expected an mps_ext tensor, got a tensor on ", t.device());
+  runtime::awaitCurrentStream(t.device().index());
+  c10::StorageImpl* dev = t.storage().unsafeGetStorageImpl();
+  auto* keep = new c10::Storage(t.storage());
+  c10::DataPtr dp(const_cast<void*>(dev->data()), keep,
+                  [](void* ctx) { delete static_cast<c10::Storage*>(ctx); },
+                  c10::Device(c10::kCPU));
+  auto storage = c10::make_intrusive<c10::StorageImpl>(
+      c10::StorageImpl::use_byte_size_t(), dev->nbytes(), std::move(dp),
+      /*allocator=*/nullptr, /*resizable=*/false);
+  auto impl = c10::make_intrusive<c10::TensorImpl>(
+      c10::Storage(std::move(storage)), c10::DispatchKeySet(c10::DispatchKey::CPU),
+      t.dtype());
+  impl->set_sizes_and_strides(t.sizes(), t.strides(), t.storage_offset());
+  if (t.is_conj()) impl->_set_conj(true);
+  if (t.is_neg()) impl->_set_neg(true);
+  return at::Tensor(std::move(impl));
+}
+
 at::Tensor deviceTensor(c10::Storage storage, const at::Tensor& like) {
   auto impl = c10::make_intrusive<c10::TensorImpl>(
       std::move(storage), c10::DispatchKeySet(c10::DispatchKey::PrivateUse1),
@@ -130,6 +152,17 @@ at::Tensor copyToDevice(const at::Tensor& cpu, int device) {
   at::Tensor view = hostView(out);
   at::native::copy_(view, cpu, false);  // resolves conj/neg bits
   return out;
+}
+
+// mps_ext::_host_alias(Tensor self) -> Tensor: a CPU tensor over an mps_ext
+// tensor's memory that keeps it alive (hostAlias). torch_mps_ext.distributed
+// hands these to gloo.
+TORCH_LIBRARY(mps_ext, m) {
+  m.def("_host_alias(Tensor self) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(mps_ext, CompositeExplicitAutograd, m) {  // any device: a clear error off mps_ext
+  m.impl("_host_alias", TORCH_FN(hostAlias));
 }
 
 } // namespace torch_mps_ext

@@ -18,6 +18,12 @@ namespace torch_mps_ext {
 // Waits first for the work queued on the current stream of t's device.
 at::Tensor hostView(const at::Tensor& t);
 
+// Like hostView, but the CPU tensor also keeps the device memory alive (its
+// storage holds a reference to t's), so it may outlive `t`: what work that
+// finishes later (a collective in flight) uses. Exposed to Python as
+// torch.ops.mps_ext._host_alias.
+at::Tensor hostAlias(const at::Tensor& t);
+
 // A device tensor on `device` over `storage` with the given geometry.
 at::Tensor deviceTensor(c10::Storage storage, const at::Tensor& like_geometry);
 

@@ -2,8 +2,8 @@
 
 Each workload is a pair of zero-argument callables (CPU, mps_ext) built by a
 factory; both are timed in the same process, interleaved, after a warm-up.
-The reported number is the median over repeats; ratios are mps_ext / CPU
-(below 1.0 means mps_ext is faster).
+Ratios are mps_ext / CPU (below 1.0 means mps_ext is faster): the median of
+per-round ratios, each round timing both sides back to back.
 """
 
 import statistics
@@ -34,19 +34,24 @@ def time_call(fn: Callable[[], object], device: str, *, inner: int,
 
 def compare(name: str, make: Callable[[str], Callable[[], object]], *,
             inner: int = 10, repeats: int = 7, warmup: int = 3) -> dict:
-    """Times make("cpu")() against make("mps_ext")(), interleaving rounds so
-    that machine noise hits both alike."""
+    """Times make("cpu")() against make("mps_ext")() in rounds: each round
+    times both, back to back, in alternating order. The ratio is the median
+    of the rounds' ratios, so a slow spell of the machine that spans a round
+    hits both sides of it; the times shown are each side's median."""
     fns = {d: make(d) for d in ("cpu", "mps_ext")}
     for d, fn in fns.items():
         for _ in range(warmup):
             fn()
         _sync(d)
-    cpu, dev = [], []
-    for _ in range(repeats):
-        cpu.append(time_call(fns["cpu"], "cpu", inner=inner, repeats=1))
-        dev.append(time_call(fns["mps_ext"], "mps_ext", inner=inner, repeats=1))
-    t_cpu, t_dev = statistics.median(cpu), statistics.median(dev)
-    return {"name": name, "cpu": t_cpu, "mps_ext": t_dev, "ratio": t_dev / t_cpu}
+    times = {"cpu": [], "mps_ext": []}
+    ratios = []
+    for r in range(repeats):
+        for d in (("cpu", "mps_ext") if r % 2 == 0 else ("mps_ext", "cpu")):
+            times[d].append(time_call(fns[d], d, inner=inner, repeats=1))
+        ratios.append(times["mps_ext"][-1] / times["cpu"][-1])
+    return {"name": name, "cpu": statistics.median(times["cpu"]),
+            "mps_ext": statistics.median(times["mps_ext"]),
+            "ratio": statistics.median(ratios)}
 
 
 def fmt_time(s: float) -> str:

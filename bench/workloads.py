@@ -3,6 +3,7 @@
 import torch
 
 import torch_mps_ext  # noqa: F401
+from bench import compile as compiled
 from bench import shaders
 from bench.ops import add_large_fresh, add_large_out, add_small, mlp_step, mm
 
@@ -54,11 +55,12 @@ WORKLOADS = [
     ("mm_1024", mm, dict(inner=5)),
     ("conv2d_8x64x56x56", conv2d, dict(inner=3)),
     ("softmax_4096", softmax, dict(inner=3)),
-    ("mlp_step", mlp_step, dict(inner=20, repeats=15, warmup=10)),
-    ("cnn_step", cnn_step, dict(inner=5, repeats=15, warmup=10)),
+    ("mlp_step", mlp_step, dict(inner=10, repeats=31, warmup=10)),
+    ("cnn_step", cnn_step, dict(inner=3, repeats=31, warmup=10)),
     ("alloc_fill_64MB", alloc_fill, dict(inner=5)),
     ("rand_16M", rand, dict(inner=3)),
     *shaders.WORKLOADS,
+    *compiled.WORKLOADS,
 ]
 
 TARGETS = {"add_1k": 1.3, "add_16M_fresh": 0.35, "add_16M_out": 1.05, "mm_1024": 1.05,

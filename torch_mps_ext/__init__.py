@@ -105,6 +105,22 @@ def _is_in_bad_fork() -> bool:
 
 from .amp import get_amp_supported_dtype  # noqa: E402
 
+_INDUCTOR_CODEGEN = ("Scheduling", "PythonWrapperCodegen", "CppWrapperCodegen",
+                     "WrapperFxCodegen")
+
+
+def __getattr__(name):
+    # Inductor asks torch.mps_ext for its code generators when it first
+    # compiles for the device: torch.compile runs Inductor's Metal backend,
+    # its kernels built by compile_shader (_inductor.py). Imported on demand
+    # so that importing torch_mps_ext does not import Inductor.
+    if name in _INDUCTOR_CODEGEN:
+        from ._inductor import CODEGEN
+
+        return CODEGEN.get(name)
+    raise AttributeError(f"module 'torch.mps_ext' has no attribute '{name}'")
+
+
 __all__ = [
     "get_amp_supported_dtype",
     "compile_shader",

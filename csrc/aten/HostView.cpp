@@ -74,6 +74,20 @@ bool isPoolMemory(const c10::DataPtr& dp) {
   return dp.get_deleter() == poolDeleter();
 }
 
+namespace {
+
+// A tensor with `key` over `storage`, with like's geometry and math bits.
+at::Tensor tensorOver(c10::Storage storage, const at::Tensor& like, c10::DispatchKey key) {
+  auto impl = c10::make_intrusive<c10::TensorImpl>(
+      std::move(storage), c10::DispatchKeySet(key), like.dtype());
+  impl->set_sizes_and_strides(like.sizes(), like.strides(), like.storage_offset());
+  if (like.is_conj()) impl->_set_conj(true);
+  if (like.is_neg()) impl->_set_neg(true);
+  return at::Tensor(std::move(impl));
+}
+
+} // namespace
+
 at::Tensor hostView(const at::Tensor& t) {
   // The host is about to touch device memory inline: first let the current
   // stream finish what is queued on it (runtime/Stream.h).
@@ -83,13 +97,7 @@ at::Tensor hostView(const at::Tensor& t) {
       c10::StorageImpl::use_byte_size_t(), dev->nbytes(),
       c10::DataPtr(const_cast<void*>(dev->data()), c10::Device(c10::kCPU)),
       &lending(), dev->resizable());
-  auto impl = c10::make_intrusive<c10::TensorImpl>(
-      c10::Storage(std::move(storage)), c10::DispatchKeySet(c10::DispatchKey::CPU),
-      t.dtype());
-  impl->set_sizes_and_strides(t.sizes(), t.strides(), t.storage_offset());
-  if (t.is_conj()) impl->_set_conj(true);
-  if (t.is_neg()) impl->_set_neg(true);
-  return at::Tensor(std::move(impl));
+  return tensorOver(c10::Storage(std::move(storage)), t, c10::DispatchKey::CPU);
 }
 
 at::Tensor hostAlias(const at::Tensor& t) {
@@ -104,23 +112,11 @@ at::Tensor hostAlias(const at::Tensor& t) {
   auto storage = c10::make_intrusive<c10::StorageImpl>(
       c10::StorageImpl::use_byte_size_t(), dev->nbytes(), std::move(dp),
       /*allocator=*/nullptr, /*resizable=*/false);
-  auto impl = c10::make_intrusive<c10::TensorImpl>(
-      c10::Storage(std::move(storage)), c10::DispatchKeySet(c10::DispatchKey::CPU),
-      t.dtype());
-  impl->set_sizes_and_strides(t.sizes(), t.strides(), t.storage_offset());
-  if (t.is_conj()) impl->_set_conj(true);
-  if (t.is_neg()) impl->_set_neg(true);
-  return at::Tensor(std::move(impl));
+  return tensorOver(c10::Storage(std::move(storage)), t, c10::DispatchKey::CPU);
 }
 
 at::Tensor deviceTensor(c10::Storage storage, const at::Tensor& like) {
-  auto impl = c10::make_intrusive<c10::TensorImpl>(
-      std::move(storage), c10::DispatchKeySet(c10::DispatchKey::PrivateUse1),
-      like.dtype());
-  impl->set_sizes_and_strides(like.sizes(), like.strides(), like.storage_offset());
-  if (like.is_conj()) impl->_set_conj(true);
-  if (like.is_neg()) impl->_set_neg(true);
-  return at::Tensor(std::move(impl));
+  return tensorOver(std::move(storage), like, c10::DispatchKey::PrivateUse1);
 }
 
 c10::Storage adoptLentStorage(c10::StorageImpl* cpu_storage, int device) {

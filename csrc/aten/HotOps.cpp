@@ -164,53 +164,49 @@ at::Tensor newOutput(c10::IntArrayRef sizes, c10::IntArrayRef strides,
                                           dtype);
 }
 
-// Impl is a TensorIterator-based structured class of CPU's.
-template <class Impl>
-struct Functional final : Impl {
+// Impl is a TensorIterator-based structured class of CPU's; its meta calls
+// set_output_*, which Derived::output answers (a new device tensor, or a
+// check of `self`) before TensorIterator records the output.
+template <class Impl, class Derived>
+struct Outputs : Impl {
   static_assert(std::is_base_of_v<at::TensorIteratorBase, Impl>);
-  at::Tensor out;
-
   void set_output_strided(int64_t i, c10::IntArrayRef sizes, c10::IntArrayRef strides,
                           c10::TensorOptions options) override {
-    make(i, sizes, strides, options);
+    set(i, sizes, strides, options);
   }
   void set_output_raw_strided(int64_t i, c10::IntArrayRef sizes,
                               c10::IntArrayRef strides,
                               c10::TensorOptions options) override {
-    make(i, sizes, strides, options);
+    set(i, sizes, strides, options);
   }
-  const at::Tensor& maybe_get_output(int64_t /*i*/) override { return out; }
 
  private:
-  void make(int64_t i, c10::IntArrayRef sizes, c10::IntArrayRef strides,
-            const c10::TensorOptions& options) {
-    out = newOutput(sizes, strides, options);
+  void set(int64_t i, c10::IntArrayRef sizes, c10::IntArrayRef strides,
+           const c10::TensorOptions& options) {
+    static_cast<Derived*>(this)->output(sizes, strides, options);
     Impl::set_output_raw_strided(i, sizes, strides, options);
   }
 };
 
 template <class Impl>
-struct InPlace final : Impl {
-  static_assert(std::is_base_of_v<at::TensorIteratorBase, Impl>);
+struct Functional final : Outputs<Impl, Functional<Impl>> {
+  at::Tensor out;
+  const at::Tensor& maybe_get_output(int64_t /*i*/) override { return out; }
+  void output(c10::IntArrayRef sizes, c10::IntArrayRef strides,
+              const c10::TensorOptions& options) {
+    out = newOutput(sizes, strides, options);
+  }
+};
+
+template <class Impl>
+struct InPlace final : Outputs<Impl, InPlace<Impl>> {
   explicit InPlace(const at::Tensor& s) : self(s) {}
   const at::Tensor& self;
-
-  void set_output_strided(int64_t i, c10::IntArrayRef sizes, c10::IntArrayRef strides,
-                          c10::TensorOptions options) override {
-    check(i, sizes, strides, options);
-  }
-  void set_output_raw_strided(int64_t i, c10::IntArrayRef sizes,
-                              c10::IntArrayRef strides,
-                              c10::TensorOptions options) override {
-    check(i, sizes, strides, options);
-  }
   const at::Tensor& maybe_get_output(int64_t /*i*/) override { return self; }
-
- private:
   // The checks torchgen's in-place wrappers make (TensorIterator has
   // usually refused such a call before).
-  void check(int64_t i, c10::IntArrayRef sizes, c10::IntArrayRef strides,
-             const c10::TensorOptions& options) {
+  void output(c10::IntArrayRef sizes, c10::IntArrayRef /*strides*/,
+              const c10::TensorOptions& options) {
     TORCH_CHECK(options.dtype() == self.dtype(), "Bad in-place call: ",
                 "input tensor dtype ", self.dtype(), " and output tensor dtype ",
                 options.dtype(), " should match");
@@ -219,7 +215,6 @@ struct InPlace final : Impl {
                 options.device(), " should match");
     TORCH_CHECK(sizes == self.sizes(), "Bad in-place call: ", "input tensor size ",
                 self.sizes(), " and output tensor size ", sizes, " should match");
-    Impl::set_output_raw_strided(i, sizes, strides, options);
   }
 };
 

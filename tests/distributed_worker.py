@@ -3,6 +3,8 @@ collective on mps_ext tensors through the public torch.distributed API and
 checks each result against what the ranks' inputs imply. Prints
 `rank <r> ok <names>` when all hold."""
 
+import sys
+
 import torch
 import torch.distributed as dist
 
@@ -110,4 +112,7 @@ check("cpu_tensor", c, torch.full((2,), float(world)))
 
 dist.barrier()
 dist.destroy_process_group()
-print(f"rank {rank} ok {' '.join(checked)}", flush=True)
+# One write per line: the ranks share the pipe, and print() writes the
+# newline separately.
+sys.stdout.write(f"rank {rank} ok {' '.join(checked)}\n")
+sys.stdout.flush()

@@ -111,6 +111,8 @@ dist.all_reduce(c)
 check("cpu_tensor", c, torch.full((2,), float(world)))
 
 dist.barrier()
+dist.monitored_barrier()
+checked.append("barriers")
 dist.destroy_process_group()
 # One write per line: the ranks share the pipe, and print() writes the
 # newline separately.

@@ -41,25 +41,19 @@ def is_available() -> bool:
 if is_available():
     from torch._C._distributed_c10d import (
         AllgatherOptions,
-        AllreduceCoalescedOptions,
-        AllreduceOptions,
         AllToAllOptions,
-        BarrierOptions,
-        BroadcastOptions,
-        GatherOptions,
         ProcessGroupGloo,
-        ReduceOptions,
         ReduceScatterOptions,
-        ScatterOptions,
     )
 
-    def _host(t):
-        """What gloo gets for `t`: a CPU alias of an mps_ext tensor."""
-        if isinstance(t, torch.Tensor):
-            if t.device.type == BACKEND:
-                return torch.ops.mps_ext._host_alias(t)
-            return t
-        return [_host(x) for x in t]
+    def _host(x):
+        """What gloo gets for an argument: CPU aliases for mps_ext tensors
+        (in lists, lists of lists), everything else as it is."""
+        if isinstance(x, torch.Tensor):
+            return torch.ops.mps_ext._host_alias(x) if x.device.type == BACKEND else x
+        if isinstance(x, (list, tuple)):
+            return type(x)(_host(e) for e in x)
+        return x
 
     def _last(works):
         """Runs a list of collectives as one: waits for all but the last."""
@@ -68,7 +62,9 @@ if is_available():
         return works[-1]
 
     class ProcessGroupMpsExt(dist.ProcessGroup):
-        """A process group for mps_ext (and CPU) tensors over gloo."""
+        """A process group for mps_ext (and CPU) tensors over gloo. Each
+        collective is gloo's, on host aliases of the tensors (the methods
+        named in _GLOO_COLLECTIVES, added below)."""
 
         def __init__(self, store, rank: int, size: int,
                      timeout: datetime.timedelta | None = None):
@@ -82,74 +78,8 @@ if is_available():
         def __repr__(self) -> str:
             return f"ProcessGroupMpsExt(rank={self.rank()}, size={self.size()})"
 
-        # Each collective: the same call on gloo, over host aliases.
-        def allreduce(self, tensors, opts=None):
-            if not isinstance(opts, AllreduceOptions):
-                op = opts if opts is not None else dist.ReduceOp.SUM
-                opts = AllreduceOptions()
-                opts.reduceOp = op
-            with torch.no_grad():
-                return self._gloo.allreduce(_host(tensors), opts)
-
-        def allreduce_coalesced(self, tensors, opts=AllreduceCoalescedOptions()):
-            with torch.no_grad():
-                return self._gloo.allreduce_coalesced(_host(tensors), opts)
-
-        def broadcast(self, tensors, opts=None):
-            if not isinstance(opts, BroadcastOptions):
-                root = opts if opts is not None else 0
-                opts = BroadcastOptions()
-                opts.rootRank = root
-            with torch.no_grad():
-                return self._gloo.broadcast(_host(tensors), opts)
-
-        def reduce(self, tensors, opts=ReduceOptions()):
-            with torch.no_grad():
-                return self._gloo.reduce(_host(tensors), opts)
-
-        def allgather(self, output_tensors, input_tensors, opts=AllgatherOptions()):
-            with torch.no_grad():
-                return self._gloo.allgather(_host(output_tensors), _host(input_tensors), opts)
-
-        def _allgather_base(self, output, input, opts=AllgatherOptions()):
-            with torch.no_grad():
-                return self._gloo._allgather_base(_host(output), _host(input), opts)
-
-        def allgather_coalesced(self, output_lists, input_list, opts=AllgatherOptions()):
-            with torch.no_grad():
-                return self._gloo.allgather_coalesced(_host(output_lists), _host(input_list),
-                                                      opts)
-
-        def gather(self, output_tensors, input_tensors, opts=GatherOptions()):
-            with torch.no_grad():
-                return self._gloo.gather(_host(output_tensors), _host(input_tensors), opts)
-
-        def scatter(self, output_tensors, input_tensors, opts=ScatterOptions()):
-            with torch.no_grad():
-                return self._gloo.scatter(_host(output_tensors), _host(input_tensors), opts)
-
-        def reduce_scatter(self, output_tensors, input_tensors,
-                           opts=ReduceScatterOptions()):
-            with torch.no_grad():
-                return self._gloo.reduce_scatter(_host(output_tensors), _host(input_tensors),
-                                                 opts)
-
-        def _reduce_scatter_base(self, output, input, opts=ReduceScatterOptions()):
-            with torch.no_grad():
-                return self._gloo._reduce_scatter_base(_host(output), _host(input), opts)
-
-        def alltoall_base(self, output, input, output_split_sizes, input_split_sizes,
-                          opts=AllToAllOptions()):
-            with torch.no_grad():
-                return self._gloo.alltoall_base(_host(output), _host(input),
-                                                output_split_sizes, input_split_sizes, opts)
-
-        def alltoall(self, output_tensors, input_tensors, opts=AllToAllOptions()):
-            with torch.no_grad():
-                return self._gloo.alltoall(_host(output_tensors), _host(input_tensors), opts)
-
-        # The single-tensor forms dist.all_gather_into_tensor,
-        # reduce_scatter_tensor and all_to_all_single call.
+        # The single-tensor forms dist.all_gather_single/into_tensor,
+        # reduce_scatter_single/tensor and all_to_all_single call.
         def all_gather_single(self, output, input, opts=AllgatherOptions()):
             return self._allgather_base(output, input, opts)
 
@@ -170,32 +100,25 @@ if is_available():
             return _last([self._reduce_scatter_base(o, i, opts)
                           for o, i in zip(outputs, inputs, strict=True)])
 
-        def allgather_into_tensor_coalesced(self, outputs, inputs, opts=AllgatherOptions()):
-            return self.all_gather_single_coalesced(outputs, inputs, opts)
+        allgather_into_tensor_coalesced = all_gather_single_coalesced
+        reduce_scatter_tensor_coalesced = reduce_scatter_single_coalesced
 
-        def reduce_scatter_tensor_coalesced(self, outputs, inputs,
-                                            opts=ReduceScatterOptions()):
-            return self.reduce_scatter_single_coalesced(outputs, inputs, opts)
+    _GLOO_COLLECTIVES = (
+        "allreduce", "allreduce_coalesced", "broadcast", "reduce", "allgather",
+        "_allgather_base", "allgather_coalesced", "gather", "scatter", "reduce_scatter",
+        "_reduce_scatter_base", "alltoall_base", "alltoall", "send", "recv",
+        "recv_anysource", "barrier", "monitored_barrier")
 
-        def send(self, tensors, dst_rank, tag=0):
+    def _on_gloo(name):
+        def collective(self, *args, **kwargs):
             with torch.no_grad():
-                return self._gloo.send(_host(tensors), dst_rank, tag)
+                return getattr(self._gloo, name)(*_host(args), **kwargs)
+        collective.__name__ = collective.__qualname__ = name
+        collective.__doc__ = f"gloo's {name}, on host aliases of mps_ext tensors."
+        return collective
 
-        def recv(self, tensors, src_rank, tag=0):
-            with torch.no_grad():
-                return self._gloo.recv(_host(tensors), src_rank, tag)
-
-        def recv_anysource(self, tensors, tag=0):
-            with torch.no_grad():
-                return self._gloo.recv_anysource(_host(tensors), tag)
-
-        def barrier(self, opts=BarrierOptions()):
-            return self._gloo.barrier(opts)
-
-        def monitored_barrier(self, timeout=None, wait_all_ranks=False):
-            if timeout is None:
-                return self._gloo.monitored_barrier(wait_all_ranks=wait_all_ranks)
-            return self._gloo.monitored_barrier(timeout, wait_all_ranks)
+    for _name in _GLOO_COLLECTIVES:
+        setattr(ProcessGroupMpsExt, _name, _on_gloo(_name))
 
     def _create(store, rank, size, timeout):
         return ProcessGroupMpsExt(store, rank, size, timeout)

@@ -3,6 +3,7 @@ collective on mps_ext tensors through the public torch.distributed API and
 checks each result against what the ranks' inputs imply. Prints
 `rank <r> ok <names>` when all hold."""
 
+import datetime
 import sys
 
 import torch
@@ -111,7 +112,9 @@ dist.all_reduce(c)
 check("cpu_tensor", c, torch.full((2,), float(world)))
 
 dist.barrier()
-dist.monitored_barrier()
+# dist.monitored_barrier() accepts gloo groups only (by name); the group's
+# own method is gloo's.
+pg.monitored_barrier(datetime.timedelta(seconds=60), wait_all_ranks=True)
 checked.append("barriers")
 dist.destroy_process_group()
 # One write per line: the ranks share the pipe, and print() writes the

@@ -1042,3 +1042,27 @@ def test_argument_block_is_relocatable_for_an_async_runtime(c10_lib, monkeypatch
     with pytest.raises(torch.AcceleratorError, match="index 5 is out of bounds for size 5"):
         sync()
     assert out.cpu().tolist() == [1.0] * 5 + [0.0] * 3
+
+
+def test_precise_math_is_within_metal_bounds_vectorized():
+    # Elementary functions vectorize through glibc's libmvec on x86-64
+    # (mpsx_metal.h); Metal allows its precise:: functions 4 ulp.
+    lib = torch.mps_ext.compile_shader("""
+        #include <metal_stdlib>
+        using namespace metal;
+        kernel void ksin(device float* o, constant float* a, uint i [[thread_position_in_grid]]) { o[i] = precise::sin(a[i]); }
+        kernel void kexp(device float* o, constant float* a, uint i [[thread_position_in_grid]]) { o[i] = precise::exp(a[i]); }
+        kernel void klog(device float* o, constant float* a, uint i [[thread_position_in_grid]]) { o[i] = precise::log(a[i]); }
+        kernel void ktanh(device float* o, constant float* a, uint i [[thread_position_in_grid]]) { o[i] = precise::tanh(a[i]); }
+    """)
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(1 << 16, generator=g) * 20
+    eps, tiny = torch.finfo(torch.float32).eps, torch.finfo(torch.float32).tiny
+    for name, ref, x in (("ksin", torch.sin, a), ("kexp", torch.exp, a / 4),
+                         ("klog", torch.log, a.abs() + 1e-3), ("ktanh", torch.tanh, a / 8)):
+        xd = x.to("mps_ext")
+        out = torch.empty_like(xd)
+        getattr(lib, name)(out, xd)
+        exact = ref(x.double())
+        ulps = ((out.cpu().double() - exact).abs() / (eps * exact.abs().clamp_min(tiny))).max()
+        assert ulps <= 4.0, (name, ulps.item())

@@ -10,6 +10,7 @@ for debugging.
 
 from __future__ import annotations
 
+import ctypes.util
 import functools
 import hashlib
 import os
@@ -17,6 +18,7 @@ import platform
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -94,6 +96,18 @@ CODEGEN_FLAGS = [
 ]
 
 
+def _math_libs() -> list[str]:
+    """libm, and glibc's vector math library where mpsx_metal.h declares
+    its functions SIMD (x86-64 glibc); elsewhere those declarations are off."""
+    if sys.platform.startswith("linux") and platform.machine() == "x86_64" and \
+            ctypes.util.find_library("mvec"):
+        return ["-lmvec", "-lm"]
+    return ["-DMPSX_NO_LIBMVEC", "-lm"]
+
+
+_MATH_LIBS = _math_libs()
+
+
 def _arch_flags() -> list[str]:
     env = os.environ.get("TORCH_MPS_EXT_SHADER_ARCH_FLAGS")
     if env is not None:
@@ -116,7 +130,7 @@ def headers_hash() -> str:
 
 def library_key(source: str, checked: bool) -> str:
     h = hashlib.sha256()
-    for part in (FORMAT_VERSION, headers_hash(), " ".join(COMMON_FLAGS + CODEGEN_FLAGS + _arch_flags()),
+    for part in (FORMAT_VERSION, headers_hash(), " ".join(COMMON_FLAGS + CODEGEN_FLAGS + _arch_flags() + _MATH_LIBS),
                  compiler_identity(), machine_identity(), "checked" if checked else "fast", source):
         h.update(part.encode())
         h.update(b"\0")
@@ -199,7 +213,7 @@ def compile_library(source: str) -> tuple[Path, bool]:
         src_path.write_text(cpp)
         out = tmpdir / "lib.so"
         cmd = [*compiler(), *COMMON_FLAGS, *CODEGEN_FLAGS, *_arch_flags(), f"-I{INCLUDE_DIR}", str(src_path),
-               "-o", str(out), "-lm"]
+               "-o", str(out), *_MATH_LIBS]
         with _lock:
             stats["compiler_runs"] += 1
         r = subprocess.run(cmd, capture_output=True, text=True)

@@ -4,9 +4,9 @@ against CPU eager: the same function, compiled on mps_ext, eager on CPU.
     python -m bench compile_fused_arith_4M compile_fused_transcendental_4M
 
 Informational rows (no target): fused arithmetic runs faster than CPU eager
-(one pass over memory instead of one per op); transcendental functions are
-slower, since the shader math library is scalar where CPU's kernels are SIMD
-(docs/compile.md).
+(one pass over memory instead of one per op); the transcendental one is
+slower, mostly from torch's c10::metal::erf, whose branch keeps the shader
+loop scalar (docs/compile.md).
 """
 
 import torch

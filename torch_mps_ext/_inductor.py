@@ -88,9 +88,6 @@ class MpsExtInterface(MpsInterface):
         return MpsExtInterface.Worker.get_device_properties(device)
 
 
-_compile_on_mps = runtime_utils.compile_mps_shader
-
-
 def compile_mps_shader(source: str) -> Any:
     """What Inductor's generated code calls to build its Metal kernels."""
     try:

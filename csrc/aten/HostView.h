@@ -52,6 +52,12 @@ c10::Storage adoptLentStorage(c10::StorageImpl* cpu_storage, int device);
 // else a copy.
 at::Tensor adoptResult(const at::Tensor& cpu, int device);
 
+// Ops.cpp: a new tensor on mps_ext:`device` (what empty/empty_strided make);
+// no strides: contiguous in `memory_format`.
+at::Tensor emptyOnDevice(c10::IntArrayRef sizes, std::optional<c10::IntArrayRef> strides,
+                         at::ScalarType dtype, int device,
+                         std::optional<at::MemoryFormat> memory_format = std::nullopt);
+
 // A device copy of the CPU tensor `cpu` on `device`, same sizes and strides.
 at::Tensor copyToDevice(const at::Tensor& cpu, int device);
 

@@ -16,22 +16,17 @@
 // TensorIterator makes); any other call, tensors on different devices, and
 // conj/neg tensors take the boxed fallback: its behaviour and errors.
 
-// A DispatchStub call passes CPU's kernel for each CPU capability torch was
-// built with; torch's x86-64 builds have AVX2 and AVX-512 kernels, and the
-// declarations must say so to match (elsewhere the fast path is not built
-// and these ops take the fallback).
-#if defined(__x86_64__)
-#define HAVE_AVX2_CPU_DEFINITION
-#define HAVE_AVX512_CPU_DEFINITION
+// Calling a DispatchStub needs its declarations to match torch's build (the
+// HAVE_*_CPU_DEFINITION flags CMakeLists.txt sets on x86-64); elsewhere the
+// fast path is not built and these ops take the fallback.
+#if defined(HAVE_AVX2_CPU_DEFINITION)
 #define MPS_EXT_HOT_OPS 1
 #endif
 
 #include "aten/HostView.h"
-#include "core/Allocator.h"
 #include "runtime/Device.h"
 #include "runtime/Stream.h"
 
-#include <ATen/EmptyTensor.h>
 #include <ATen/ScalarOps.h>
 #include <ATen/TensorIterator.h>
 #include <ATen/core/stack.h>
@@ -49,7 +44,6 @@
 #include <ATen/ops/relu_native.h>
 #include <ATen/ops/sub_native.h>
 #include <ATen/ops/threshold_backward_native.h>
-#include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -151,17 +145,10 @@ bool oneDtype(const at::TensorIteratorBase& it) {
 
 at::Tensor newOutput(c10::IntArrayRef sizes, c10::IntArrayRef strides,
                      const c10::TensorOptions& options) {
-  std::optional<c10::DeviceGuard> guard;
-  if (runtime::currentDevice() != options.device().index()) {
-    guard.emplace(options.device());
-  }
-  constexpr c10::DispatchKeySet ks(c10::DispatchKey::PrivateUse1);
-  auto dtype = options.dtype().toScalarType();
-  return strides.empty()
-      ? at::detail::empty_generic(sizes, &deviceAllocator(), ks, dtype,
-                                  options.memory_format_opt())
-      : at::detail::empty_strided_generic(sizes, strides, &deviceAllocator(), ks,
-                                          dtype);
+  // TensorIterator's "no strides" means contiguous.
+  return emptyOnDevice(sizes, strides.empty() ? std::nullopt : std::optional(strides),
+                       options.dtype().toScalarType(),
+                       options.device().index(), options.memory_format_opt());
 }
 
 // Impl is a TensorIterator-based structured class of CPU's; its meta calls

@@ -24,12 +24,16 @@ namespace {
 
 constexpr auto kDev = c10::DeviceType::PrivateUse1;
 
-c10::DeviceGuard guardFor(std::optional<at::Device> device) {
-  at::Device d = device.value_or(at::Device(kDev));
-  if (!d.has_index()) {
-    d = at::Device(kDev, static_cast<c10::DeviceIndex>(runtime::currentDevice()));
-  }
-  return c10::DeviceGuard(d);
+int deviceIndex(std::optional<at::Device> device) {
+  return device && device->has_index() ? device->index() : runtime::currentDevice();
+}
+
+void checkEmptyOptions(std::optional<at::Layout> layout, std::optional<bool> pin_memory) {
+  TORCH_CHECK(layout.value_or(at::kStrided) == at::kStrided,
+              "mps_ext supports strided tensors only, got layout ",
+              *layout);
+  TORCH_CHECK(!pin_memory.value_or(false),
+              "Only dense CPU tensors can be pinned");
 }
 
 at::Tensor empty_memory_format(c10::IntArrayRef size,
@@ -38,15 +42,10 @@ at::Tensor empty_memory_format(c10::IntArrayRef size,
                                std::optional<at::Device> device,
                                std::optional<bool> pin_memory,
                                std::optional<at::MemoryFormat> memory_format) {
-  TORCH_CHECK(layout.value_or(at::kStrided) == at::kStrided,
-              "mps_ext supports strided tensors only, got layout ",
-              *layout);
-  TORCH_CHECK(!pin_memory.value_or(false),
-              "Only dense CPU tensors can be pinned");
-  auto guard = guardFor(device);
-  return at::detail::empty_generic(
-      size, &deviceAllocator(), c10::DispatchKeySet(c10::DispatchKey::PrivateUse1),
-      dtype.value_or(c10::get_default_dtype_as_scalartype()), memory_format);
+  checkEmptyOptions(layout, pin_memory);
+  return emptyOnDevice(size, std::nullopt,
+                       dtype.value_or(c10::get_default_dtype_as_scalartype()),
+                       deviceIndex(device), memory_format);
 }
 
 at::Tensor empty_strided(c10::IntArrayRef size, c10::IntArrayRef stride,
@@ -54,16 +53,9 @@ at::Tensor empty_strided(c10::IntArrayRef size, c10::IntArrayRef stride,
                          std::optional<at::Layout> layout,
                          std::optional<at::Device> device,
                          std::optional<bool> pin_memory) {
-  TORCH_CHECK(layout.value_or(at::kStrided) == at::kStrided,
-              "mps_ext supports strided tensors only, got layout ",
-              *layout);
-  TORCH_CHECK(!pin_memory.value_or(false),
-              "Only dense CPU tensors can be pinned");
-  auto guard = guardFor(device);
-  return at::detail::empty_strided_generic(
-      size, stride, &deviceAllocator(),
-      c10::DispatchKeySet(c10::DispatchKey::PrivateUse1),
-      dtype.value_or(c10::get_default_dtype_as_scalartype()));
+  checkEmptyOptions(layout, pin_memory);
+  return emptyOnDevice(size, stride, dtype.value_or(c10::get_default_dtype_as_scalartype()),
+                       deviceIndex(device));
 }
 
 at::Tensor as_strided(const at::Tensor& self, c10::IntArrayRef size,
@@ -172,6 +164,20 @@ at::Scalar local_scalar_dense(const at::Tensor& self) {
 }
 
 } // namespace
+
+at::Tensor emptyOnDevice(c10::IntArrayRef sizes, std::optional<c10::IntArrayRef> strides,
+                         at::ScalarType dtype, int device,
+                         std::optional<at::MemoryFormat> memory_format) {
+  std::optional<c10::DeviceGuard> guard;
+  if (runtime::currentDevice() != device) {
+    guard.emplace(at::Device(kDev, static_cast<c10::DeviceIndex>(device)));
+  }
+  constexpr c10::DispatchKeySet ks(c10::DispatchKey::PrivateUse1);
+  return strides ? at::detail::empty_strided_generic(sizes, *strides, &deviceAllocator(), ks,
+                                                     dtype)
+                 : at::detail::empty_generic(sizes, &deviceAllocator(), ks, dtype,
+                                             memory_format);
+}
 
 void resizeStorageBytes(c10::StorageImpl* storage, std::size_t newsize) {
   TORCH_CHECK(storage->resizable(),

@@ -96,16 +96,15 @@ CODEGEN_FLAGS = [
 ]
 
 
-def _math_libs() -> list[str]:
+@functools.lru_cache(maxsize=None)
+def _math_flags() -> tuple[str, ...]:
     """libm, and glibc's vector math library where mpsx_metal.h declares
-    its functions SIMD (x86-64 glibc); elsewhere those declarations are off."""
+    its functions SIMD (x86-64 glibc); elsewhere those declarations are off.
+    Looked up on the first build (find_library runs ldconfig)."""
     if sys.platform.startswith("linux") and platform.machine() == "x86_64" and \
             ctypes.util.find_library("mvec"):
-        return ["-lmvec", "-lm"]
-    return ["-DMPSX_NO_LIBMVEC", "-lm"]
-
-
-_MATH_LIBS = _math_libs()
+        return ("-lmvec", "-lm")
+    return ("-DMPSX_NO_LIBMVEC", "-lm")
 
 
 def _arch_flags() -> list[str]:
@@ -130,7 +129,7 @@ def headers_hash() -> str:
 
 def library_key(source: str, checked: bool) -> str:
     h = hashlib.sha256()
-    for part in (FORMAT_VERSION, headers_hash(), " ".join(COMMON_FLAGS + CODEGEN_FLAGS + _arch_flags() + _MATH_LIBS),
+    for part in (FORMAT_VERSION, headers_hash(), " ".join([*COMMON_FLAGS, *CODEGEN_FLAGS, *_arch_flags(), *_math_flags()]),
                  compiler_identity(), machine_identity(), "checked" if checked else "fast", source):
         h.update(part.encode())
         h.update(b"\0")
@@ -213,7 +212,7 @@ def compile_library(source: str) -> tuple[Path, bool]:
         src_path.write_text(cpp)
         out = tmpdir / "lib.so"
         cmd = [*compiler(), *COMMON_FLAGS, *CODEGEN_FLAGS, *_arch_flags(), f"-I{INCLUDE_DIR}", str(src_path),
-               "-o", str(out), *_MATH_LIBS]
+               "-o", str(out), *_math_flags()]
         with _lock:
             stats["compiler_runs"] += 1
         r = subprocess.run(cmd, capture_output=True, text=True)

@@ -111,6 +111,16 @@ c = torch.ones(2)  # CPU tensors in the same group go to gloo as they are
 dist.all_reduce(c)
 check("cpu_tensor", c, torch.full((2,), float(world)))
 
+# DDP's logging data has device timings (csrc/core/DdpTimer.cpp): without a
+# timer for the device type DDP records none (and warns).
+ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(16, 16).to(dev))
+for _ in range(11):  # DDP samples timings in its first iterations
+    ddp(torch.randn(8, 16, device=dev)).sum().backward()
+stats = ddp._get_ddp_logging_data()
+assert stats.get("avg_forward_compute_time", 0) > 0, stats
+assert stats.get("avg_backward_compute_time", 0) > 0, stats
+checked.append("ddp_timings")
+
 dist.barrier()
 # dist.monitored_barrier() accepts gloo groups only (by name); the group's
 # own method is gloo's.

@@ -297,3 +297,72 @@ def test_scaled_dot_product_attention_takes_cpus_route():
         assert torch.equal(outs[0], outs[1])
         for a, b in zip(*grads):
             assert torch.equal(a, b)
+
+
+# The hot pointwise ops (csrc/aten/HotOps.cpp) run CPU's structured kernels
+# on the device tensors; calls TensorIterator would convert on CPU (mixed
+# dtypes, half with a Python number) take the fallback. Either way: CPU's
+# result, dtype and strides, bit for bit, and CPU's errors.
+HOT_CASES = {
+    "add": lambda x, y: x + y,
+    "sub_alpha": lambda x, y: torch.sub(x, y, alpha=2),
+    "mul": lambda x, y: x * y,
+    "div": lambda x, y: x / y,
+    "neg": lambda x, y: -x,
+    "relu": lambda x, y: torch.relu(x),
+    "clamp_min": lambda x, y: torch.clamp_min(x, 0.1),
+    "threshold_backward": lambda x, y: torch.ops.aten.threshold_backward(x, y, 0.0),
+    "python_float": lambda x, y: x * 0.3 + 1.5,
+    "python_int_on_int": lambda x, y: x.int() * 3 - 2,
+    "int_true_divide": lambda x, y: x.int() / 2,
+    "int_plus_float": lambda x, y: x.int() + 1.5,
+    "half_times_python_float": lambda x, y: x.half() * 0.1,
+    "bfloat16_plus_python_float": lambda x, y: x.bfloat16() + 0.1,
+    "double_cpu_scalar_tensor": lambda x, y: x + torch.tensor(2.0, dtype=torch.float64),
+    "scalar_tensor_first": lambda x, y: torch.tensor(3.0) - x,
+    "broadcast": lambda x, y: x[:, :1] * y,
+    "transposed": lambda x, y: x.t() + y.t(),
+    "int_relu": lambda x, y: x.int().relu(),
+    "bool_mul": lambda x, y: (x > 0) * True,
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOT_CASES))
+def test_hot_ops_match_cpu_bit_for_bit(name):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(5, 3, generator=g) * 4, torch.randn(5, 3, generator=g)
+    fn = HOT_CASES[name]
+    want = fn(x, y)
+    got = fn(x.to("mps_ext"), y.to("mps_ext"))
+    assert got.device.type == "mps_ext"
+    assert got.dtype == want.dtype and got.stride() == want.stride()
+    assert torch.equal(got.cpu(), want)
+
+
+def test_hot_inplace_ops_match_cpu():
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(4, 4, generator=g), torch.randn(4, 4, generator=g)
+    x, y = a.to("mps_ext"), b.to("mps_ext")
+    storage = x.untyped_storage().data_ptr()
+    for t, u in ((a, b), (x, y)):
+        t.add_(u, alpha=2).mul_(0.9).div_(3).sub_(u).neg_().relu_().clamp_min_(0.05)
+        t.mul_(torch.tensor(2.0))
+    assert torch.equal(x.cpu(), a)
+    assert x.untyped_storage().data_ptr() == storage
+
+
+@pytest.mark.parametrize("bad", [
+    lambda d: torch.randn(3, device=d).add_(torch.randn(4, 3, device=d)),
+    lambda d: torch.ones(3, dtype=torch.int, device=d).div_(2),
+    lambda d: torch.ones(3, dtype=torch.bool, device=d) - torch.ones(3, dtype=torch.bool, device=d),
+    lambda d: torch.ones(3, dtype=torch.bool, device=d).relu(),
+    lambda d: torch.ones(3, device=d) + torch.ones(4, device=d),
+    lambda d: torch.ones(2, 3, device=d).expand(3, 2, 3).add_(1),
+    lambda d: torch.ones(3, device=d).add(torch.ones(3, device=d), alpha=1j),
+])
+def test_hot_op_errors_are_cpus(bad):
+    with pytest.raises(RuntimeError) as cpu:
+        bad("cpu")
+    with pytest.raises(RuntimeError) as dev:
+        bad("mps_ext")
+    assert str(dev.value) == str(cpu.value)

@@ -98,6 +98,13 @@ def load_metallib(source):
     return _load(source)
 
 
+# torch.cuda's flag, which torch reads from any device module: activation
+# checkpointing (torch.utils.checkpoint) saves and restores a device's RNG
+# state only when `device_module._initialized` is true, so without it the
+# recomputed forward draws other dropout masks than the original one.
+_initialized = True
+
+
 def _is_in_bad_fork() -> bool:
     """mps_ext survives fork: its state is plain host memory."""
     return False

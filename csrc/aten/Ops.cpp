@@ -163,6 +163,23 @@ at::Scalar local_scalar_dense(const at::Tensor& self) {
   return at::native::_local_scalar_dense_cpu(hostView(self));
 }
 
+// Whether `self.data = from` (and so Module.to/_apply keeping the same
+// Parameter objects) is allowed. c10's TensorImpl rule lists the dense
+// in-tree backends (CPU, CUDA, MPS, ...) but not PrivateUse1, so without this
+// kernel CPU -> mps_ext conversion is "incompatible": Module._apply builds a
+// new Parameter per module, which unties shared (tied) weights, and
+// `cpu_param.data = mps_ext_tensor` raises. TensorImpl.h asks backends to
+// override this operator. Dense strided tensors of CPU and mps_ext are
+// interchangeable here, exactly as CPU and CUDA ones are.
+bool has_compatible_shallow_copy_type(const at::Tensor& self, const at::Tensor& from) {
+  auto dense = [](const at::Tensor& t) {
+    return t.layout() == at::kStrided && !t.is_quantized() && !t.is_nested() &&
+           (t.is_cpu() || t.device().type() == kDev);
+  };
+  if (dense(self) && dense(from)) return true;
+  return self.unsafeGetTensorImpl()->has_compatible_shallow_copy_type(from.key_set());
+}
+
 } // namespace
 
 at::Tensor emptyOnDevice(c10::IntArrayRef sizes, std::optional<c10::IntArrayRef> strides,
@@ -205,6 +222,7 @@ TORCH_LIBRARY_IMPL(aten, PrivateUse1, m) {
   m.impl("_copy_from", TORCH_FN(copy_from));
   m.impl("_copy_from_and_resize", TORCH_FN(copy_from_and_resize));
   m.impl("_local_scalar_dense", TORCH_FN(local_scalar_dense));
+  m.impl("_has_compatible_shallow_copy_type", TORCH_FN(has_compatible_shallow_copy_type));
 }
 
 } // namespace torch_mps_ext

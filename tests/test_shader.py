@@ -612,6 +612,34 @@ def test_scalar_arguments_and_arg_casts(basic_lib):
     assert vals.cpu().tolist() == [2, -4, 600, 8]
 
 
+_SCALAR_KERNELS = {
+    # dtype of the 0-dim CPU tensor: the MSL type of the constant parameter
+    torch.float32: "float", torch.float16: "half", torch.bfloat16: "bfloat",
+    torch.int32: "int", torch.int64: "long", torch.int16: "short", torch.int8: "char",
+    torch.uint8: "uchar", torch.bool: "bool",
+}
+
+
+@pytest.mark.parametrize("dtype", list(_SCALAR_KERNELS), ids=str)
+def test_zero_dim_cpu_tensor_is_bound_by_value(dtype):
+    # torch.mps binds a 0-dim CPU tensor as its value in its own dtype;
+    # float64 is narrowed to float (below). Each kernel writes v * 1 as float.
+    msl = _SCALAR_KERNELS[dtype]
+    lib = compile_shader(f"kernel void k(device float* o, constant {msl}& v,"
+                         " uint i [[thread_position_in_grid]]) { o[i] = float(v); }")
+    value = {torch.bool: True, torch.uint8: 200, torch.int8: -100}.get(
+        dtype, -3 if not dtype.is_floating_point else 2.5)
+    out = torch.zeros(4, device=DEV)
+    lib.k(out, torch.tensor(value, dtype=dtype))
+    sync()
+    assert out.cpu().tolist() == [float(value)] * 4
+    lib64 = compile_shader("kernel void k(device float* o, constant float& v,"
+                           " uint i [[thread_position_in_grid]]) { o[i] = v; }")
+    lib64.k(out, torch.tensor(-1.5, dtype=torch.float64))
+    sync()
+    assert out.cpu().tolist() == [-1.5] * 4
+
+
 def test_storage_offset_is_honoured(basic_lib):
     base = torch.zeros(32, device=DEV)
     view = base[8:24]

@@ -176,7 +176,9 @@ class MetalKernel:
                     if a.dtype == torch.float64:
                         L.bytes_arg(idx, struct.pack("<f", float(a.item())))
                     else:
-                        L.bytes_arg(idx, a.contiguous().view(torch.uint8).numpy().tobytes()
+                        # The value's own bytes, in its dtype (a 0-dim tensor
+                        # cannot be viewed as bytes: reshape to 1 element).
+                        L.bytes_arg(idx, a.detach().reshape(1).view(torch.uint8).numpy().tobytes()
                                     if a.dtype != torch.bool else bytes([int(bool(a.item()))]))
                 else:
                     raise RuntimeError("Unsupported argument type")

@@ -8,12 +8,16 @@ PYTEST_ARGS ?=
 
 $(VENV)/.deps: requirements.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -r requirements.txt
 	touch $@
 
 # Editable install: builds csrc/ with CMake (ccache when installed) and
 # registers the torch.backends entry point, so `import torch` autoloads mps_ext.
+# setup.py compiles first, in the open (Ninja's [n/N] lines; "no work to do"
+# when nothing changed); pip, which would hide that output, then finds the
+# build done and installs (quietly: its progress shows on a failure).
 build: $(VENV)/.deps
+	$(PY) setup.py -q build_ext --inplace
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 
 setup: build

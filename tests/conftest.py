@@ -1,18 +1,47 @@
 """Shared fixtures: every test imports torch_mps_ext explicitly (autoload is
 tested on its own), and runs code in a fresh interpreter when it needs a
-different environment (device count, memory size, bad settings)."""
+different environment (device count, memory size, bad settings).
+
+The session's caches and output files go to one temporary folder, removed at
+the end: compiled shaders, Inductor's and Triton's caches, torch extensions,
+ccache (the shader compiler's), anything under $XDG_CACHE_HOME, and the
+profiler's trace. Set here, before torch (and with it torch_mps_ext) is
+imported, in os.environ, so every subprocess a test starts inherits them:
+the test suite writes nothing into the user's home or caches."""
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 
-import pytest
-import torch
+SESSION_DIR = tempfile.mkdtemp(prefix="torch_mps_ext-tests-")
+SESSION_ENV = {
+    "TORCH_MPS_EXT_SHADER_CACHE": os.path.join(SESSION_DIR, "shaders"),
+    "TORCHINDUCTOR_CACHE_DIR": os.path.join(SESSION_DIR, "inductor"),
+    "TRITON_CACHE_DIR": os.path.join(SESSION_DIR, "triton"),
+    "TORCH_EXTENSIONS_DIR": os.path.join(SESSION_DIR, "torch_extensions"),
+    "CCACHE_DIR": os.path.join(SESSION_DIR, "ccache"),
+    "XDG_CACHE_HOME": os.path.join(SESSION_DIR, "xdg-cache"),
+    "PYTORCH_MPS_EXT_TRACE_FILE": os.path.join(SESSION_DIR, "trace.json"),
+}
+os.environ.update(SESSION_ENV)
 
-import torch_mps_ext  # noqa: F401
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import torch_mps_ext  # noqa: F401,E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def pytest_report_header(config):
+    return f"torch_mps_ext caches and traces for this session: {SESSION_DIR}"
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(SESSION_DIR, ignore_errors=True)
 
 
 def run_python(code: str, env: dict | None = None, timeout: float = 300,

@@ -1,7 +1,9 @@
-"""Every example in examples/ runs to completion (they check their own results)."""
+"""Every example in examples/ runs to completion (they check their own results),
+and writes nothing into the user's home: each runs with HOME set to an empty
+folder that must stay empty (its caches and traces go to the test session's
+folder, tests/conftest.py)."""
 
 import os
-import sys
 
 import pytest
 
@@ -15,8 +17,13 @@ def test_there_are_examples():
 
 
 @pytest.mark.parametrize("name", EXAMPLES)
-def test_example_runs(name):
+def test_example_runs(name, tmp_path):
     path = os.path.join(ROOT, "examples", name)
+    home = tmp_path / "home"
+    home.mkdir()
     proc = run_python(f"import runpy, sys; sys.argv = [{path!r}]; "
-                      f"runpy.run_path({path!r}, run_name='__main__')", timeout=600)
+                      f"runpy.run_path({path!r}, run_name='__main__')", timeout=600,
+                      env={"HOME": str(home)})
     assert proc.stdout.strip(), f"{name} printed nothing"
+    written = sorted(str(p.relative_to(home)) for p in home.rglob("*"))
+    assert not written, f"{name} wrote into $HOME: {written}"

@@ -59,12 +59,19 @@ for e in events:
     if e["args"]["leaf"] and not e["args"].get("metadata_only"):
         top[e["name"]] = top.get(e["name"], 0.0) + e["dur"]
 print(f"trace: {path} ({len(events)} device slices); open it in https://ui.perfetto.dev")
-print("busiest device operations in the step:")
+print("busiest device operations in the step (device time, summed over calls):")
 for name, us in sorted(top.items(), key=lambda kv: -kv[1])[:6]:
-    print(f"  {name:<28} {us / 1e3:8.3f} ms")
+    print(f"  {name:<34} {us / 1e3:8.3f} ms")
 
 # 2. torch.profiler: CPU and device time side by side.
 with torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.PrivateUse1]) as prof:
     step()
+print("""
+torch.profiler, the same step. Each device op has two rows, as a CUDA op and its kernel do:
+  aten::addmm            the op as the CPU ran it: CPU time, plus the device time of what it issued
+  aten::addmm (mps_ext)  that work on the device (copies: "aten::_copy_from (cpu -> mps_ext)"):
+                         device time only
+"Self MPS_EXT time total" sums the device rows only; Self MPS_EXT % is a share of it. Ops run
+inline on the emulated device, so an op's device time is about its CPU time (docs/profiler.md).""")
 print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=8))
 assert any(e.device_time_total > 0 for e in prof.key_averages())

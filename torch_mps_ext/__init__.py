@@ -68,6 +68,8 @@ from .random import (  # noqa: E402
     set_rng_state,
     set_rng_state_all,
 )
+from .storage import STORAGE_CLASSES as _STORAGE_CLASSES  # noqa: E402
+globals().update(_STORAGE_CLASSES)  # torch.mps_ext.FloatStorage, ... (Tensor.storage_type())
 from . import _utils  # noqa: E402,F401  (torch.serialization looks for _utils)
 from . import profiler  # noqa: E402  (torch.mps_ext.profiler)
 from . import distributed  # noqa: E402  (the "mps_ext" c10d backend)
@@ -178,6 +180,7 @@ __all__ = [
     "set_rng_state",
     "set_rng_state_all",
     "synchronize",
+    *_STORAGE_CLASSES,
 ]
 
 _register()

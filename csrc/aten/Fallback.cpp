@@ -21,6 +21,7 @@
 #include <c10/util/SmallVector.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <optional>
 #include <sstream>
 
@@ -59,7 +60,16 @@ struct Context {
     for (auto& a : aliased) {
       if (a.device.unsafeGetTensorImpl() == t.unsafeGetTensorImpl()) return a.host;
     }
-    at::Tensor h = hostView(t);
+    // Device tensors over one storage get host views over one CPU storage.
+    c10::StorageImpl* dev_storage = t.storage().unsafeGetStorageImpl();
+    at::Tensor h;
+    for (auto& a : aliased) {
+      if (a.device.storage().unsafeGetStorageImpl() == dev_storage) {
+        h = hostViewSharing(t, a.host);
+        break;
+      }
+    }
+    if (!h.defined()) h = hostView(t);
     aliased.push_back({t, h, h.storage().unsafeGetStorageImpl()});
     return h;
   }
@@ -73,14 +83,24 @@ bool isScalarLike(const at::Tensor& t) {
 void scanDevices(Context& ctx, const c10::FunctionSchema& schema,
                  torch::jit::Stack& stack, std::size_t begin) {
   std::optional<std::pair<std::string, at::Device>> host_tensor;
+  std::optional<at::Device> host_out;
+  std::optional<at::Device> index_device;  // device of index-list tensors only
   for (std::size_t i = 0; i < schema.arguments().size(); ++i) {
     const c10::IValue& v = stack[begin + i];
-    const std::string& name = schema.arguments()[i].name();
+    const c10::Argument& arg = schema.arguments()[i];
+    const std::string& name = arg.name();
+    // A written argument (self of an in-place op, out=) on the host is never
+    // a scalar: the kernel would resize or rebind the user's tensor.
+    bool written = arg.alias_info() && arg.alias_info()->isWrite();
     auto visit = [&](const at::Tensor& t, bool index_list) {
       if (!t.defined()) return;
-      if (t.device().type() == kDev) {
+      if (t.device().type() == kDev && index_list && !ctx.device) {
+        if (!index_device) index_device = t.device();
+      } else if (t.device().type() == kDev) {
         ctx.noteDevice(t.device(), "argument " + name);
-      } else if (!index_list && !isScalarLike(t) && !host_tensor) {
+      } else if (arg.is_out()) {
+        if (!host_out) host_out = t.device();
+      } else if (!index_list && (written || !isScalarLike(t)) && !host_tensor) {
         host_tensor.emplace(name, t.device());
       }
     };
@@ -99,6 +119,23 @@ void scanDevices(Context& ctx, const c10::FunctionSchema& schema,
       }
       ctx.noteDevice(d, "argument " + name);
     }
+  }
+  if (index_device) {
+    // Device indices into a host tensor: aten's own refusal (only CPU
+    // indices or indices on the indexed tensor's device are allowed).
+    TORCH_CHECK_INDEX(ctx.device || !host_tensor, "indices should be either on ", c10::kCPU,
+                      " or on the same device as the indexed tensor (", host_tensor->second,
+                      ")");
+    if (!ctx.device) {
+      ctx.device = index_device;
+    } else if (*ctx.device != *index_device) {
+      ctx.mismatch("an index", *index_device);
+    }
+  }
+  // Checked before anything runs: the user's tensors are left as they were.
+  if (host_out && ctx.device) {
+    TORCH_CHECK(false, "Expected out tensor to have device ", *ctx.device, ", but got ",
+                *host_out, " instead");
   }
   if (host_tensor && ctx.device) {
     ctx.mismatch("argument " + host_tensor->first, host_tensor->second);
@@ -150,14 +187,28 @@ void toHostArgs(Context& ctx, const c10::FunctionSchema& schema,
 // What the kernel did to an argument (resize, restride, new storage) is
 // applied to the caller's device tensor.
 void writeBack(Context& ctx, int device) {
+  // Host storages whose grown memory has moved into their device storage
+  // (arguments sharing a storage share its growth).
+  c10::SmallVector<c10::StorageImpl*, 2> grown;
   for (auto& a : ctx.aliased) {
     c10::TensorImpl* h = a.host.unsafeGetTensorImpl();
     c10::TensorImpl* d = a.device.unsafeGetTensorImpl();
     c10::StorageImpl* hs = h->storage().unsafeGetStorageImpl();
-    if (hs != a.host_storage || hs->data() != d->storage().unsafeGetStorageImpl()->data()) {
+    c10::StorageImpl* ds = d->storage().unsafeGetStorageImpl();
+    bool already = std::find(grown.begin(), grown.end(), hs) != grown.end();
+    if (!already && (hs != a.host_storage || hs->data() != ds->data())) {
       if (hs == a.host_storage && isPoolMemory(hs->data_ptr())) {
-        // The kernel grew the argument: its new memory was lent from the pool.
-        d->set_storage_keep_dtype(adoptLentStorage(hs, device));
+        // The kernel grew the argument (resize_): its new memory was lent
+        // from the pool. The device storage takes it in place, as CPU's
+        // resize does, so every tensor over that storage sees it.
+        std::size_t nbytes = hs->nbytes();
+        c10::DataPtr dp = hs->set_data_ptr(c10::DataPtr(nullptr, c10::Device(c10::kCPU)));
+        hs->set_nbytes(0);
+        dp.unsafe_set_device(
+            c10::Device(kDev, static_cast<c10::DeviceIndex>(device)));
+        ds->set_data_ptr_noswap(std::move(dp));
+        ds->set_nbytes(nbytes);
+        grown.push_back(hs);
       } else {
         // The kernel pointed the argument at other memory (set_): adopt it
         // like a result and share the storage.
@@ -339,7 +390,8 @@ void preferCpuKernels() {
   // kernel passes `self` as both input and out to addr_out and the CPU kernel
   // tells them apart by address: boxed, they are two references, and a 0-D
   // `self` would be resized instead of refused as on CPU.
-  for (const char* n : {"conj_physical_", "mode.values", "addr_"}) {
+  for (const char* n : {"conj_physical_", "mode.values", "addr_", "kaiser_window",
+                        "kaiser_window.periodic", "kaiser_window.beta"}) {
     std::string full = n;
     auto dot = full.find('.');
     c10::OperatorName opname{"aten::" + full.substr(0, dot),

@@ -100,6 +100,12 @@ at::Tensor hostView(const at::Tensor& t) {
   return tensorOver(c10::Storage(std::move(storage)), t, c10::DispatchKey::CPU);
 }
 
+at::Tensor hostViewSharing(const at::Tensor& t, const at::Tensor& host) {
+  TORCH_INTERNAL_ASSERT(host.storage().data() == t.storage().data());
+  runtime::awaitCurrentStream(t.device().index());
+  return tensorOver(host.storage(), t, c10::DispatchKey::CPU);
+}
+
 at::Tensor hostAlias(const at::Tensor& t) {
   TORCH_CHECK(t.device().type() == c10::DeviceType::PrivateUse1,
               "_host_alias: expected an mps_ext tensor, got a tensor on ", t.device());

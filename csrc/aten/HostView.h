@@ -18,6 +18,12 @@ namespace torch_mps_ext {
 // Waits first for the work queued on the current stream of t's device.
 at::Tensor hostView(const at::Tensor& t);
 
+// A host view of `t` over the CPU storage of `host`, a host view of a tensor
+// with the same device storage as t: host views of aliasing device tensors
+// share one CPU storage, so CPU kernels see the aliasing (memory-overlap
+// checks, is_set_to, same-storage fast paths) exactly as on CPU.
+at::Tensor hostViewSharing(const at::Tensor& t, const at::Tensor& host);
+
 // Like hostView, but the CPU tensor also keeps the device memory alive (its
 // storage holds a reference to t's), so it may outlive `t`: what work that
 // finishes later (a collective in flight) uses. Exposed to Python as

@@ -123,8 +123,9 @@ at::Tensor scalarOperand(const at::Tensor& like, const at::Tensor& s) {
   state = at::native::update_result_type_state(like, state);
   state = at::native::update_result_type_state(s, state);
   if (at::native::result_type(state) != like.scalar_type()) return at::Tensor();
-  at::Tensor t = at::detail::scalar_tensor_static(at::native::_local_scalar_dense_cpu(s),
-                                                  like.scalar_type(), at::kCPU);
+  // A cast, as TensorIterator's (`u8 + 1000` wraps to 232 as on CPU; a
+  // checked Scalar conversion would raise instead).
+  at::Tensor t = s.to(like.scalar_type());
   if (s.unsafeGetTensorImpl()->is_wrapped_number()) {
     t.unsafeGetTensorImpl()->set_wrapped_number(true);
   }

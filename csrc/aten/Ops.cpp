@@ -7,6 +7,8 @@
 #include "runtime/Device.h"
 #include "runtime/Stream.h"
 
+#include <ATen/Context.h>
+#include <ATen/Dispatch_v2.h>
 #include <ATen/EmptyTensor.h>
 #include <ATen/ops/_local_scalar_dense_native.h>
 #include <ATen/ops/_reshape_alias_native.h>
@@ -18,6 +20,7 @@
 #include <torch/library.h>
 
 #include <cstring>
+#include <limits>
 
 namespace torch_mps_ext {
 namespace {
@@ -36,6 +39,41 @@ void checkEmptyOptions(std::optional<at::Layout> layout, std::optional<bool> pin
               "Only dense CPU tensors can be pinned");
 }
 
+// torch.use_deterministic_algorithms(True) with
+// torch.utils.deterministic.fill_uninitialized_memory (its default): what
+// empty*/resize_ hand out uninitialised is filled, as on CPU and CUDA, with
+// NaN (floating and complex dtypes) or the dtype's largest value.
+bool fillUninitializedMemory() {
+  auto& ctx = at::globalContext();
+  return ctx.deterministicAlgorithms() && ctx.deterministicFillUninitializedMemory();
+}
+
+void fillUninitialized(const at::Tensor& t) {
+  if (t.numel() == 0) return;
+  if (t.is_floating_point() || t.is_complex()) {
+    t.fill_(std::numeric_limits<double>::quiet_NaN());
+    return;
+  }
+  AT_DISPATCH_V2(t.scalar_type(), "fill_uninitialized", AT_WRAP([&] {
+    t.fill_(c10::Scalar(std::numeric_limits<scalar_t>::max()));
+  }), at::kBool, AT_EXPAND(AT_INTEGRAL_TYPES_V2));
+}
+
+// Fills the bytes of `storage` past `old_nbytes` (what a resize_ added), as
+// elements of `dtype`.
+void fillGrownStorage(const c10::Storage& storage, caffe2::TypeMeta dtype,
+                      std::size_t old_nbytes) {
+  int64_t itemsize = static_cast<int64_t>(dtype.itemsize());
+  int64_t old_numel = static_cast<int64_t>(old_nbytes) / itemsize;
+  int64_t new_numel = static_cast<int64_t>(storage.nbytes()) / itemsize;
+  if (new_numel <= old_numel) return;
+  auto impl = c10::make_intrusive<c10::TensorImpl>(
+      c10::Storage(storage), c10::DispatchKeySet(c10::DispatchKey::PrivateUse1), dtype);
+  int64_t size = new_numel - old_numel, stride = 1;
+  impl->set_sizes_and_strides(c10::IntArrayRef(size), c10::IntArrayRef(stride), old_numel);
+  fillUninitialized(at::Tensor(std::move(impl)));
+}
+
 at::Tensor empty_memory_format(c10::IntArrayRef size,
                                std::optional<at::ScalarType> dtype,
                                std::optional<at::Layout> layout,
@@ -43,9 +81,11 @@ at::Tensor empty_memory_format(c10::IntArrayRef size,
                                std::optional<bool> pin_memory,
                                std::optional<at::MemoryFormat> memory_format) {
   checkEmptyOptions(layout, pin_memory);
-  return emptyOnDevice(size, std::nullopt,
-                       dtype.value_or(c10::get_default_dtype_as_scalartype()),
-                       deviceIndex(device), memory_format);
+  at::Tensor t = emptyOnDevice(size, std::nullopt,
+                               dtype.value_or(c10::get_default_dtype_as_scalartype()),
+                               deviceIndex(device), memory_format);
+  if (C10_UNLIKELY(fillUninitializedMemory())) fillUninitialized(t);
+  return t;
 }
 
 at::Tensor empty_strided(c10::IntArrayRef size, c10::IntArrayRef stride,
@@ -54,8 +94,11 @@ at::Tensor empty_strided(c10::IntArrayRef size, c10::IntArrayRef stride,
                          std::optional<at::Device> device,
                          std::optional<bool> pin_memory) {
   checkEmptyOptions(layout, pin_memory);
-  return emptyOnDevice(size, stride, dtype.value_or(c10::get_default_dtype_as_scalartype()),
-                       deviceIndex(device));
+  at::Tensor t = emptyOnDevice(size, stride,
+                               dtype.value_or(c10::get_default_dtype_as_scalartype()),
+                               deviceIndex(device));
+  if (C10_UNLIKELY(fillUninitializedMemory())) fillUninitialized(t);
+  return t;
 }
 
 at::Tensor as_strided(const at::Tensor& self, c10::IntArrayRef size,
@@ -79,8 +122,12 @@ const at::Tensor& resize_(const at::Tensor& self, c10::IntArrayRef size,
   if (impl->sizes() != size) {
     std::size_t needed = at::detail::computeStorageNbytesContiguous(
         size, self.dtype().itemsize(), self.storage_offset());
-    if (needed > self.storage().nbytes()) {
+    std::size_t old_nbytes = self.storage().nbytes();
+    if (needed > old_nbytes) {
       resizeStorageBytes(self.storage().unsafeGetStorageImpl(), needed);
+      if (C10_UNLIKELY(fillUninitializedMemory())) {
+        fillGrownStorage(self.storage(), self.dtype(), old_nbytes);
+      }
     }
     impl->set_sizes_contiguous(size);
   }
@@ -145,7 +192,14 @@ at::Tensor copy_from(const at::Tensor& self, const at::Tensor& dst,
                      bool non_blocking) {
   if (non_blocking && queueCopy(self, dst)) return dst;
   at::Tensor src_h = self.device().type() == kDev ? hostView(self) : self;
-  at::Tensor dst_h = dst.device().type() == kDev ? hostView(dst) : dst;
+  at::Tensor dst_h;
+  if (dst.device().type() != kDev) {
+    dst_h = dst;
+  } else if (self.device().type() == kDev && self.storage().is_alias_of(dst.storage())) {
+    dst_h = hostViewSharing(dst, src_h);  // CPU's overlap checks see the aliasing
+  } else {
+    dst_h = hostView(dst);
+  }
   at::native::copy_(dst_h, src_h, false);
   return dst;
 }

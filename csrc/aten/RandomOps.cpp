@@ -299,6 +299,10 @@ at::Tensor& exponential_(at::Tensor& self, double lambda,
               "dtype must be a floating point but you specified ", self.scalar_type());
   if (self.numel() == 0) return self;
   at::assert_no_internal_overlap(self);
+  // An infinite rate: every sample is 0, as on CPU and CUDA (the clamp to the
+  // smallest positive value below is for finite rates whose samples
+  // underflow). No numbers are drawn, as on CPU.
+  if (std::isinf(lambda)) return self.zero_();
   PhiloxGenerator* g = gen(generator, self);
   return withContiguous(self, [&](const at::Tensor& out) {
     const u64 n = static_cast<u64>(out.numel());

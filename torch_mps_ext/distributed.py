@@ -23,7 +23,9 @@ backends and are not supported.
 
 from __future__ import annotations
 
+import atexit
 import datetime
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -120,8 +122,25 @@ if is_available():
     for _name in _GLOO_COLLECTIVES:
         setattr(ProcessGroupMpsExt, _name, _on_gloo(_name))
 
+    _live_groups: "weakref.WeakSet[ProcessGroupMpsExt]" = weakref.WeakSet()
+
+    def _release_groups() -> None:
+        # gloo's worker threads drop each finished work's tensors; a host
+        # alias made here has a Python object, so dropping it takes the GIL.
+        # A group still alive when the interpreter finalizes (DDP keeps its
+        # group) would have its threads do that during finalization, and a
+        # thread that takes the GIL then is ended by pthread_exit: the process
+        # aborts ("terminate called without an active exception"). Releasing
+        # the gloo groups at exit joins their threads while Python still runs.
+        for group in list(_live_groups):
+            group.__dict__.pop("_gloo", None)
+
     def _create(store, rank, size, timeout):
-        return ProcessGroupMpsExt(store, rank, size, timeout)
+        group = ProcessGroupMpsExt(store, rank, size, timeout)
+        if not _live_groups:
+            atexit.register(_release_groups)  # once, with the first group
+        _live_groups.add(group)
+        return group
 
     def _register() -> None:
         if BACKEND.upper() not in dist.Backend._plugins:

@@ -53,7 +53,8 @@ def main():
     torch.manual_seed(rank)  # different initial weights: DDP starts all from rank 0's
     model = DDP(make_model().to(device))
     loss = train(model, x[shard].to(device), y[shard].to(device))
-    print(f"rank {rank}/{world}: loss on its shard {loss:.4f}")
+    print(f"rank {rank} of {world}: cross-entropy loss on its shard of the batch {loss:.4f}",
+          flush=True)  # one write: the ranks share the terminal
 
     # One process, CPU, whole batch, rank 0's initial weights.
     torch.manual_seed(0)
@@ -64,7 +65,7 @@ def main():
     worst = torch.tensor([diff], device=device)
     dist.all_reduce(worst, op=dist.ReduceOp.MAX)
     if rank == 0:
-        print(f"largest weight difference from single-process training: "
+        print(f"largest absolute weight difference from single-process training: "
               f"{worst.item():.2e}")
     assert worst.item() < 1e-5, worst.item()
     dist.destroy_process_group()

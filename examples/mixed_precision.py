@@ -38,12 +38,12 @@ for step in range(300):
     scaler.step(opt)
     scaler.update()
     if step % 100 == 0:
-        print(f"step {step:2d}  loss {loss.item():.4f}  "
-              f"(logits {logits.dtype}, loss {loss.dtype}, scale {scaler.get_scale():.0f})")
+        print(f"step {step:3d}  cross-entropy loss {loss.item():.4f}  "
+              f"(logits {logits.dtype}, loss {loss.dtype}, GradScaler scale {scaler.get_scale():.0f})")
 
 with torch.no_grad(), torch.autocast(device):
     accuracy = (model(x).argmax(1) == y).float().mean().item()
-print(f"accuracy after mixed-precision training: {accuracy:.3f}")
+print(f"accuracy after mixed-precision training: {accuracy:.1%} of {len(y)} points")
 assert logits.dtype == torch.float16 and loss.dtype == torch.float32
 assert accuracy > 0.9, accuracy
 # Parameters stay float32 (autocast casts on the fly), gradients too.

@@ -41,7 +41,8 @@ def train(device, epochs=60, log=False):
         opt.step()
         if log and (epoch % 10 == 0 or epoch == epochs - 1):
             acc = (model(xs).argmax(1) == ys).float().mean()
-            print(f"epoch {epoch:3d}  loss {loss.item():.4f}  accuracy {acc.item():.3f}")
+            print(f"epoch {epoch:3d}  cross-entropy loss {loss.item():.4f}  "
+                  f"accuracy {acc.item():.1%}")
     return model, loss.item()
 
 
@@ -49,7 +50,7 @@ model, loss = train(device, log=True)
 print("parameters live on", next(model.parameters()).device)
 
 _, cpu_loss = train("cpu")
-print(f"final loss on mps_ext {loss:.6f}, on cpu {cpu_loss:.6f}")
+print(f"final cross-entropy loss on mps_ext {loss:.6f}, the same training on cpu {cpu_loss:.6f}")
 assert abs(loss - cpu_loss) < 1e-5, "mps_ext and CPU disagree"
 
 stats = torch.mps_ext.memory_stats()

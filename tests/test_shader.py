@@ -9,6 +9,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -1035,41 +1036,105 @@ def test_example_custom_kernel_runs():
     runpy.run_path(str(Path(__file__).parent.parent / "examples" / "custom_kernel.py"), run_name="__main__")
 
 
-def test_argument_block_is_relocatable_for_an_async_runtime(c10_lib, monkeypatch):
-    """The _launch_groups contract: the runtime may copy the argument block (size in its first
-    8 bytes), run the entry on the copy later, then call finish(copy) for the kernel's errors."""
-    import ctypes
+# --------------------------------------------------------------------------- execution
+# A launch is a device command (aten/ShaderLaunch.h): queued on the current
+# stream, the call returns at once, results and errors arrive in stream order.
+SLOW_COPY = """
+kernel void slow_copy(device float* out, device const float* in, constant long& spins,
+                      uint i [[thread_position_in_grid]]) {
+  float acc = 0.0f;
+  for (long k = 0; k < spins; ++k) acc += metal::precise::sin(float(k) * 1e-3f);
+  out[i] = in[i] + (acc == 12345.0f ? 1.0f : 0.0f);
+}
+"""
 
-    from torch_mps_ext.shader import _library
 
-    real = torch_mps_ext._C
-    finished = []
+@pytest.fixture(scope="module")
+def slow_lib():
+    return compile_shader(SLOW_COPY)
 
-    class RelocatingRuntime:
-        def __getattr__(self, name):
-            return getattr(real, name)
 
-        def _launch_groups(self, fn, addr, grid, group, n_groups, finish):
-            size = ctypes.c_uint64.from_address(addr).value
-            copy = ctypes.create_string_buffer(ctypes.string_at(addr, size), size)
-            ctypes.memset(addr, 0xAB, size)  # the caller's block must not be used any more
-            g, s = (ctypes.c_uint32 * 3)(*grid), (ctypes.c_uint32 * 3)(*group)
-            _library._ENTRY_TYPE(fn)(ctypes.addressof(copy), g, s, 0, n_groups)
-            fin = ctypes.CFUNCTYPE(ctypes.c_size_t, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t)(finish)
-            buf = ctypes.create_string_buffer(4096)
-            n = fin(ctypes.addressof(copy), buf, len(buf))
-            finished.append(buf.raw[:n].decode())
-            if n:
-                real._report_error(0, finished[-1])
+def _spins_for(slow_lib, seconds):
+    """Spins that keep one thread of slow_copy busy for about `seconds`."""
+    x = torch.zeros(1, device=DEV)
+    t0 = time.perf_counter()
+    slow_lib.slow_copy(x, x, 200_000, threads=1)
+    sync()
+    per_spin = max((time.perf_counter() - t0) / 200_000, 1e-9)
+    return int(seconds / per_spin)
 
-    monkeypatch.setattr(_library, "_native_cache", [RelocatingRuntime()])
+
+def test_launch_returns_before_the_kernel_has_run(slow_lib):
+    spins = _spins_for(slow_lib, 0.5)
+    src = torch.arange(4.0, device=DEV)
+    out = torch.zeros(4, device=DEV)
+    stream = torch.mps_ext.current_stream()
+    slow_lib.slow_copy(out, src, spins, threads=4, group_size=1)
+    assert not stream.query()  # still running: the call did not wait for it
+    assert out.cpu().tolist() == [0.0, 1.0, 2.0, 3.0]  # .cpu() is ordered after it
+    assert stream.query()
+
+
+def test_side_stream_kernel_does_not_delay_default_stream(slow_lib):
+    spins = _spins_for(slow_lib, 0.5)
+    side = torch.mps_ext.Stream()
+    src = torch.ones(2, device=DEV)
+    out = torch.zeros(2, device=DEV)
+    sync()
+    with torch.mps_ext.stream(side):
+        slow_lib.slow_copy(out, src, spins, threads=2, group_size=1)
+    y = (torch.arange(3.0, device=DEV) * 2).cpu()  # default stream: runs now
+    assert y.tolist() == [0.0, 2.0, 4.0]
+    assert not side.query()  # the side stream's kernel is still running
+    side.synchronize()
+    assert out.cpu().tolist() == [1.0, 1.0]
+
+
+def test_freed_input_of_a_queued_kernel_is_not_reused_before_it_ran(slow_lib):
+    spins = _spins_for(slow_lib, 0.3)
+    side = torch.mps_ext.Stream()
+    out = torch.zeros(1024, device=DEV)
+    src = torch.full((1024,), 7.0, device=DEV)  # allocated on the default stream
+    sync()
+    with torch.mps_ext.stream(side):
+        slow_lib.slow_copy(out, src, spins, threads=1024, group_size=256)
+    del src
+    reuse = torch.full((1024,), -1.0, device=DEV)  # same size, default stream
+    torch.mps_ext.synchronize()
+    assert (out.cpu() == 7.0).all()
+    assert (reuse.cpu() == -1.0).all()
+
+
+def test_kernel_errors_surface_at_synchronize_and_event_wait(c10_lib):
     out = torch.zeros(8, device=DEV)
     sync()
-    c10_lib.error_k(out, 5, threads=8, error_buf_idx=2)  # `limit` and the error buffer are inline
-    assert len(finished) == 1 and "index 6 is out of bounds for size 5" in finished[0]
+    c10_lib.error_k(out, 5, threads=8, error_buf_idx=2)
     with pytest.raises(torch.AcceleratorError, match="index 5 is out of bounds for size 5"):
         sync()
     assert out.cpu().tolist() == [1.0] * 5 + [0.0] * 3
+    sync()  # the error was taken: the device works on
+
+
+def test_profiler_records_the_launch_on_its_stream(slow_lib, tmp_path):
+    import json
+
+    side = torch.mps_ext.Stream()
+    x = torch.zeros(4, device=DEV)
+    trace = tmp_path / "trace.json"
+    os.environ["PYTORCH_MPS_EXT_TRACE_FILE"] = str(trace)
+    try:
+        torch.mps_ext.profiler.start()
+        with torch.mps_ext.stream(side):
+            slow_lib.slow_copy(x, x, 10, threads=4)
+        torch.mps_ext.synchronize()
+        torch.mps_ext.profiler.stop()
+    finally:
+        os.environ.pop("PYTORCH_MPS_EXT_TRACE_FILE")
+    events = json.loads(trace.read_text())
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    launches = [e for e in events if e.get("name") == "slow_copy"]
+    assert launches, [e.get("name") for e in events]
+    assert any(str(side.stream_id) in json.dumps(e) for e in launches)
 
 
 def test_precise_math_is_within_metal_bounds_vectorized():

@@ -13,6 +13,7 @@ pybind11::dict statDict(const c10::CachingAllocator::Stat& s);
 void initStreamBindings(pybind11::module_& m);   // Streams.cpp
 void initRandomBindings(pybind11::module_& m);   // Random.cpp
 void initProfilerBindings(pybind11::module_& m);  // Profiler.cpp
+void initShaderBindings(pybind11::module_& m);    // Shaders.cpp
 // Areas added later declare theirs here and are called from Module.cpp.
 
 } // namespace torch_mps_ext::python

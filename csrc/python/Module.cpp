@@ -102,4 +102,5 @@ PYBIND11_MODULE(_C, m) {
   torch_mps_ext::python::initStreamBindings(m);
   torch_mps_ext::python::initRandomBindings(m);
   torch_mps_ext::python::initProfilerBindings(m);
+  torch_mps_ext::python::initShaderBindings(m);
 }

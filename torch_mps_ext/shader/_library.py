@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from .. import _C
+
 DEVICE_TYPE = "mps_ext"
 
 # c10/metal/error.h: struct ErrorMessages { atomic<uint> count; ErrorMessage msg[30]; }
@@ -26,9 +28,6 @@ _CASTS = {
     "int8": ("b", int),
     "uint8": ("B", int),
 }
-
-_ENTRY_TYPE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32), ctypes.POINTER(ctypes.c_uint32),
-                               ctypes.c_uint64, ctypes.c_uint64)
 
 
 def _bf16_bytes(values: list[float]) -> bytes:
@@ -128,7 +127,6 @@ class MetalKernel:
         self._library = library
         self._info = info
         self._fn_ptr = fn_ptr
-        self._entry = _ENTRY_TYPE(fn_ptr)
         self.__name__ = info["name"]
 
     # ------------------------------------------------------------------ properties
@@ -270,82 +268,18 @@ class MetalKernel:
             return
         nslots = max([self._info["nbuffers"]] + [i + 1 for i in bound])
         block = L.block(nslots, err_slot, self._library._checked)
-        from .. import profiler
-
-        if profiler._is_recording():
-            with profiler._device_command(self._info["name"], grid=grid, group=group,
-                                          groups=n_groups):
-                _launch(self, block, grid, group, n_groups, L)
-        else:
-            _launch(self, block, grid, group, n_groups, L)
+        device = L.device_index if L.device_index is not None else _C._current_device()
+        attrs = json.dumps({"grid": grid, "group": group, "groups": n_groups}) \
+            if _C._profiler_consumers() else "{}"
+        # Queued on the device's current stream; returns at once (aten/ShaderLaunch.h).
+        _C._launch_kernel(self._info["name"], device, self._fn_ptr, self._library._finish_ptr,
+                          bytes(block), grid, group, n_groups, L.keep, attrs)
 
     def _buffer_param_name(self, idx: int) -> str:
         for (role, val), name in zip(self._info["roles"], self._info["param_names"]):
             if role == "buffer" and val == idx:
                 return name
         return "?"
-
-_native_cache: list = []
-
-
-def _native():
-    if not _native_cache:
-        try:
-            import torch_mps_ext
-
-            _native_cache.append(getattr(torch_mps_ext, "_C", None))
-        except Exception:  # pragma: no cover - package not built yet
-            return None
-    return _native_cache[0]
-
-
-def _report(device_index: int | None, message: str) -> None:
-    """Record a kernel error on the device: the next ``torch.mps_ext.synchronize()`` raises it."""
-    C = _native()
-    idx = device_index if device_index is not None else _current_device_index()
-    if C is not None and hasattr(C, "_report_error"):
-        C._report_error(int(idx), message)
-    else:  # pragma: no cover - the native module always provides _report_error
-        raise torch.AcceleratorError(message)
-
-
-def _current_device_index() -> int:
-    try:
-        import torch_mps_ext
-
-        return int(torch_mps_ext.current_device())
-    except Exception:
-        return 0
-
-
-def _launch(kernel: MetalKernel, block: bytearray, grid, group, n_groups: int, L: _Launch) -> None:
-    lib = kernel._library
-    C = _native()
-    cblock = (ctypes.c_char * len(block)).from_buffer(block)
-    addr = ctypes.addressof(cblock)
-    if C is not None and hasattr(C, "_launch_groups"):
-        try:
-            # Queued on the current stream.  The runtime copies the argument block (its first
-            # 8 bytes are its size; it is relocatable), runs the threadgroups, then calls
-            # finish(block, buf, cap) and reports a non-empty message as the device's error.
-            C._launch_groups(kernel._fn_ptr, addr, tuple(grid), tuple(group), n_groups, lib._finish_ptr)
-            return
-        except TypeError:
-            # a runtime with the 5-argument contract runs the launch before returning
-            C._launch_groups(kernel._fn_ptr, addr, tuple(grid), tuple(group), n_groups)
-    else:
-        # TEMPORARY until torch_mps_ext._C._launch_groups exists: run inline after the current
-        # stream's queued work (as ATen ops do), spreading the threadgroups with the library's
-        # OpenMP launcher over torch's intra-op threads.
-        dev = L.device_index if L.device_index is not None else _current_device_index()
-        if C is not None and hasattr(C, "_stream_synchronize") and hasattr(C, "_stream_current"):
-            C._stream_synchronize(dev, C._stream_current(dev))
-        g = (ctypes.c_uint32 * 3)(*grid)
-        s = (ctypes.c_uint32 * 3)(*group)
-        lib._launch_parallel(kernel._fn_ptr, addr, g, s, n_groups, torch.get_num_threads())
-    msg = lib._finish(addr)
-    if msg:
-        _report(L.device_index, msg)
 
 
 class ShaderLibrary:
@@ -369,20 +303,8 @@ class ShaderLibrary:
         for k in info["kernels"]:
             fn = getattr(self._dll, k["symbol"])
             self._kernels[k["name"]] = MetalKernel(self, k, ctypes.cast(fn, ctypes.c_void_p).value)
-        self._finish_fn = self._dll.mpsx_finish
-        self._finish_fn.restype = ctypes.c_size_t
-        self._finish_fn.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]
-        self._finish_ptr = ctypes.cast(self._finish_fn, ctypes.c_void_p).value
-        self._launch_parallel = self._dll.mpsx_launch_parallel
-        self._launch_parallel.restype = None
-        self._launch_parallel.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32),
-                                          ctypes.POINTER(ctypes.c_uint32), ctypes.c_uint64, ctypes.c_int]
-
-    def _finish(self, block_addr: int) -> str | None:
-        """Errors the kernels reported during the launch whose argument block is at block_addr."""
-        buf = ctypes.create_string_buffer(16384)
-        n = self._finish_fn(block_addr, buf, len(buf))
-        return buf.raw[:n].decode(errors="replace") if n else None
+        finish = self._dll.mpsx_finish
+        self._finish_ptr = ctypes.cast(finish, ctypes.c_void_p).value
 
     def __getattr__(self, name: str) -> MetalKernel:
         if name.startswith("__") and name.endswith("__"):

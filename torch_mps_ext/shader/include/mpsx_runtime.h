@@ -729,25 +729,6 @@ template <class T> MPSX_INLINE T quad_shuffle_xor(T v, ushort mask, unsigned lin
 }
 }  // namespace metal
 
-// TEMPORARY launcher, used only while torch_mps_ext._C._launch_groups does not exist: splits
-// the threadgroups over OpenMP threads -- torch's own intra-op pool on this build (libgomp is
-// loaded once per process), so launches interleave with torch ops without thread contention.
-typedef void (*mpsx_entry_t)(const void*, const uint32_t*, const uint32_t*, uint64_t, uint64_t);
-extern "C" __attribute__((visibility("default"))) void mpsx_launch_parallel(mpsx_entry_t entry, const void* ab,
-                                                                          const uint32_t* grid, const uint32_t* group,
-                                                                          uint64_t n_groups, int nthreads) {
-#if defined(_OPENMP)
-  if (nthreads > 1 && n_groups > 1) {
-    const int64_t nt = nthreads < (int64_t)n_groups ? nthreads : (int64_t)n_groups;
-#pragma omp parallel for schedule(static, 1) num_threads(nt)
-    for (int64_t t = 0; t < nt; ++t) entry(ab, grid, group, n_groups * t / nt, n_groups * (t + 1) / nt);
-    return;
-  }
-#endif
-  (void)nthreads;
-  entry(ab, grid, group, 0, n_groups);
-}
-
 // After a launch has completed: collect what the kernels reported -- the checked-mode /
 // runtime error of this library and the messages TORCH_REPORT_ERROR wrote into the error
 // buffer (c10/metal/error.h layout) -- as text in `out`.  Returns its length (0: no error).

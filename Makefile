@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup build demo test bench conformance clean
+.PHONY: setup build demo test test-models bench conformance clean
 
 $(VENV)/.deps: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,9 +25,21 @@ setup: build
 demo: build
 	$(PY) examples/quickstart.py
 
+# Test-only dependencies (transformers for the model zoo, tests/models).
+# requirements-test.txt includes requirements.txt, so torch keeps its pin.
+$(VENV)/.test-deps: requirements-test.txt requirements.txt $(VENV)/.deps
+	$(PY) -m pip install -r requirements-test.txt
+	touch $@
+
 # pytest exits 5 when it collected no test: that is a failure here too.
-test: build
-	$(PY) -m pytest -q $(PYTEST_ARGS) tests; rc=$$?; \
+# The model zoo's heavy cases (marker models_heavy) are left to test-models.
+test: build $(VENV)/.test-deps
+	$(PY) -m pytest -q -m "not models_heavy" $(PYTEST_ARGS) tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+# The whole model zoo (tests/models, docs/testing.md), heavy cases included.
+test-models: build $(VENV)/.test-deps
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests/models; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 # The full OpInfo sweep (tests/test_opinfo.py, TORCH_MPS_EXT_OPINFO=full), one

@@ -87,25 +87,25 @@ def normal_cdf(x):
 
 def test_philox_known_answer():
     # Random123's known-answer vector for philox4x32-10, counter 0, key 0.
-    assert torch_mps_ext._C._philox_words(0, 0, 1, 0) == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C,
+    assert torch_mps_ext._C._testing.philox_words(0, 0, 1, 0) == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C,
                                                           0x9B00DBD8]
 
 
 @pytest.mark.parametrize("variant", [0, 1])
 def test_philox_matches_reference(variant):
     for seed, block in [(1, 0), (0xDEADBEEFCAFEF00D, 123456789), (42, 2**32 - 3)]:
-        got = torch_mps_ext._C._philox_words(seed, block, 70, variant)
+        got = torch_mps_ext._C._testing.philox_words(seed, block, 70, variant)
         if got is None:
             pytest.skip("no AVX2 on this CPU")
         assert got == words_ref(seed, block, 280)
 
 
 def test_isa_variants_agree_bitwise():
-    if torch_mps_ext._C._philox_words(0, 0, 1, 1) is None:
+    if torch_mps_ext._C._testing.philox_words(0, 0, 1, 1) is None:
         pytest.skip("no AVX2 on this CPU")
-    words = torch_mps_ext._C._philox_words(7, 0, 1000, 0)
-    a = torch_mps_ext._C._normal_float_kernel(words, 0)
-    b = torch_mps_ext._C._normal_float_kernel(words, 1)
+    words = torch_mps_ext._C._testing.philox_words(7, 0, 1000, 0)
+    a = torch_mps_ext._C._testing.normal_float_kernel(words, 0)
+    b = torch_mps_ext._C._testing.normal_float_kernel(words, 1)
     assert a == b  # same bits: no FMA, same operations
 
 
@@ -345,7 +345,7 @@ print(digest("mps_ext:0"), digest("mps_ext:1"), torch.get_num_threads(),
     scope = {}
     exec(DIGEST_CODE, scope)
     assert d0 == d1 == scope["digest"]("mps_ext:0")
-    if torch_mps_ext._C._philox_words(0, 0, 1, 1) is not None:
+    if torch_mps_ext._C._testing.philox_words(0, 0, 1, 1) is not None:
         assert torch_mps_ext._C._rng_kernels_isa() == "avx2"
 
 

@@ -156,7 +156,7 @@ def test_synchronize_raises_reported_errors():
 def test_failing_queued_work_surfaces_at_synchronize():
     s = torch.mps_ext.Stream()
     torch.mps_ext._sleep(50 * MS, s)
-    torch_mps_ext._C._stream_enqueue_failure(0, s.stream_id, "copy engine fault")
+    torch_mps_ext._C._testing.stream_enqueue_failure(0, s.stream_id, "copy engine fault")
     ev = s.record_event()
     ev.synchronize()  # the stream goes on after a failure
     with pytest.raises(torch.AcceleratorError, match="copy engine fault"):

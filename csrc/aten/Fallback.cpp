@@ -12,6 +12,7 @@
 //    in-place/out= results, a device view for views of an argument, the
 //    adopted lent memory for new outputs (a copy only for memory the kernel
 //    did not get from the pool).
+#include "aten/Fallback.h"
 #include "aten/HostView.h"
 #include "runtime/Device.h"
 #include "runtime/Stream.h"

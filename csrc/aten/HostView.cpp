@@ -11,6 +11,9 @@
 #include <c10/core/TensorImpl.h>
 #include <torch/library.h>
 
+#include <atomic>
+#include <mutex>
+
 namespace torch_mps_ext {
 namespace {
 
@@ -41,8 +44,16 @@ struct LendingAllocator final : public c10::Allocator {
   }
 };
 
+// Host views' storages name it as their allocator before it is installed
+// (a kernel that resizes one allocates through it): it captures torch's own
+// CPU allocator when first used, which is before installLendingAllocator.
 LendingAllocator& lending() {
-  static LendingAllocator* a = new LendingAllocator();
+  static LendingAllocator* a = [] {
+    auto* l = new LendingAllocator();
+    l->base = c10::GetCPUAllocator();
+    g_base_raw_deleter = l->base->raw_deleter();
+    return l;
+  }();
   return *a;
 }
 
@@ -52,17 +63,20 @@ c10::DeleterFnPtr poolDeleter() {
 
 } // namespace
 
+// The process's CPU allocator is wrapped on the first LendScope, i.e. the
+// first time a CPU kernel runs on device memory: a program that never does
+// keeps torch's own CPU allocator untouched.
 void installLendingAllocator() {
-  static bool done = false;
-  if (done) return;
-  done = true;
-  lending().base = c10::GetCPUAllocator();
-  g_base_raw_deleter = lending().base->raw_deleter();
-  c10::SetCPUAllocator(&lending(), /*priority=*/1);
-  preferCpuKernels();
+  static std::once_flag once;
+  std::call_once(once, [] { c10::SetCPUAllocator(&lending(), /*priority=*/1); });
 }
 
 LendScope::LendScope(int device) : saved_(t_lend_device) {
+  static std::atomic<bool> installed{false};
+  if (C10_UNLIKELY(!installed.load(std::memory_order_acquire))) {
+    installLendingAllocator();
+    installed.store(true, std::memory_order_release);
+  }
   t_lend_device = device;
 }
 

@@ -58,25 +58,11 @@ c10::Storage adoptLentStorage(c10::StorageImpl* cpu_storage, int device);
 // else a copy.
 at::Tensor adoptResult(const at::Tensor& cpu, int device);
 
-// Ops.cpp: a new tensor on mps_ext:`device` (what empty/empty_strided make);
-// no strides: contiguous in `memory_format`.
-at::Tensor emptyOnDevice(c10::IntArrayRef sizes, std::optional<c10::IntArrayRef> strides,
-                         at::ScalarType dtype, int device,
-                         std::optional<at::MemoryFormat> memory_format = std::nullopt);
-
 // A device copy of the CPU tensor `cpu` on `device`, same sizes and strides.
 at::Tensor copyToDevice(const at::Tensor& cpu, int device);
 
-// Installs the lending CPU allocator (once), and makes mps_ext run CPU's
-// kernel for the ops that also have a composite one (preferCpuKernels).
+// Wraps the process's CPU allocator with the lending one (once; the first
+// LendScope does it).
 void installLendingAllocator();
-
-// Fallback.cpp: the boxed fallback, for kernels that take the general path
-// when their fast path does not apply.
-void runFallback(const c10::OperatorHandle& op, std::vector<c10::IValue>* stack);
-
-// Fallback.cpp: registers the fallback for the ops with both a CPU and a
-// CompositeExplicitAutograd kernel. Once, after static registration.
-void preferCpuKernels();
 
 } // namespace torch_mps_ext

@@ -23,7 +23,9 @@
 #define MPS_EXT_HOT_OPS 1
 #endif
 
+#include "aten/Fallback.h"
 #include "aten/HostView.h"
+#include "aten/Ops.h"
 #include "runtime/Device.h"
 #include "runtime/Stream.h"
 

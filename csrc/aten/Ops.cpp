@@ -1,6 +1,7 @@
 // Layer 3: the native operators every device needs (allocation, views,
 // resize, set_, copies, item()).
 #include "aten/HostView.h"
+#include "aten/Ops.h"
 #include "core/Allocator.h"
 #include "core/Hooks.h"
 #include "core/HostAllocator.h"
@@ -248,18 +249,6 @@ at::Tensor emptyOnDevice(c10::IntArrayRef sizes, std::optional<c10::IntArrayRef>
                                                      dtype)
                  : at::detail::empty_generic(sizes, &deviceAllocator(), ks, dtype,
                                              memory_format);
-}
-
-void resizeStorageBytes(c10::StorageImpl* storage, std::size_t newsize) {
-  TORCH_CHECK(storage->resizable(),
-              "Trying to resize storage that is not resizable");
-  c10::DeviceGuard guard(storage->device());
-  runtime::awaitCurrentStream(storage->device().index());
-  c10::DataPtr fresh = deviceAllocator().allocate(newsize);
-  std::size_t keep = std::min(newsize, storage->nbytes());
-  if (keep && storage->data()) std::memcpy(fresh.get(), storage->data(), keep);
-  storage->set_data_ptr_noswap(std::move(fresh));
-  storage->set_nbytes(newsize);
 }
 
 TORCH_LIBRARY_IMPL(aten, PrivateUse1, m) {

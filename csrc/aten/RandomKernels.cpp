@@ -2,6 +2,7 @@
 // choice between it and the AVX2 build (RandomKernelsAVX2.cpp).
 
 #include "aten/RandomKernels.h"
+#include "runtime/Settings.h"
 
 #include <cstddef>
 #include <cstdint>
@@ -33,8 +34,8 @@ const Kernels& kernels() {
   // TORCH_MPS_EXT_RNG_BASELINE=1 forces the baseline build (tests compare the
   // two builds' results; they must be identical).
   static const Kernels* chosen = [] {
-    const char* env = std::getenv("TORCH_MPS_EXT_RNG_BASELINE");
-    const Kernels* k = (env && env[0] == '1') ? nullptr : avx2::variant();
+    bool baseline = runtime::settings::flag("TORCH_MPS_EXT_RNG_BASELINE").value_or(false);
+    const Kernels* k = baseline ? nullptr : avx2::variant();
     return k ? k : kernelVariant(0);
   }();
   return *chosen;

@@ -1,4 +1,6 @@
 #include "core/Allocator.h"
+#include "core/ThreadState.h"
+#include "runtime/Settings.h"
 
 #include "runtime/Device.h"
 #include "runtime/Stream.h"
@@ -111,20 +113,6 @@ void forEachStat(DeviceStats& s, F f) {
   }
 }
 
-double parseRatio(const char* name, double fallback, double hi) {
-  const char* text = std::getenv(name);
-  if (text == nullptr) return fallback;
-  char* end = nullptr;
-  double v = std::strtod(text, &end);
-  if (*text == '\0' || *end != '\0' || !(v >= 0.0 && v <= hi)) {
-    char range[64];
-    std::snprintf(range, sizeof range, "[0, %g]", hi);
-    throw std::invalid_argument(std::string(name) + " must be a number in " +
-                                range + ", got '" + text + "'");
-  }
-  return v;
-}
-
 } // namespace
 
 class CachingAllocator final : public c10::DeviceAllocator {
@@ -132,6 +120,7 @@ class CachingAllocator final : public c10::DeviceAllocator {
   CachingAllocator() = default;
 
   c10::DataPtr allocate(std::size_t n) override {
+    noteDeviceThread();
     int device = runtime::currentDevice();
     return allocateOn(device, n, c10::DeviceType::PrivateUse1);
   }
@@ -280,11 +269,12 @@ class CachingAllocator final : public c10::DeviceAllocator {
   }
 
   void loadEnvironment() {
-    double high = parseRatio("PYTORCH_MPS_EXT_HIGH_WATERMARK_RATIO",
-                             kDefaultHighWatermark, 2.0);
-    double low = parseRatio("PYTORCH_MPS_EXT_LOW_WATERMARK_RATIO",
-                            std::min(kDefaultLowWatermark, high),
-                            high == 0.0 ? 2.0 : high);
+    namespace settings = runtime::settings;
+    double high = settings::number("PYTORCH_MPS_EXT_HIGH_WATERMARK_RATIO", 0.0, 2.0)
+                      .value_or(kDefaultHighWatermark);
+    double low = settings::number("PYTORCH_MPS_EXT_LOW_WATERMARK_RATIO", 0.0,
+                                  high == 0.0 ? 2.0 : high)
+                     .value_or(std::min(kDefaultLowWatermark, high));
     std::lock_guard<std::mutex> lock(mu_);
     for (auto& st : states_) {
       st.fraction = high;

@@ -1,13 +1,20 @@
-// Layer 2: PrivateUse1 hooks (availability, device count, generators, ...)
-// and the allocator registration.
+// Layer 2: PrivateUse1 hooks (availability, device count, generators, ...),
+// the allocator registration, and device storage resizing (the hooks'
+// resizePrivateUse1Bytes and aten's resize_ share it).
 #include "core/Allocator.h"
 #include "core/Generator.h"
 #include "core/Hooks.h"
 #include "core/HostAllocator.h"
 #include "runtime/Device.h"
+#include "runtime/Stream.h"
 
 #include <ATen/detail/PrivateUse1HooksInterface.h>
 #include <c10/core/Allocator.h>
+#include <c10/core/DeviceGuard.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cstring>
 
 namespace torch_mps_ext {
 namespace {
@@ -67,6 +74,18 @@ void registerHooks() {
   c10::SetAllocator(c10::DeviceType::PrivateUse1, &deviceAllocator());
   at::RegisterPrivateUse1HooksInterface(new MpsExtHooks());
   registerHostAllocator();
+}
+
+void resizeStorageBytes(c10::StorageImpl* storage, std::size_t newsize) {
+  TORCH_CHECK(storage->resizable(),
+              "Trying to resize storage that is not resizable");
+  c10::DeviceGuard guard(storage->device());
+  runtime::awaitCurrentStream(storage->device().index());
+  c10::DataPtr fresh = deviceAllocator().allocate(newsize);
+  std::size_t keep = std::min(newsize, storage->nbytes());
+  if (keep && storage->data()) std::memcpy(fresh.get(), storage->data(), keep);
+  storage->set_data_ptr_noswap(std::move(fresh));
+  storage->set_nbytes(newsize);
 }
 
 } // namespace torch_mps_ext

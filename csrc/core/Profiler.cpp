@@ -489,22 +489,6 @@ void recordCommand(const std::string& name, int device, std::int64_t stream,
   recordCommandImpl(name, device, stream, start_ns, end_ns, std::move(attrs), &issued);
 }
 
-CommandScope::CommandScope(const char* name, int device, std::string attrs)
-    : name_(name), device_(device) {
-  if (g_consumers.load(std::memory_order_relaxed)) {
-    attrs_ = std::move(attrs);
-    start_ = c10::getTime();
-  }
-}
-
-CommandScope::~CommandScope() {
-  if (start_ < 0) return;
-  try {
-    recordCommand(name_, device_, -1, start_, c10::getTime(), std::move(attrs_));
-  } catch (...) {
-  }
-}
-
 void pushCorrelation(std::uint64_t id) {
   t_correlation.push_back(id);
 }

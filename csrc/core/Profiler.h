@@ -8,7 +8,7 @@
 // nothing beyond what the dispatcher already does.
 //
 // Other device code records its own commands (shader launches, event records)
-// with recordCommand() / CommandScope; they go to the same consumers.
+// with recordCommand(); they go to the same consumers.
 //
 // Consumers:
 //   kTrace   torch.mps_ext.profiler.start()/stop(): Chrome trace
@@ -103,21 +103,6 @@ void recordCommand(const std::string& name, int device, std::int64_t stream,
 void recordCommand(const std::string& name, int device, std::int64_t stream,
                    std::int64_t start_ns, std::int64_t end_ns, std::string attrs,
                    IssueToken issued);
-
-// RAII form: times its own scope.
-class CommandScope {
- public:
-  CommandScope(const char* name, int device, std::string attrs = "{}");
-  ~CommandScope();
-  CommandScope(const CommandScope&) = delete;
-  CommandScope& operator=(const CommandScope&) = delete;
-
- private:
-  const char* name_;
-  int device_;
-  std::string attrs_;
-  std::int64_t start_ = -1;  // -1: profiler was off at entry
-};
 
 // Kineto session hooks (ProfilerKineto.cpp).
 void pushCorrelation(std::uint64_t id);

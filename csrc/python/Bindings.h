@@ -14,6 +14,7 @@ void initStreamBindings(pybind11::module_& m);   // Streams.cpp
 void initRandomBindings(pybind11::module_& m);   // Random.cpp
 void initProfilerBindings(pybind11::module_& m);  // Profiler.cpp
 void initShaderBindings(pybind11::module_& m);    // Shaders.cpp
+void initTestingBindings(pybind11::module_& m);   // Testing.cpp (_C._testing)
 // Areas added later declare theirs here and are called from Module.cpp.
 
 } // namespace torch_mps_ext::python

@@ -1,7 +1,8 @@
 // Layer 4: pybind11 bindings. Thin: argument conversion only, no logic.
-#include "aten/HostView.h"
+#include "aten/Init.h"
 #include "core/Allocator.h"
 #include "core/Hooks.h"
+#include "core/ThreadState.h"
 #include "runtime/Device.h"
 #include "python/Bindings.h"
 
@@ -34,17 +35,12 @@ py::dict statDict(const c10::CachingAllocator::Stat& s) {
 }
 
 void initDeviceBindings(py::module_& m) {
-  m.def("_init", [] {
-    runtime::initialize();
-    validateAllocatorEnvironment();
-    registerHooks();
-    installLendingAllocator();
-  });
+  m.def("_init", &initialize);
+  m.def("_set_backward_on_calling_thread", &setBackwardOnCallingThread);
   m.def("_device_count", &runtime::deviceCount);
   m.def("_current_device", &runtime::currentDevice);
   m.def("_set_device", &runtime::setCurrentDevice);
   m.def("_recommended_max_memory", &runtime::deviceMemoryBytes);
-  m.def("_host_physical_memory", &runtime::hostPhysicalBytes);
 
   m.def("_current_allocated_memory", &currentAllocated);
   m.def("_driver_allocated_memory", &driverAllocated);
@@ -103,4 +99,5 @@ PYBIND11_MODULE(_C, m) {
   torch_mps_ext::python::initRandomBindings(m);
   torch_mps_ext::python::initProfilerBindings(m);
   torch_mps_ext::python::initShaderBindings(m);
+  torch_mps_ext::python::initTestingBindings(m);
 }

@@ -20,7 +20,6 @@ void initProfilerBindings(py::module_& m) {
   m.def("_profiler_disable", &p::disable);
   m.def("_profiler_consumers", &p::enabledConsumers);
   m.def("_profiler_set_log_options", &p::setLogOptions);
-  m.def("_profiler_log_options", &p::logOptions);
   m.def("_profiler_now_ns", &p::nowNs);
   // (name, kind, device, stream, start_ns, end_ns, thread, depth, leaf, args_json, kernel,
   //  overload)

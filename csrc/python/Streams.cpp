@@ -24,7 +24,6 @@ void initStreamBindings(py::module_& m) {
   m.def("_device_type_int", [] { return static_cast<int>(c10::DeviceType::PrivateUse1); });
   m.def("_stream_current", &currentStreamId);
   m.def("_stream_set", &setCurrentStreamId);
-  m.def("_stream_from_pool", &poolStream);
   m.def("_stream_check", &checkStream);
   m.def("_stream_priority", [](int device, std::int64_t stream) {
     checkStream(device, stream);
@@ -33,7 +32,6 @@ void initStreamBindings(py::module_& m) {
   m.def("_stream_priority_range", [] {
     return py::make_tuple(kLowestPriority, kHighestPriority);
   });
-  m.def("_stream_query", &queryStream);
   m.def("_stream_synchronize", &awaitStream, py::call_guard<py::gil_scoped_release>());
   m.def("_stream_handle", [](int device, std::int64_t stream) {
     return reinterpret_cast<std::uintptr_t>(streamHandle(device, stream));
@@ -78,14 +76,6 @@ void initStreamBindings(py::module_& m) {
     d["num_host_alloc"] = st.num_host_alloc;
     d["num_host_free"] = st.num_host_free;
     return d;
-  });
-  // Queues work that fails with `message` (tests the path by which failing
-  // device work reaches the next synchronize).
-  m.def("_stream_enqueue_failure", [](int device, std::int64_t stream, std::string message) {
-    enqueue(device, stream, [message] { throw std::runtime_error(message); });
-  });
-  m.def("_is_pinned_ptr", [](std::uintptr_t ptr) {
-    return isPinnedPtr(reinterpret_cast<const void*>(ptr));
   });
 }
 

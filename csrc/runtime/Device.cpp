@@ -1,4 +1,5 @@
 #include "runtime/Device.h"
+#include "runtime/Settings.h"
 
 #include <sys/mman.h>
 #include <unistd.h>
@@ -6,6 +7,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <mutex>
 #include <stdexcept>
 
@@ -28,42 +30,16 @@ PendingErrors& pending() {
   return p;
 }
 
-// Parses a whole decimal integer; nullopt for anything else.
-std::optional<long long> parseInt(const char* text) {
-  if (text == nullptr || *text == '\0') return std::nullopt;
-  char* end = nullptr;
-  errno = 0;
-  long long v = std::strtoll(text, &end, 10);
-  if (errno != 0 || *end != '\0') return std::nullopt;
-  return v;
-}
-
 void doInitialize() {
-  const char* count = std::getenv("TORCH_MPS_EXT_DEVICE_COUNT");
-  if (count == nullptr) {
-    g_device_count = 1;
-  } else {
-    auto v = parseInt(count);
-    if (!v || *v < 1 || *v > kMaxDevices) {
-      throw std::invalid_argument(
-          std::string("TORCH_MPS_EXT_DEVICE_COUNT must be an integer from 1 to ") +
-          std::to_string(kMaxDevices) + ", got '" + count + "'");
-    }
-    g_device_count = static_cast<int>(*v);
-  }
-  const char* mem = std::getenv("TORCH_MPS_EXT_MEMORY_BYTES");
-  if (mem == nullptr) {
-    // Like Metal's recommendedMaxWorkingSetSize on unified memory: 3/4 of RAM.
-    g_memory_bytes = hostPhysicalBytes() / 4 * 3;
-  } else {
-    auto v = parseInt(mem);
-    if (!v || *v <= 0) {
-      throw std::invalid_argument(
-          std::string("TORCH_MPS_EXT_MEMORY_BYTES must be a positive integer "
-                      "number of bytes, got '") + mem + "'");
-    }
-    g_memory_bytes = static_cast<std::size_t>(*v);
-  }
+  g_device_count = static_cast<int>(
+      settings::integer("TORCH_MPS_EXT_DEVICE_COUNT", 1, kMaxDevices,
+                        "an integer from 1 to " + std::to_string(kMaxDevices))
+          .value_or(1));
+  // Like Metal's recommendedMaxWorkingSetSize on unified memory: 3/4 of RAM.
+  g_memory_bytes = static_cast<std::size_t>(
+      settings::integer("TORCH_MPS_EXT_MEMORY_BYTES", 1, std::numeric_limits<long long>::max(),
+                        "a positive integer number of bytes")
+          .value_or(static_cast<long long>(hostPhysicalBytes() / 4 * 3)));
 }
 
 } // namespace

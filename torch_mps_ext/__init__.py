@@ -9,10 +9,11 @@ functions.
 
 import torch
 
-from . import _autograd, _C
+from . import _autograd, _C, _settings
 
+_settings.validate_all()  # every TORCH_MPS_EXT_* / PYTORCH_MPS_EXT_* variable (_settings.py)
 _device_thread = _autograd.device_thread_setting()
-_C._init()  # validates TORCH_MPS_EXT_* / PYTORCH_MPS_EXT_* environment variables
+_C._init()  # the native core's own settings, validated alike (csrc/runtime/Settings.h)
 _autograd.configure(_device_thread)  # backward on the calling thread (see _autograd.py)
 
 from ._device import (  # noqa: E402

@@ -33,20 +33,17 @@ from collections import namedtuple
 from typing import Any
 
 import torch
-from torch._dynamo.device_interface import MpsInterface, register_interface_for_device
-from torch._inductor.codegen.common import register_device_op_overrides
-from torch._inductor.codegen.mps import MetalScheduling
-from torch._inductor.codegen.mps_device_op_overrides import MPSDeviceOpOverrides
-from torch._inductor.codegen.wrapper import PythonWrapperCodegen
-from torch._inductor.codegen.wrapper_fxir import WrapperFxCodegen
-from torch._inductor import lowering
-from torch._inductor.runtime import runtime_utils
+
+from ._compat import inductor
+
+_I = inductor()
+lowering, runtime_utils = _I.lowering, _I.runtime_utils
 
 DEVICE = "mps_ext"
 SUPPORTED = not torch.backends.mps.is_available()
 
 
-class MpsExtInterface(MpsInterface):
+class MpsExtInterface(_I.MpsInterface):
     """Dynamo's view of the device: torch.mps_ext's functions."""
 
     @staticmethod
@@ -110,15 +107,15 @@ def unsupported_input_tensor(t: torch.Tensor, node=None) -> bool:
 
 
 if SUPPORTED:
-    register_interface_for_device(DEVICE, MpsExtInterface)
-    register_device_op_overrides(DEVICE, MPSDeviceOpOverrides())
+    _I.register_interface_for_device(DEVICE, MpsExtInterface)
+    _I.register_device_op_overrides(DEVICE, _I.MPSDeviceOpOverrides())
     runtime_utils.compile_mps_shader = compile_mps_shader
     lowering.unsupported_input_tensor = unsupported_input_tensor
 
 # What Inductor looks up on torch.mps_ext (torch_mps_ext.__getattr__).
 CODEGEN = {
-    "Scheduling": MetalScheduling,
-    "PythonWrapperCodegen": PythonWrapperCodegen,
-    "CppWrapperCodegen": PythonWrapperCodegen,
-    "WrapperFxCodegen": WrapperFxCodegen,
+    "Scheduling": _I.MetalScheduling,
+    "PythonWrapperCodegen": _I.PythonWrapperCodegen,
+    "CppWrapperCodegen": _I.PythonWrapperCodegen,
+    "WrapperFxCodegen": _I.WrapperFxCodegen,
 } if SUPPORTED else {}

@@ -5,6 +5,7 @@ import sys
 
 import torch
 
+from . import _compat
 from ._utils import DEVICE_TYPE, _get_device_index
 
 _done = False
@@ -36,7 +37,7 @@ def register() -> None:
     _done = True
     module = sys.modules[__package__]
     torch.utils.rename_privateuse1_backend(DEVICE_TYPE)
-    torch._register_device_module(DEVICE_TYPE, module)
+    _compat.register_device_module(DEVICE_TYPE, module)
     torch.utils.generate_methods_for_privateuse1_backend(
         for_tensor=True, for_module=True, for_storage=True, for_packed_sequence=True)
     # Lower number = asked first: before MPS (21) and the generic

@@ -41,12 +41,11 @@ def is_available() -> bool:
 
 
 if is_available():
-    from torch._C._distributed_c10d import (
-        AllgatherOptions,
-        AllToAllOptions,
-        ProcessGroupGloo,
-        ReduceScatterOptions,
-    )
+    from . import _compat
+
+    _gloo = _compat.gloo()
+    AllgatherOptions, AllToAllOptions = _gloo.AllgatherOptions, _gloo.AllToAllOptions
+    ProcessGroupGloo, ReduceScatterOptions = _gloo.ProcessGroupGloo, _gloo.ReduceScatterOptions
 
     def _host(x):
         """What gloo gets for an argument: CPU aliases for mps_ext tensors
@@ -143,7 +142,7 @@ if is_available():
         return group
 
     def _register() -> None:
-        if BACKEND.upper() not in dist.Backend._plugins:
+        if BACKEND.upper() not in _compat.distributed_backend_plugins():
             dist.Backend.register_backend(BACKEND, _create, devices=["cpu", BACKEND])
 
 else:  # pragma: no cover - torch without distributed/gloo

@@ -27,7 +27,7 @@ import tempfile
 
 import torch
 
-from . import _C
+from . import _C, _settings
 
 __all__ = [
     "start",
@@ -117,7 +117,7 @@ def stop() -> str:
         modes, wait, start_ns = _trace["mode"], _trace["wait"], _trace["start_ns"]
         _trace.update(mode=None, wait=False, start_ns=0)
 
-        path = os.environ.get(TRACE_FILE_ENV) or default_trace_path()
+        path = _settings.get(TRACE_FILE_ENV) or default_trace_path()
         _trace_count += 1
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, "w") as f:
@@ -149,7 +149,7 @@ def profile(mode: str = "interval", wait_until_completed: bool = False):
 
 def is_metal_capture_enabled() -> bool:
     """True when the process runs with ``MTL_CAPTURE_ENABLED=1``."""
-    return os.environ.get(CAPTURE_ENV, "") == "1"
+    return _settings.get(CAPTURE_ENV, False)
 
 
 def is_capturing_metal() -> bool:
@@ -316,18 +316,7 @@ def _capture_document(records, start_ns, end_ns):
 # --- PYTORCH_MPS_EXT_LOG_PROFILE_INFO -----------------------------------------
 
 def _log_bits_from_env():
-    raw = os.environ.get(LOG_PROFILE_INFO_ENV, "").strip()
-    if not raw:
-        return 0
-    try:
-        bits = int(raw, 0)
-    except ValueError:
-        bits = -1
-    if bits < 0 or bits > _LOG_ALL:
-        raise ValueError(
-            f"{LOG_PROFILE_INFO_ENV} must be a bit mask between 0 and {_LOG_ALL} "
-            f"(see docs/profiler.md), got {raw!r}")
-    return bits
+    return _settings.get(LOG_PROFILE_INFO_ENV, 0)
 
 
 def _print_stats(bits, file=None):

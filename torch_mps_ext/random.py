@@ -11,6 +11,7 @@ from typing import Iterable, List, Union
 import torch
 
 from . import _C
+from ._compat import DisableFuncTorch
 from ._utils import _get_device_index
 
 __all__ = [
@@ -96,7 +97,7 @@ def set_rng_state(new_state: torch.Tensor,
             or new_state.device.type != "cpu"):
         raise TypeError("RNG state must be a torch.ByteTensor")
     index = _index(device)
-    with torch._C._DisableFuncTorch():
+    with DisableFuncTorch():
         state = new_state.clone(memory_format=torch.contiguous_format)
     _default_generator(index).set_state(state)
 

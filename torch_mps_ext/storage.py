@@ -8,8 +8,10 @@ Like CUDA's, they cannot be made from a host buffer or shared-memory file.
 """
 
 import torch
-from torch._utils import classproperty
-from torch.storage import _LegacyStorage, _dtype_to_storage_type_map, _warn_typed_storage_removal
+from ._compat import LegacyStorage as _LegacyStorage
+from ._compat import classproperty
+from ._compat import dtype_to_storage_type_map as _dtype_to_storage_type_map
+from ._compat import warn_typed_storage_removal as _warn_typed_storage_removal
 
 
 class _MpsExtLegacyStorage(_LegacyStorage):

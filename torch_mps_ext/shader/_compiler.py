@@ -23,6 +23,7 @@ import tempfile
 import threading
 from pathlib import Path
 
+from .. import _settings
 from . import _frontend as fe
 
 INCLUDE_DIR = Path(__file__).parent / "include"
@@ -34,7 +35,7 @@ _lock = threading.Lock()
 
 
 def cache_dir() -> Path:
-    env = os.environ.get("TORCH_MPS_EXT_SHADER_CACHE")
+    env = _settings.get("TORCH_MPS_EXT_SHADER_CACHE")
     if env:
         d = Path(env)
     else:
@@ -45,7 +46,7 @@ def cache_dir() -> Path:
 
 
 def checked_mode() -> bool:
-    return os.environ.get("TORCH_MPS_EXT_SHADER_CHECKED", "0") not in ("", "0", "false", "False", "no")
+    return _settings.get("TORCH_MPS_EXT_SHADER_CHECKED", False)
 
 
 @functools.lru_cache(maxsize=None)
@@ -54,7 +55,7 @@ def compiler() -> list[str]:
     if not cxx:
         raise RuntimeError("compile_shader needs a host C++ compiler (g++ or clang++); none was found")
     cmd = [cxx]
-    if os.environ.get("TORCH_MPS_EXT_SHADER_CCACHE", "1") != "0":
+    if _settings.get("TORCH_MPS_EXT_SHADER_CCACHE", True):
         ccache = shutil.which("ccache")
         if ccache and "ccache" not in cxx:
             cmd = [ccache, cxx]
@@ -108,7 +109,7 @@ def _math_flags() -> tuple[str, ...]:
 
 
 def _arch_flags() -> list[str]:
-    env = os.environ.get("TORCH_MPS_EXT_SHADER_ARCH_FLAGS")
+    env = _settings.get("TORCH_MPS_EXT_SHADER_ARCH_FLAGS")
     if env is not None:
         return env.split()
     # the define puts the host CPU into ccache's key too: -march=native means a different

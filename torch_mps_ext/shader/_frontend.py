@@ -84,7 +84,9 @@ def torch_include_dir() -> Path:
 
 def embed(source: str) -> str:
     """Inline torch headers like torch.mps.compile_shader does, with #line markers."""
-    from torch.utils._cpp_embed_headers import _embed_headers
+    from .._compat import embed_headers
+
+    _embed_headers = embed_headers()
 
     include_dirs = [torch_include_dir()]
     processed: set[str] = set()

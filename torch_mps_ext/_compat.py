@@ -1,0 +1,113 @@
+r"""Every private torch API torch_mps_ext uses, in one place.
+
+Checked against torch ``CHECKED_AGAINST``. A torch upgrade is a review of
+this file: the Python names below are imported from here by the rest of the
+package (``tests/test_compat.py`` resolves each of them), and the native core's
+use of torch internals is listed at the end with the file that relies on each.
+
+Python (imported here, re-exported):
+
+=====================================================  ===========================================
+private API                                            used by / for
+=====================================================  ===========================================
+``torch._register_device_module``                      _registration: installs ``torch.mps_ext``
+``torch._C._DisableFuncTorch``                         random.set_rng_state: clone outside functorch
+``torch._utils.classproperty``                         storage: the legacy storage classes' dtype
+``torch.storage._LegacyStorage``,                      storage: ``torch.mps_ext.FloatStorage`` &c.
+``_dtype_to_storage_type_map``, ``_warn_typed_storage_removal``
+``torch._C._distributed_c10d`` (ProcessGroupGloo,      distributed: the ``"mps_ext"`` c10d backend
+options classes), ``dist.Backend._plugins``
+``torch.utils._cpp_embed_headers._embed_headers``      shader._frontend: inline ``#include <c10/metal/...>``
+``torch._dynamo.device_interface`` (MpsInterface,      _inductor: torch.compile on mps_ext
+register_interface_for_device); ``torch._inductor``    (imported on first compile, ``inductor()``)
+codegen.common/mps/mps_device_op_overrides/wrapper/
+wrapper_fxir, lowering.unsupported_input_tensor,
+runtime.runtime_utils.compile_mps_shader
+=====================================================  ===========================================
+
+C++ (csrc/, reviewed by reading each file named):
+
+* ``TensorImpl`` internals: ``set_sizes_and_strides``, ``_set_conj``/``_set_neg``,
+  ``set_storage_keep_dtype``, ``set_wrapped_number``, ``has_compatible_shallow_copy_type``
+  (aten/HostView.cpp, Fallback.cpp, Ops.cpp, HotOps.cpp).
+* ``StorageImpl::set_data_ptr``/``set_data_ptr_noswap``/``set_nbytes`` (aten/HostView.cpp,
+  Fallback.cpp, Ops.cpp).
+* ``at::native::*`` kernels and structured classes called directly: ``copy_``, ``set_``,
+  ``set_storage_cpu_``, ``set_tensor_``, ``as_strided_tensorimpl``, ``_reshape_alias``,
+  ``_local_scalar_dense_cpu``, ``structured_ufunc_add_CPU`` & co., ``relu``, ``result_type``
+  (aten/Ops.cpp, HotOps.cpp).
+* ``DispatchStub`` internals (``DispatchStubImpl`` entries for PrivateUse1; HAVE_*_CPU_DEFINITION
+  layout) (aten/HotOps.cpp, DispatchStubs.cpp, CMakeLists.txt).
+* ``c10::SetCPUAllocator`` with a priority (aten/HostView.cpp).
+* ``c10::AutogradState`` TLS (core/ThreadState.cpp).
+* ``at::detail::empty_generic``/``empty_strided_generic``, ``scalar_tensor_static``
+  (aten/Ops.cpp, HostView.cpp).
+* Kineto's ``PrivateUse1ProfilerRegistry`` and the autograd profiler's legacy device hooks
+  (core/ProfilerKineto.cpp, ProfilerStubs.cpp); ``c10d::Logger`` timers (core/DdpTimer.cpp).
+* ``torch/csrc/autograd/python_variable.h`` (``THPVariable_Unpack``) and
+  ``torch/csrc/Generator.h`` in the bindings (python/Shaders.cpp, Random.cpp).
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as _dist
+from torch._C import _DisableFuncTorch as DisableFuncTorch  # noqa: F401
+from torch._utils import classproperty  # noqa: F401
+from torch.storage import (  # noqa: F401
+    _LegacyStorage as LegacyStorage,
+    _dtype_to_storage_type_map as dtype_to_storage_type_map,
+    _warn_typed_storage_removal as warn_typed_storage_removal,
+)
+
+CHECKED_AGAINST = "2.13.0"
+
+register_device_module = torch._register_device_module
+
+
+def distributed_backend_plugins() -> dict:
+    """c10d's registry of third-party backends (``dist.Backend._plugins``)."""
+    return _dist.Backend._plugins
+
+
+def gloo():
+    """gloo's process group and the collective option classes."""
+    from torch._C._distributed_c10d import (
+        AllgatherOptions,
+        AllToAllOptions,
+        ProcessGroupGloo,
+        ReduceScatterOptions,
+    )
+
+    return SimpleNamespace(ProcessGroupGloo=ProcessGroupGloo, AllgatherOptions=AllgatherOptions,
+                           AllToAllOptions=AllToAllOptions,
+                           ReduceScatterOptions=ReduceScatterOptions)
+
+
+def embed_headers():
+    """torch.mps.compile_shader's header inliner."""
+    from torch.utils._cpp_embed_headers import _embed_headers
+
+    return _embed_headers
+
+
+def inductor():
+    """Dynamo's and Inductor's internals used by torch.compile on mps_ext
+    (imported on the first compile: Inductor is heavy)."""
+    from torch._dynamo.device_interface import MpsInterface, register_interface_for_device
+    from torch._inductor import lowering
+    from torch._inductor.codegen.common import register_device_op_overrides
+    from torch._inductor.codegen.mps import MetalScheduling
+    from torch._inductor.codegen.mps_device_op_overrides import MPSDeviceOpOverrides
+    from torch._inductor.codegen.wrapper import PythonWrapperCodegen
+    from torch._inductor.codegen.wrapper_fxir import WrapperFxCodegen
+    from torch._inductor.runtime import runtime_utils
+
+    return SimpleNamespace(
+        MpsInterface=MpsInterface, register_interface_for_device=register_interface_for_device,
+        lowering=lowering, register_device_op_overrides=register_device_op_overrides,
+        MetalScheduling=MetalScheduling, MPSDeviceOpOverrides=MPSDeviceOpOverrides,
+        PythonWrapperCodegen=PythonWrapperCodegen, WrapperFxCodegen=WrapperFxCodegen,
+        runtime_utils=runtime_utils)

@@ -54,9 +54,11 @@ class Session final : public libkineto::IActivityProfilerSession {
       // Parents would count their children's time twice; allocation and
       // view ops run no device work.
       if (!r.leaf || !r.kernel) continue;
+      // Named apart from the CPU op that issued it, which torch.profiler's
+      // tables list too: "aten::mm (mps_ext)", "aten::_copy_from (cpu -> mps_ext)".
       auto& a = activities_.emplace_back(
           span_, r.kind == Kind::Copy ? ActivityType::GPU_MEMCPY : ActivityType::CONCURRENT_KERNEL,
-          r.name);
+          r.name + " (" + (r.direction.empty() ? std::string("mps_ext") : r.direction) + ")");
       a.startTime = r.start_ns;
       a.endTime = r.end_ns;
       a.id = ++id;

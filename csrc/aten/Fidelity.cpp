@@ -254,7 +254,8 @@ void checkNewTensor(at::ScalarType t) {
   TORCH_CHECK_TYPE(false, kDoubleNew);
 }
 
-void checkConversion(at::ScalarType from, at::ScalarType to) {
+void checkConversion(at::ScalarType from, at::ScalarType to, bool to_device) {
+  if (to_device && to == at::kDouble && !wideDtype(from)) return;
   if ((!wideDtype(from) && !wideDtype(to)) || excused()) return;
   at::ScalarType wide = wideDtype(to) ? to : from;
   if (recording()) {

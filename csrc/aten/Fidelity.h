@@ -71,7 +71,8 @@ void checkOperandDtype(at::ScalarType t, const c10::OperatorHandle* op);
 // A tensor of dtype `t` created on the device (empty, empty_strided).
 void checkNewTensor(at::ScalarType t);
 // A copy from a device tensor converting `from` to `to` (computed on the
-// device on MPS).
-void checkConversion(at::ScalarType from, at::ScalarType to);
+// device on MPS). A float64 device destination is not judged again: its
+// creation was.
+void checkConversion(at::ScalarType from, at::ScalarType to, bool to_device);
 
 } // namespace torch_mps_ext::fidelity

@@ -197,7 +197,8 @@ at::Tensor copy_from(const at::Tensor& self, const at::Tensor& dst,
   // are refused in mps fidelity mode.
   if (C10_UNLIKELY(self.scalar_type() != dst.scalar_type()) && self.device().type() == kDev &&
       fidelity::on()) {
-    fidelity::checkConversion(self.scalar_type(), dst.scalar_type());
+    fidelity::checkConversion(self.scalar_type(), dst.scalar_type(),
+                              dst.device().type() == kDev);
   }
   if (non_blocking && queueCopy(self, dst)) return dst;
   at::Tensor src_h = self.device().type() == kDev ? hostView(self) : self;

@@ -107,8 +107,9 @@ def _table(rows: list[dict], torch_version: str) -> str:
 
     def describe(r: dict) -> str:
         if r["kind"] == "dtype":
-            where = f" ({r['operator']})" if r["operator"] else ""
-            return f"{r['dtype']}{where}"
+            ops = list(r["operators"])
+            more = f", +{len(ops) - 3} more" if len(ops) > 3 else ""
+            return f"{r['dtype']} ({', '.join(ops[:3])}{more})"
         return r["operator"]
 
     def block(title: str, part: list[dict]):

@@ -55,13 +55,9 @@ class Entry:
 
 def table_path() -> str:
     """The installed torch's native_functions.yaml."""
-    import importlib.util
+    from .._compat import native_functions_yaml
 
-    spec = importlib.util.find_spec("torchgen")  # located, not imported
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("torchgen (shipped with torch) is not installed")
-    return os.path.join(list(spec.submodule_search_locations)[0], "packaged", "ATen", "native",
-                        "native_functions.yaml")
+    return native_functions_yaml()
 
 
 _FUNC = re.compile(r"^- func:\s*([A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)?)\(")

@@ -63,26 +63,43 @@ def _user_location() -> str:
     frame = sys._getframe(2)
     while frame is not None:
         filename = frame.f_code.co_filename
-        if not filename.startswith("<"):
-            real = os.path.realpath(filename)
+        if not filename.startswith("<frozen"):  # "<string>" (python -c) is the user's
+            real = filename if filename.startswith("<") else os.path.realpath(filename)
             if not real.startswith(_SKIPPED):
                 return f"{filename}:{frame.f_lineno}"
         frame = frame.f_back
     return "<unknown>"
 
 
+def _key(kind: str, dtype: str, op: str) -> tuple[str, str]:
+    # One row per operator, one per dtype (with the operators that met it).
+    return (kind, dtype) if kind == DTYPE else (kind, op)
+
+
+def _add(row: dict, op: str, n: int) -> None:
+    row["count"] += n
+    if row["kind"] == DTYPE:
+        name = op or "(a random operator)"
+        row["operators"][name] = row["operators"].get(name, 0) + n
+
+
 def _record(kind: str, dtype: str, op: str) -> None:
-    key = (kind, dtype, op)
+    key = _key(kind, dtype, op)
     with _lock:
         row = _rows.get(key)
         if row is not None:
-            row["count"] += 1
+            _add(row, op, 1)
             return
     where = _user_location()
     with _lock:
-        row = _rows.setdefault(key, {"kind": kind, "dtype": dtype or None, "operator": op,
-                                     "count": 0, "first": where})
-        row["count"] += 1
+        row = _rows.get(key)
+        if row is None:
+            row = _rows[key] = {"kind": kind, "dtype": dtype or None,
+                                "operator": None if kind == DTYPE else op,
+                                "count": 0, "first": where}
+            if kind == DTYPE:
+                row["operators"] = {}
+        _add(row, op, 1)
 
 
 def start(report_dir: str | None = None) -> None:
@@ -105,8 +122,11 @@ def rows() -> list[dict]:
     """The recorded rows (copies), incompatibilities first, most frequent first."""
     with _lock:
         out = [dict(r) for r in _rows.values()]
+    for r in out:
+        if "operators" in r:
+            r["operators"] = dict(sorted(r["operators"].items(), key=lambda kv: (-kv[1], kv[0])))
     out.sort(key=lambda r: (r["kind"] not in INCOMPATIBLE, -r["count"], r["kind"],
-                            r["dtype"] or "", r["operator"]))
+                            r["dtype"] or "", r["operator"] or ""))
     return out
 
 
@@ -118,11 +138,16 @@ def merge(other: list[dict]) -> None:
     """Adds rows recorded by another process."""
     with _lock:
         for r in other:
-            key = (r["kind"], r["dtype"] or "", r["operator"])
-            if key in _rows:
-                _rows[key]["count"] += r["count"]
+            key = _key(r["kind"], r["dtype"] or "", r["operator"] or "")
+            if key not in _rows:
+                _rows[key] = dict(r, count=0, operators={}) if r["kind"] == DTYPE \
+                    else dict(r, count=0)
+            row = _rows[key]
+            if r["kind"] == DTYPE:
+                for op, n in r.get("operators", {}).items():
+                    _add(row, op, n)
             else:
-                _rows[key] = dict(r)
+                _add(row, r["operator"], r["count"])
 
 
 def _write(path: str) -> None:

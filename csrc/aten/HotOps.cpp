@@ -150,7 +150,7 @@ template <class... Args>
 bool fidelityDeclines(const Args&... args) {
   auto wide = [](const auto& a) {
     if constexpr (std::is_same_v<std::decay_t<decltype(a)>, at::Tensor>) {
-      return a.defined() && fidelity::wideDtype(a.scalar_type());
+      return a.defined() && a.device().type() == kDev && fidelity::wideDtype(a.scalar_type());
     } else {
       return false;
     }

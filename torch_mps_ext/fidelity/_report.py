@@ -60,7 +60,10 @@ def _user_location() -> str:
     global _SKIPPED
     if _SKIPPED is None:
         _SKIPPED = _skipped_dirs()
-    frame = sys._getframe(2)
+    try:
+        frame = sys._getframe(2)
+    except ValueError:  # called from a thread running no Python code
+        return "<unknown>"
     while frame is not None:
         filename = frame.f_code.co_filename
         if not filename.startswith("<frozen"):  # "<string>" (python -c) is the user's

@@ -385,14 +385,16 @@ void preferCpuKernels() {
   auto& d = c10::Dispatcher::singleton();
   // CompositeExplicitAutograd kernels that call a DispatchStub directly
   // (so they only work on CPU/CUDA: "DispatchStub: missing kernel for
-  // mps_ext"): run them on host views, where the stub finds CPU's kernel.
+  // mps_ext": kaiser_window) or CPU's kernel function itself
+  // (_batch_norm_no_update calls batch_norm_cpu): run them on host views.
   // Likewise out= overloads that check the device type themselves
   // ("mode only supports CPU, CUDA and XPU device type"). And addr_, whose
   // kernel passes `self` as both input and out to addr_out and the CPU kernel
   // tells them apart by address: boxed, they are two references, and a 0-D
   // `self` would be resized instead of refused as on CPU.
   for (const char* n : {"conj_physical_", "mode.values", "addr_", "kaiser_window",
-                        "kaiser_window.periodic", "kaiser_window.beta"}) {
+                        "kaiser_window.periodic", "kaiser_window.beta",
+                        "_batch_norm_no_update"}) {
     std::string full = n;
     auto dot = full.find('.');
     c10::OperatorName opname{"aten::" + full.substr(0, dot),

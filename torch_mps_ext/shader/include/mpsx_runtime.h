@@ -179,7 +179,9 @@ template <class F>
 MPSX_INLINE void run_loop(const uint32_t* grid, const uint32_t* grp, uint64_t gb, uint64_t ge, F& body) {
   const uint gx = grid[0], gy = grid[1], gz = grid[2];
   const uint bx = grp[0], by = grp[1], bz = grp[2];
-  const uint nx = (gx + bx - 1) / bx, ny = (gy + by - 1) / by, nz = (gz + bz - 1) / bz;
+  // Group counts and group ends in 64 bits: a grid dimension may be up to 2^32 - 1.
+  const uint nx = uint((uint64_t(gx) + bx - 1) / bx), ny = uint((uint64_t(gy) + by - 1) / by),
+             nz = uint((uint64_t(gz) + bz - 1) / bz);
   tinfo t;
   t.tpg = uint3_(gx, gy, gz);
   t.tgpg = uint3_(nx, ny, nz);
@@ -189,9 +191,9 @@ MPSX_INLINE void run_loop(const uint32_t* grid, const uint32_t* grp, uint64_t gb
     const uint64_t r = g / nx;
     const uint iy = uint(r % ny), iz = uint(r / ny);
     const uint x0 = ix * bx, y0 = iy * by, z0 = iz * bz;
-    const uint x1 = x0 + bx < gx ? x0 + bx : gx;
-    const uint y1 = y0 + by < gy ? y0 + by : gy;
-    const uint z1 = z0 + bz < gz ? z0 + bz : gz;
+    const uint x1 = uint64_t(x0) + bx < gx ? x0 + bx : gx;
+    const uint y1 = uint64_t(y0) + by < gy ? y0 + by : gy;
+    const uint z1 = uint64_t(z0) + bz < gz ? z0 + bz : gz;
     const uint sx = x1 - x0, sy = y1 - y0, sz = z1 - z0;
     t.tgpig = uint3_(ix, iy, iz);
     t.tptg = uint3_(sx, sy, sz);
@@ -477,15 +479,17 @@ static void run_fibers(const uint32_t* grid, const uint32_t* grp, uint64_t gb, u
   c->fn = &body;
   const uint gx = grid[0], gy = grid[1], gz = grid[2];
   const uint bx = grp[0], by = grp[1], bz = grp[2];
-  const uint nx = (gx + bx - 1) / bx, ny = (gy + by - 1) / by, nz = (gz + bz - 1) / bz;
+  // Group counts and group ends in 64 bits: a grid dimension may be up to 2^32 - 1.
+  const uint nx = uint((uint64_t(gx) + bx - 1) / bx), ny = uint((uint64_t(gy) + by - 1) / by),
+             nz = uint((uint64_t(gz) + bz - 1) / bz);
   for (uint64_t g = gb; g < ge; ++g) {
     const uint ix = uint(g % nx);
     const uint64_t r = g / nx;
     const uint iy = uint(r % ny), iz = uint(r / ny);
     const uint x0 = ix * bx, y0 = iy * by, z0 = iz * bz;
-    const uint x1 = x0 + bx < gx ? x0 + bx : gx;
-    const uint y1 = y0 + by < gy ? y0 + by : gy;
-    const uint z1 = z0 + bz < gz ? z0 + bz : gz;
+    const uint x1 = uint64_t(x0) + bx < gx ? x0 + bx : gx;
+    const uint y1 = uint64_t(y0) + by < gy ? y0 + by : gy;
+    const uint z1 = uint64_t(z0) + bz < gz ? z0 + bz : gz;
     const uint sx = x1 - x0, sy = y1 - y0, sz = z1 - z0;
     const unsigned n = sx * sy * sz;
     if (n == 0) continue;

@@ -133,3 +133,28 @@ def test_memory_fraction_refuses_nan_inf_and_out_of_range(bad):
     with pytest.raises(ValueError, match=r"^Invalid fraction value: .*\. Allowed range: 0~2$"):
         torch.mps_ext.set_per_process_memory_fraction(bad)
     assert torch.mps_ext.get_per_process_memory_fraction() == before
+
+
+def test_fiber_stack_overflow_is_a_device_error():
+    # 384 KiB of private memory under a barrier: more than a fiber's 256 KiB
+    # stack. The guard page below each used stack turns the overflow into a
+    # device error instead of a write into the neighbouring fiber's stack.
+    out = _run('''
+big = torch.mps_ext.compile_shader("""
+#include <metal_stdlib>
+using namespace metal;
+kernel void big(device float* out, uint i [[thread_position_in_grid]]) {
+  float a[96 * 1024];
+  for (int k = 0; k < 96 * 1024; ++k) a[k] = float(k + i);
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  out[i] = a[(i * 7919) % (96 * 1024)];
+}
+""")
+y = torch.zeros(8, device="mps_ext")
+big.big(y, threads=8, group_size=8)
+try:
+    torch.mps_ext.synchronize()
+except torch.AcceleratorError as e:
+    print("ERR", e)
+still_works()''')
+    assert "ERR kernel 'big' faulted: SIGSEGV (invalid memory access)" in out

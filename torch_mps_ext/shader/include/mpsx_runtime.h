@@ -334,6 +334,7 @@ struct group_ctx {
   fiber* cur;
   unsigned n;
   char* stacks;
+  unsigned guarded;  // fibers [0, guarded) have a guard page below their stack
 };
 
 static thread_local group_ctx* tl_ctx = nullptr;
@@ -371,8 +372,9 @@ static group_ctx* thread_group_ctx() {
       report("could not reserve fiber stacks (%zu bytes)", total);
       return nullptr;
     }
-    // One reservation, no per-stack guard pages: 1024 guards would cost 2048 memory mappings per
-    // OS thread (vm.max_map_count is 65530).  256 KiB per fiber is far more than kernels use.
+    // One reservation; guard pages are added below the stacks of the fibers a launch actually
+    // uses (guard_fiber_stacks), not all 1024 up front: each guard costs two memory mappings
+    // per OS thread (vm.max_map_count is 65530).
     ctx->stacks = static_cast<char*>(m);
   }
   return ctx;
@@ -382,6 +384,21 @@ MPSX_INLINE void fiber_yield(group_ctx* c, int state) {
   fiber* f = c->cur;
   f->state = state;
   fiber_leave(c, f);
+}
+
+// An inaccessible page at the bottom of the stacks of fibers [c->guarded, n): a fiber that
+// overflows its 256 KiB faults there (a device error, runtime/Fault.h) instead of writing into
+// its neighbour's stack. If the system refuses more mappings, the remaining stacks stay
+// unguarded (overflow still faults below the lowest stack).
+static void guard_fiber_stacks(group_ctx* c, unsigned n) {
+  const size_t page = 4096;
+  while (c->guarded < n) {
+    if (mprotect(c->stacks + size_t(c->guarded) * kStackSize, page, PROT_NONE) != 0) {
+      c->guarded = kMaxThreads;
+      return;
+    }
+    ++c->guarded;
+  }
 }
 
 static void resolve(group_ctx* c) {
@@ -498,6 +515,7 @@ static void run_fibers(const uint32_t* grid, const uint32_t* grp, uint64_t gb, u
       break;
     }
     c->n = n;
+    guard_fiber_stacks(c, n);
     unsigned i = 0;
     for (uint z = z0; z < z1; ++z)
       for (uint y = y0; y < y1; ++y)

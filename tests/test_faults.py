@@ -35,6 +35,17 @@ def still_works():
 '''
 
 
+def _caught(statement, exc):
+    """Body that runs `statement`, prints `ERR <message>` for `exc`, then checks
+    the device still works."""
+    return f"""
+try:
+    {statement}
+except {exc} as e:
+    print("ERR", e)
+still_works()"""
+
+
 def _run(body, env=None, timeout=300):
     proc = run_python(KERNELS + body, env=env, check=False, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -48,44 +59,23 @@ def test_largest_1d_grid_runs_without_arithmetic_fault():
 
 @pytest.mark.parametrize("arg", ["1.5", "[1.0, 2.0]", "torch.tensor(1.5)"])
 def test_number_bound_to_device_pointer_is_a_type_error(arg):
-    out = _run(f"""
-try:
-    lib.full({arg}, 1.0, threads=4)
-except TypeError as e:
-    print("ERR", e)
-still_works()""")
+    out = _run(_caught(f"lib.full({arg}, 1.0, threads=4)", "TypeError"))
     assert ("ERR kernel 'full': argument 0 ('out') is a device pointer (device float*); pass an "
             "mps_ext tensor, not a number or a list") in out
 
 
 def test_expanded_output_is_refused():
-    out = _run("""
-try:
-    lib.full(torch.zeros(1, device="mps_ext").expand(4), 1.0)
-except ValueError as e:
-    print("ERR", e)
-still_works()""")
+    out = _run(_caught('lib.full(torch.zeros(1, device="mps_ext").expand(4), 1.0)', "ValueError"))
     assert "ERR kernel 'full': argument 0 ('out') is written through, but the tensor's" in out
 
 
 def test_error_buf_idx_out_of_range_is_refused():
-    out = _run("""
-try:
-    lib.full(x, 1.0, error_buf_idx=7)
-except ValueError as e:
-    print("ERR", e)
-still_works()""")
+    out = _run(_caught("lib.full(x, 1.0, error_buf_idx=7)", "ValueError"))
     assert "ERR error_buf_idx=7 is not a buffer index of kernel 'full' (its buffers: [0, 1])" in out
 
 
 def test_null_dereference_is_a_device_error():
-    out = _run("""
-lib.nul(x)
-try:
-    torch.mps_ext.synchronize()
-except torch.AcceleratorError as e:
-    print("ERR", e)
-still_works()""")
+    out = _run("lib.nul(x)" + _caught("torch.mps_ext.synchronize()", "torch.AcceleratorError"))
     assert "ERR kernel 'nul' faulted: SIGSEGV (invalid memory access) at address" in out
     assert "the launch was abandoned" in out
 

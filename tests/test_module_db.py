@@ -51,10 +51,8 @@ import unittest
 import torch
 import torch_mps_ext  # noqa: F401  (must precede torch.testing._internal.common_device_type)
 
-import torch.testing._internal.common_device_type as common_device_type
 from torch.testing import make_tensor
 from torch.testing._internal.common_device_type import (
-    PrivateUse1TestBase,
     instantiate_device_type_tests,
 )
 from torch.testing._internal.common_modules import (
@@ -70,21 +68,10 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from module_db_expectations import EXPECTATIONS, RANDOM_MODULES  # noqa: E402
+from sweep_common import DEVICE_TYPE, register_privateuse1_base, sweep_settings  # noqa: E402
 
-DEVICE_TYPE = "mps_ext"
-
-# If torch.testing._internal.common_device_type was imported before mps_ext
-# was registered (another test module imported it first), it did not list the
-# PrivateUse1 base: add it.
-if PrivateUse1TestBase not in common_device_type.device_type_test_bases:
-    common_device_type.device_type_test_bases.append(PrivateUse1TestBase)
-
-MODE = os.environ.get("TORCH_MPS_EXT_MODULEDB", "fast")
-assert MODE in ("fast", "full"), f"TORCH_MPS_EXT_MODULEDB={MODE!r}: fast or full"
-_ONLY = os.environ.get("TORCH_MPS_EXT_MODULEDB_MODULES", "")
-ONLY = {m.strip() for m in _ONLY.split(",") if m.strip()}
-MAX_SAMPLES = int(os.environ.get("TORCH_MPS_EXT_MODULEDB_MAX_SAMPLES",
-                                 "6" if MODE == "fast" else "40"))
+register_privateuse1_base()
+MODE, ONLY, MAX_SAMPLES = sweep_settings("TORCH_MPS_EXT_MODULEDB", "MODULES", 6, 40)
 
 # The fast subset: one or two modules per family (linear, conv, transposed
 # conv, lazy, pooling, normalization in train and eval mode, attention,

@@ -52,24 +52,20 @@ def _int_in(lo: int, hi: int | None) -> Callable[[str], int]:
     return parse
 
 
-def _ratio(raw: str) -> float:
-    try:
-        v = float(raw)
-    except ValueError:
-        raise _Invalid from None
-    if not 0.0 <= v <= 2.0:  # also refuses nan
-        raise _Invalid
-    return v
+def _number_in(lo: float, hi: float) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        try:
+            v = float(raw)
+        except ValueError:
+            raise _Invalid from None
+        if not lo <= v <= hi:  # also refuses nan
+            raise _Invalid
+        return v
+    return parse
 
 
-def _seconds(raw: str) -> float:
-    try:
-        v = float(raw)
-    except ValueError:
-        raise _Invalid from None
-    if not 0.0 <= v <= 1e9:  # also refuses nan
-        raise _Invalid
-    return v
+_ratio = _number_in(0.0, 2.0)
+_seconds = _number_in(0.0, 1e9)
 
 
 def _text(raw: str) -> str:

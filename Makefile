@@ -43,8 +43,11 @@ test-models: build $(VENV)/.test-deps
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 # The full OpInfo sweep (tests/test_opinfo.py, TORCH_MPS_EXT_OPINFO=full), one
-# pytest process per op category, then docs/conformance.md (generated).
-# CONFORMANCE_CATEGORIES=linalg,fft to run some; the report covers what ran.
+# pytest process per op category, and the full module_db sweep (category
+# module_db: tests/test_module_db.py, TORCH_MPS_EXT_MODULEDB=full), then
+# docs/conformance.md (generated).
+# CONFORMANCE_CATEGORIES=linalg,fft (or module_db) to run some; the report
+# covers what ran.
 CONFORMANCE_CATEGORIES ?=
 conformance: build
 	$(PY) tests/conformance_report.py --run $(if $(CONFORMANCE_CATEGORIES),--categories $(CONFORMANCE_CATEGORIES))

@@ -121,6 +121,37 @@ assert stats.get("avg_forward_compute_time", 0) > 0, stats
 assert stats.get("avg_backward_compute_time", 0) > 0, stats
 checked.append("ddp_timings")
 
+# nn.SyncBatchNorm across the ranks (csrc/aten/SyncBatchNorm.cpp): each rank
+# normalizes its shard with the statistics of the whole batch, so outputs,
+# gradients and running statistics equal one BatchNorm over the whole batch
+# on CPU. Shards differ in size (5 and 3 rows), as the merge weighs counts.
+torch.manual_seed(0)
+full = torch.randn(8, 4, 3, 3, dtype=torch.float64)
+grad = torch.randn(8, 4, 3, 3, dtype=torch.float64)
+ref = torch.nn.BatchNorm2d(4, dtype=torch.float64)
+with torch.no_grad():
+    ref.weight.uniform_(0.5, 1.5)
+    ref.bias.uniform_(-0.5, 0.5)
+sync = torch.nn.SyncBatchNorm.convert_sync_batchnorm(
+    torch.nn.Sequential(torch.nn.BatchNorm2d(4, dtype=torch.float64))).to(dev)
+sync[0].load_state_dict(ref.state_dict())
+x_ref = full.clone().requires_grad_()
+ref(x_ref).backward(grad)
+rows = slice(0, 5) if rank == 0 else slice(5, 8)
+x = full[rows].to(dev).requires_grad_()
+out = sync(x)
+out.backward(grad[rows].to(dev))
+dist.all_reduce(sync[0].weight.grad)  # DDP would average; the sum is the full-batch grad
+dist.all_reduce(sync[0].bias.grad)
+torch.testing.assert_close(out.detach().cpu(), torch.nn.functional.batch_norm(
+    full, None, None, ref.weight.detach(), ref.bias.detach(), training=True)[rows])
+torch.testing.assert_close(x.grad.cpu(), x_ref.grad[rows])
+torch.testing.assert_close(sync[0].weight.grad.cpu(), ref.weight.grad)
+torch.testing.assert_close(sync[0].bias.grad.cpu(), ref.bias.grad)
+torch.testing.assert_close(sync[0].running_mean.cpu(), ref.running_mean)
+torch.testing.assert_close(sync[0].running_var.cpu(), ref.running_var)
+checked.append("sync_batch_norm")
+
 dist.barrier()
 # dist.monitored_barrier() accepts gloo groups only (by name); the group's
 # own method is gloo's.

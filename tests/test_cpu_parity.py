@@ -218,3 +218,18 @@ def test_device_indices_into_a_cpu_tensor():
         torch.arange(5)[torch.tensor([1, 2], device=DEV)]
     # CPU indices into a device tensor are fine, as on CUDA.
     assert torch.arange(5, device=DEV)[torch.tensor([1, 2])].cpu().tolist() == [1, 2]
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_dropout_keeps_the_input_layout(train):
+    # ATen sends nn.Dropout on accelerators to native_dropout (on CPU it
+    # decomposes); its outputs keep the input's layout, as CPU's do.
+    x = torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
+    want = [t.stride() for t in torch.native_dropout(x, 0.5, train)]
+    got = torch.native_dropout(x.to(DEV), 0.5, train)
+    assert [t.stride() for t in got] == want
+    out, mask = (t.cpu() for t in got)
+    if train:
+        torch.testing.assert_close(out, x * mask * 2.0)
+    else:
+        assert torch.equal(out, x) and mask.all()

@@ -38,7 +38,8 @@ def test_collectives_across_two_processes():
     out = torchrun(os.path.join(ROOT, "tests", "distributed_worker.py"))
     names = ("all_reduce all_reduce_max all_reduce_async_int strided_view broadcast "
              "all_gather all_gather_single reduce_scatter_single all_to_all_single scatter "
-             "all_gather_object after_stream_work cpu_tensor ddp_timings barriers").split()
+             "all_gather_object after_stream_work cpu_tensor ddp_timings sync_batch_norm "
+             "barriers").split()
     lines = {line.split()[1]: line.split()[3:] for line in out.splitlines()
              if line.startswith("rank ")}
     assert sorted(lines) == ["0", "1"], out

@@ -35,10 +35,8 @@ import unittest
 import torch
 import torch_mps_ext  # noqa: F401  (must precede torch.testing._internal.common_device_type)
 
-import torch.testing._internal.common_device_type as common_device_type
 from torch.testing._internal.common_device_type import (
     OpDTypes,
-    PrivateUse1TestBase,
     instantiate_device_type_tests,
     ops,
 )
@@ -59,24 +57,12 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from opinfo_expectations import EXPECTATIONS, NONDETERMINISTIC_OPS, random_sample  # noqa: E402
+from sweep_common import DEVICE_TYPE, register_privateuse1_base, sweep_settings  # noqa: E402
 
-DEVICE_TYPE = "mps_ext"
-
-# If torch.testing._internal.common_device_type was imported before mps_ext
-# was registered (another test module imported it first), it did not list the
-# PrivateUse1 base: add it.
-if PrivateUse1TestBase not in common_device_type.device_type_test_bases:
-    common_device_type.device_type_test_bases.append(PrivateUse1TestBase)
-
-MODE = os.environ.get("TORCH_MPS_EXT_OPINFO", "fast")
-assert MODE in ("fast", "full"), f"TORCH_MPS_EXT_OPINFO={MODE!r}: fast or full"
-_CATEGORIES = os.environ.get("TORCH_MPS_EXT_OPINFO_CATEGORIES", "")
-CATEGORIES = {c.strip() for c in _CATEGORIES.split(",") if c.strip()}
-
-# At most this many sample inputs per (op, dtype), evenly spread over the
-# OpInfo's list (a few ops generate over a thousand).
-MAX_SAMPLES = int(os.environ.get("TORCH_MPS_EXT_OPINFO_MAX_SAMPLES",
-                                 "10" if MODE == "fast" else "40"))
+register_privateuse1_base()
+# MAX_SAMPLES: at most this many sample inputs per (op, dtype), evenly spread
+# over the OpInfo's list (a few ops generate over a thousand).
+MODE, CATEGORIES, MAX_SAMPLES = sweep_settings("TORCH_MPS_EXT_OPINFO", "CATEGORIES", 10, 40)
 # Forward: non-contiguous versions of the first N samples are added.
 NONCONTIG_SAMPLES = 2
 # out=: only the first N samples (each runs twice: exact size and resized).

@@ -140,7 +140,9 @@ def test_default_trace_path(monkeypatch):
     torch.ones(2, device="mps_ext")
     path = profiler.stop()
     try:
-        assert os.path.dirname(path) == os.path.join(tempfile.gettempdir(), "torch_mps_ext_traces")
+        assert os.path.dirname(path) == os.path.join(tempfile.gettempdir(),
+                                                     f"torch_mps_ext_traces-{os.geteuid()}")
+        assert os.stat(os.path.dirname(path)).st_mode & 0o777 == 0o700
         assert os.path.basename(path).startswith(f"trace-{os.getpid()}-")
         assert any(e["name"] == "aten::ones" for e in slices(load(path)))
     finally:

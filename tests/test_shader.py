@@ -1042,8 +1042,11 @@ def test_example_custom_kernel_runs():
 SLOW_COPY = """
 kernel void slow_copy(device float* out, device const float* in, constant long& spins,
                       uint i [[thread_position_in_grid]]) {
+  // Only thread 0 spins: the launch's cost is one thread's `spins`, and in a
+  // single threadgroup (run in order) every later thread reads `in` after it.
   float acc = 0.0f;
-  for (long k = 0; k < spins; ++k) acc += metal::precise::sin(float(k) * 1e-3f);
+  const long n = i == 0 ? spins : 0;
+  for (long k = 0; k < n; ++k) acc += metal::precise::sin(float(k) * 1e-3f);
   out[i] = in[i] + (acc == 12345.0f ? 1.0f : 0.0f);
 }
 """
@@ -1097,7 +1100,7 @@ def test_freed_input_of_a_queued_kernel_is_not_reused_before_it_ran(slow_lib):
     src = torch.full((1024,), 7.0, device=DEV)  # allocated on the default stream
     sync()
     with torch.mps_ext.stream(side):
-        slow_lib.slow_copy(out, src, spins, threads=1024, group_size=256)
+        slow_lib.slow_copy(out, src, spins, threads=1024, group_size=1024)
     del src
     reuse = torch.full((1024,), -1.0, device=DEV)  # same size, default stream
     torch.mps_ext.synchronize()

@@ -52,14 +52,20 @@ def _int_in(lo: int, hi: int | None) -> Callable[[str], int]:
     return parse
 
 
-def _ratio(raw: str) -> float:
-    try:
-        v = float(raw)
-    except ValueError:
-        raise _Invalid from None
-    if not 0.0 <= v <= 2.0:  # also refuses nan
-        raise _Invalid
-    return v
+def _number_in(lo: float, hi: float) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        try:
+            v = float(raw)
+        except ValueError:
+            raise _Invalid from None
+        if not lo <= v <= hi:  # also refuses nan
+            raise _Invalid
+        return v
+    return parse
+
+
+_ratio = _number_in(0.0, 2.0)
+_seconds = _number_in(0.0, 1e9)
 
 
 def _text(raw: str) -> str:
@@ -91,11 +97,18 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting("TORCH_MPS_EXT_SHADER_CACHE", "a directory path",
             "$XDG_CACHE_HOME/torch_mps_ext/shaders (~/.cache/...)", "use", False, _text),
     Setting("TORCH_MPS_EXT_SHADER_CHECKED", "0 or 1", "0", "use", False, _flag),
+    # Read by the native core on the first kernel launch (runtime/Fault.cpp).
+    Setting("TORCH_MPS_EXT_KERNEL_TIMEOUT_S", "a number of seconds, 0 (off) or more", "0",
+            "import", False, _seconds),
     Setting("TORCH_MPS_EXT_SHADER_CCACHE", "0 or 1", "1", "use", False, _flag),
     Setting("TORCH_MPS_EXT_SHADER_ARCH_FLAGS", "compiler flags", "-march=native", "use", False,
             _text),
+    Setting("TORCH_MPS_EXT_SHADER_COMPILE_TIMEOUT_S", "an integer number of seconds from 1 to 86400",
+            "300", "use", False, _int_in(1, 86400)),
+    Setting("TORCH_MPS_EXT_SHADER_COMPILE_MEMORY_BYTES", "an integer number of bytes, at least 16 MiB",
+            "4294967296 (4 GiB)", "use", False, _int_in(16 << 20, None)),
     Setting("PYTORCH_MPS_EXT_TRACE_FILE", "a file path",
-            "<tmp>/torch_mps_ext_traces/trace-<pid>-<n>.json", "use", False, _text),
+            "<tmp>/torch_mps_ext_traces-<uid>/trace-<pid>-<n>.json", "use", False, _text),
     Setting("PYTORCH_MPS_EXT_LOG_PROFILE_INFO", f"a bit mask between 0 and {_LOG_ALL}", "0",
             "import", False, _int_in(0, _LOG_ALL)),
     Setting("MTL_CAPTURE_ENABLED", "0 or 1", "unset (0)", "use", False, _flag),

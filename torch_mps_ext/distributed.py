@@ -56,6 +56,10 @@ if is_available():
             return type(x)(_host(e) for e in x)
         return x
 
+    def _flat(t):
+        """A 1-D view of a contiguous tensor (others as they are)."""
+        return t.view(-1) if t.is_contiguous() else t
+
     def _last(works):
         """Runs a list of collectives as one: waits for all but the last."""
         for w in works[:-1]:
@@ -81,11 +85,15 @@ if is_available():
 
         # The single-tensor forms dist.all_gather_single/into_tensor,
         # reduce_scatter_single/tensor and all_to_all_single call.
+        # gloo splits the big tensor along dim 0 into one chunk per rank, so
+        # an output of shape (1, world * n) (nn.SyncBatchNorm's) would be one
+        # chunk: both sides go as flat views, which is what the collective
+        # means (NCCL's view of them).
         def all_gather_single(self, output, input, opts=AllgatherOptions()):
-            return self._allgather_base(output, input, opts)
+            return self._allgather_base(_flat(output), _flat(input), opts)
 
         def reduce_scatter_single(self, output, input, opts=ReduceScatterOptions()):
-            return self._reduce_scatter_base(output, input, opts)
+            return self._reduce_scatter_base(_flat(output), _flat(input), opts)
 
         def all_to_all_single(self, output, input, output_split_sizes, input_split_sizes,
                               opts=AllToAllOptions()):

@@ -47,7 +47,7 @@ def set_per_process_memory_fraction(fraction, device: _device_t = None) -> None:
     """
     if not isinstance(fraction, float):
         raise TypeError("Invalid type for fraction argument, must be `float`")
-    if fraction < 0 or fraction > 2:
+    if not 0 <= fraction <= 2:  # NaN fails this too (it compares false both ways)
         raise ValueError(f"Invalid fraction value: {fraction}. Allowed range: 0~2")
     _C._set_memory_fraction(_get_device_index(device, optional=True), fraction)
 

@@ -24,10 +24,11 @@ import json
 import os
 import sys
 import tempfile
+import warnings
 
 import torch
 
-from . import _C, _settings
+from . import _C, _private_files, _settings
 
 __all__ = [
     "start",
@@ -68,13 +69,46 @@ def _parse_mode(mode):
     return [m for m in ("interval", "event") if m in tokens]
 
 
-def default_trace_path():
-    """Where :func:`stop` writes when PYTORCH_MPS_EXT_TRACE_FILE is unset:
-    ``<tempdir>/torch_mps_ext_traces/trace-<pid>-<n>.json`` (n counts stops)."""
+_trace_dirs = {}  # path -> PrivateDir of the default trace folder (or its fallback)
+
+
+def _default_trace_dir():
+    """The default trace folder: ``<tempdir>/torch_mps_ext_traces-<uid>``, private to this
+    user (mode 0700). Another user's folder of that name, or a symbolic link, is not used:
+    a fresh private folder is made instead, with a warning (docs/security.md)."""
     # Not "torch_mps_ext": a folder of that name in the working directory
     # (scripts run from the temp dir) would shadow the package on import.
-    directory = os.path.join(tempfile.gettempdir(), "torch_mps_ext_traces")
-    return os.path.join(directory, f"trace-{os.getpid()}-{_trace_count}.json")
+    path = os.path.join(tempfile.gettempdir(), f"torch_mps_ext_traces-{os.geteuid()}")
+    d = _trace_dirs.get(path)
+    if d is not None and d.still_valid():
+        return d
+    try:
+        d = _private_files.private_dir(path, purpose="the profiler's trace folder", managed=True,
+                                       keep_contents=True, hint="")
+    except _private_files.InsecureDirectoryError as e:
+        fallback = tempfile.mkdtemp(prefix=f"torch_mps_ext_traces-{os.geteuid()}-")  # mode 0700
+        warnings.warn(f"{e}Traces of this process go to {fallback}.", RuntimeWarning, stacklevel=3)
+        d = _private_files.private_dir(fallback, purpose="the profiler's trace folder", hint="")
+    _trace_dirs[path] = d
+    return d
+
+
+def default_trace_path():
+    """Where :func:`stop` writes when PYTORCH_MPS_EXT_TRACE_FILE is unset:
+    ``<tempdir>/torch_mps_ext_traces-<uid>/trace-<pid>-<n>.json`` (n counts stops), in a
+    folder only this user can write (created with mode 0700)."""
+    return str(_default_trace_dir().path / _trace_name())
+
+
+def _trace_name():
+    return f"trace-{os.getpid()}-{_trace_count}.json"
+
+
+def _write_json(path, document):
+    """Writes ``document`` to ``path`` atomically: a fresh temporary name opened
+    ``O_EXCL|O_NOFOLLOW`` (mode 0600), renamed into place -- a link planted at
+    ``path`` is replaced, never written through."""
+    _private_files.write_file(path, json.dumps(document))
 
 
 def start(mode: str = "interval", wait_until_completed: bool = False) -> None:
@@ -117,11 +151,16 @@ def stop() -> str:
         modes, wait, start_ns = _trace["mode"], _trace["wait"], _trace["start_ns"]
         _trace.update(mode=None, wait=False, start_ns=0)
 
-        path = _settings.get(TRACE_FILE_ENV) or default_trace_path()
-        _trace_count += 1
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(_chrome_trace(records, modes, wait, start_ns, end_ns), f)
+        document = _chrome_trace(records, modes, wait, start_ns, end_ns)
+        path = _settings.get(TRACE_FILE_ENV)
+        if path:
+            _trace_count += 1
+            _write_json(path, document)
+        else:
+            directory, name = _default_trace_dir(), _trace_name()
+            _trace_count += 1
+            directory.write(name, json.dumps(document))  # through the checked folder's descriptor
+            path = str(directory.path / name)
         print(f"[mps_ext profiler] trace written to {path}", file=sys.stderr)
     return path
 
@@ -188,8 +227,7 @@ def metal_capture(fname: str):
         records = _C._profiler_take(_C._PROFILER_CAPTURE)
         start_ns = _capture["start_ns"]
         _capture.update(fname=None, start_ns=0)
-        with open(fname, "w") as f:
-            json.dump(_capture_document(records, start_ns, end_ns), f)
+        _write_json(fname, _capture_document(records, start_ns, end_ns))
 
 
 # --- recording device commands from other code --------------------------------

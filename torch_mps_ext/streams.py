@@ -216,8 +216,9 @@ class Event(torch.Event):
         return super().query()
 
     def synchronize(self) -> None:
-        r"""Waits until the event's latest record has completed."""
-        super().synchronize()
+        r"""Waits until the event's latest record has completed (Ctrl-C
+        interrupts the wait)."""
+        _C._event_synchronize(self.event_id)
 
     def elapsed_time(self, end_event: torch.Event) -> float:
         r"""Milliseconds of device time between this event's record and

@@ -15,15 +15,19 @@
 #include "aten/Fallback.h"
 #include "aten/Fidelity.h"
 #include "aten/HostView.h"
+#include "core/Allocator.h"
 #include "runtime/Device.h"
 #include "runtime/Stream.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/op_registration/op_registration.h>
+#include <c10/core/DeviceGuard.h>
+#include <c10/core/GradMode.h>
 #include <c10/util/SmallVector.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <optional>
 #include <sstream>
 
@@ -42,6 +46,8 @@ struct Context {
   const c10::OperatorHandle& op;
   std::optional<at::Device> device;  // the op's device, once known
   c10::SmallVector<Aliased, 4> aliased;
+  bool any_nested = false;  // a nested tensor among the arguments
+  bool needs_grad = false;  // an argument requires grad
 
   [[noreturn]] void mismatch(const std::string& what, at::Device other) const {
     TORCH_CHECK(false,
@@ -59,8 +65,15 @@ struct Context {
   }
 
   at::Tensor toHost(const at::Tensor& t) {
+    needs_grad = needs_grad || t.requires_grad();
     for (auto& a : aliased) {
       if (a.device.unsafeGetTensorImpl() == t.unsafeGetTensorImpl()) return a.host;
+    }
+    if (t.is_nested()) {
+      at::Tensor h = hostNestedView(t);
+      aliased.push_back({t, h, h.storage().unsafeGetStorageImpl()});
+      any_nested = true;
+      return h;
     }
     // Device tensors over one storage get host views over one CPU storage.
     c10::StorageImpl* dev_storage = t.storage().unsafeGetStorageImpl();
@@ -193,6 +206,7 @@ void writeBack(Context& ctx, int device) {
   // (arguments sharing a storage share its growth).
   c10::SmallVector<c10::StorageImpl*, 2> grown;
   for (auto& a : ctx.aliased) {
+    if (a.device.is_nested()) continue;  // nested kernels leave their arguments' shape as is
     c10::TensorImpl* h = a.host.unsafeGetTensorImpl();
     c10::TensorImpl* d = a.device.unsafeGetTensorImpl();
     c10::StorageImpl* hs = h->storage().unsafeGetStorageImpl();
@@ -252,6 +266,7 @@ struct Adopter {
     for (auto& a : ctx.aliased) {
       if (a.host.unsafeGetTensorImpl() == r.unsafeGetTensorImpl()) return a.device;
     }
+    if (r.is_nested()) return nested(r);
     TORCH_CHECK(r.layout() == c10::kStrided, ctx.op.schema().name(),
                 " returned a ", r.layout(),
                 " tensor; mps_ext supports strided tensors only");
@@ -269,6 +284,25 @@ struct Adopter {
       return deviceTensor(storage, r);
     }
     return copyToDevice(r, device);
+  }
+
+  // A nested CPU result as a nested device tensor: its buffer adopted when
+  // it is lent memory nothing else holds, else copied.
+  at::Tensor nested(const at::Tensor& r) {
+    c10::StorageImpl* s = r.storage().unsafeGetStorageImpl();
+    for (auto& a : ctx.aliased) {
+      if (a.host_storage == s) return deviceNested(a.device.storage(), r);
+    }
+    c10::Storage storage;
+    if (isPoolMemory(s->data_ptr()) && c10::raw::intrusive_ptr::use_count(s) == 1) {
+      storage = adoptLentStorage(s, device);
+    } else {
+      c10::DeviceGuard guard(c10::Device(kDev, static_cast<c10::DeviceIndex>(device)));
+      storage = c10::Storage(c10::Storage::use_byte_size_t(), s->nbytes(), &deviceAllocator(),
+                             /*resizable=*/true);
+      if (s->nbytes()) std::memcpy(storage.mutable_data(), s->data(), s->nbytes());
+    }
+    return deviceNested(std::move(storage), r);
   }
 
   // References to storage `s` held by the results on the stack.
@@ -373,11 +407,20 @@ void fallback(const c10::OperatorHandle& op, c10::DispatchKeySet /*ks*/,
   // reuse a block a queued copy still reads included).
   runtime::awaitCurrentStream(device);
   toHostArgs(ctx, schema, *stack, begin);
+  // Nested tensors serve inference here (torch's fast paths take them only
+  // then); their autograd is not wired through host views.
+  TORCH_CHECK(!(ctx.any_nested && ctx.needs_grad && c10::GradMode::is_enabled()),
+              "mps_ext: nested tensors are supported for inference only (", schema.name(),
+              " with an argument that requires grad); run it under torch.no_grad() or "
+              "torch.inference_mode()");
   {
     LendScope lend(device);
     if (const Redirect* r = redirectFor(op)) {
       if (r->adapt) r->adapt(*stack, begin);
       r->target.redispatchBoxed(c10::DispatchKeySet(c10::DispatchKey::CPU), stack);
+    } else if (ctx.any_nested) {
+      // Nested host views: CPU's nested kernels.
+      op.redispatchBoxed(c10::DispatchKeySet(c10::DispatchKey::NestedTensorCPU), stack);
     } else {
       op.redispatchBoxed(c10::DispatchKeySet(c10::DispatchKey::CPU), stack);
     }
@@ -421,14 +464,16 @@ void preferCpuKernels() {
   auto& d = c10::Dispatcher::singleton();
   // CompositeExplicitAutograd kernels that call a DispatchStub directly
   // (so they only work on CPU/CUDA: "DispatchStub: missing kernel for
-  // mps_ext"): run them on host views, where the stub finds CPU's kernel.
+  // mps_ext": kaiser_window) or CPU's kernel function itself
+  // (_batch_norm_no_update calls batch_norm_cpu): run them on host views.
   // Likewise out= overloads that check the device type themselves
   // ("mode only supports CPU, CUDA and XPU device type"). And addr_, whose
   // kernel passes `self` as both input and out to addr_out and the CPU kernel
   // tells them apart by address: boxed, they are two references, and a 0-D
   // `self` would be resized instead of refused as on CPU.
   for (const char* n : {"conj_physical_", "mode.values", "addr_", "kaiser_window",
-                        "kaiser_window.periodic", "kaiser_window.beta"}) {
+                        "kaiser_window.periodic", "kaiser_window.beta",
+                        "_batch_norm_no_update"}) {
     std::string full = n;
     auto dot = full.find('.');
     c10::OperatorName opname{"aten::" + full.substr(0, dot),
@@ -436,6 +481,23 @@ void preferCpuKernels() {
     auto op = d.findOp(opname);
     if (op && !op->hasKernelForDispatchKey(c10::DispatchKey::PrivateUse1)) {
       lib->impl(n, torch::CppFunction::makeFromBoxedFunction<&fallback>());
+    }
+  }
+  // Nested tensors: an op with a NestedTensorCPU kernel would otherwise run
+  // its CompositeImplicitAutograd decomposition for NestedTensorPrivateUse1
+  // (a composite outranks a backend fallback), which nested tensors do not
+  // support (nn.Linear on a nested tensor: "doesn't support sizes"); CPU's
+  // nested kernel it is, on nested host views.
+  static torch::Library* nested = new torch::Library(
+      torch::Library::IMPL, "aten", c10::DispatchKey::NestedTensorPrivateUse1, __FILE__, __LINE__);
+  for (const c10::OperatorName& name : d.getAllOpNames()) {
+    if (name.name.rfind("aten::", 0) != 0) continue;
+    auto op = d.findOp(name);
+    if (op && op->hasKernelForDispatchKey(c10::DispatchKey::NestedTensorCPU) &&
+        !op->hasKernelForDispatchKey(c10::DispatchKey::NestedTensorPrivateUse1)) {
+      std::string n = name.name.substr(6);
+      if (!name.overload_name.empty()) n += "." + name.overload_name;
+      nested->impl(n.c_str(), torch::CppFunction::makeFromBoxedFunction<&fallback>());
     }
   }
   for (const c10::OperatorName& name : d.getAllOpNames()) {
@@ -456,6 +518,14 @@ void preferCpuKernels() {
 }
 
 TORCH_LIBRARY_IMPL(_, PrivateUse1, m) {
+  m.fallback(torch::CppFunction::makeFromBoxedFunction<&fallback>());
+}
+
+// Nested tensors on mps_ext (torch.nested's strided layout) run CPU's nested
+// kernels on nested host views the same way: the fast paths of
+// nn.TransformerEncoder / MultiheadAttention in inference (which torch takes
+// for PrivateUse1 devices) build and consume them.
+TORCH_LIBRARY_IMPL(_, NestedTensorPrivateUse1, m) {
   m.fallback(torch::CppFunction::makeFromBoxedFunction<&fallback>());
 }
 

@@ -5,6 +5,7 @@
 #include "runtime/Stream.h"
 
 #include <ATen/EmptyTensor.h>
+#include <ATen/NestedTensorImpl.h>
 #include <ATen/ops/copy_native.h>
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/DeviceGuard.h>
@@ -112,6 +113,39 @@ at::Tensor hostView(const at::Tensor& t) {
       c10::DataPtr(const_cast<void*>(dev->data()), c10::Device(c10::kCPU)),
       &lending(), dev->resizable());
   return tensorOver(c10::Storage(std::move(storage)), t, c10::DispatchKey::CPU);
+}
+
+namespace {
+
+// A nested tensor over `storage` with like's metadata, built the way torch
+// builds nested tensors from a buffer (so its dispatch keys, autograd and
+// ADInplaceOrView included, are those torch gives a nested tensor of the
+// buffer's device). `key` is the buffer's backend key.
+at::Tensor nestedOver(c10::Storage storage, const at::Tensor& like, c10::DispatchKey key) {
+  const at::native::NestedTensorImpl* nt = at::native::get_nested_tensor_impl(like);
+  const int64_t numel = static_cast<int64_t>(storage.nbytes() / like.dtype().itemsize());
+  auto buffer_impl = c10::make_intrusive<c10::TensorImpl>(std::move(storage),
+                                                          c10::DispatchKeySet(key), like.dtype());
+  buffer_impl->set_sizes_contiguous({numel});
+  at::Tensor buffer(std::move(buffer_impl));
+  return at::detail::make_tensor<at::native::NestedTensorImpl>(
+      buffer, nt->get_nested_sizes(), nt->get_nested_strides(), nt->get_storage_offsets());
+}
+
+} // namespace
+
+at::Tensor hostNestedView(const at::Tensor& t) {
+  runtime::awaitCurrentStream(t.device().index());
+  c10::StorageImpl* dev = t.storage().unsafeGetStorageImpl();
+  auto storage = c10::make_intrusive<c10::StorageImpl>(
+      c10::StorageImpl::use_byte_size_t(), dev->nbytes(),
+      c10::DataPtr(const_cast<void*>(dev->data()), c10::Device(c10::kCPU)), &lending(),
+      /*resizable=*/false);
+  return nestedOver(c10::Storage(std::move(storage)), t, c10::DispatchKey::CPU);
+}
+
+at::Tensor deviceNested(c10::Storage storage, const at::Tensor& like) {
+  return nestedOver(std::move(storage), like, c10::DispatchKey::PrivateUse1);
 }
 
 at::Tensor hostViewSharing(const at::Tensor& t, const at::Tensor& host) {

@@ -24,6 +24,14 @@ at::Tensor hostView(const at::Tensor& t);
 // checks, is_set_to, same-storage fast paths) exactly as on CPU.
 at::Tensor hostViewSharing(const at::Tensor& t, const at::Tensor& host);
 
+// Nested tensors (torch.nested, strided layout: a buffer plus CPU metadata
+// tensors of sizes, strides and offsets). hostNestedView: a nested CPU tensor
+// over the device tensor's buffer (waits for the current stream as
+// hostView does). deviceNested: the nested device tensor over `storage` with
+// `like`'s metadata (shared, as torch's nested views share it).
+at::Tensor hostNestedView(const at::Tensor& t);
+at::Tensor deviceNested(c10::Storage storage, const at::Tensor& like);
+
 // Like hostView, but the CPU tensor also keeps the device memory alive (its
 // storage holds a reference to t's), so it may outlive `t`: what work that
 // finishes later (a collective in flight) uses. Exposed to Python as

@@ -768,8 +768,8 @@ std::tuple<at::Tensor, at::Tensor> native_dropout(const at::Tensor& input, doubl
     return std::make_tuple(input, at::empty_like(input, input.options()));
   }
   if (train.has_value() && !*train) {
-    at::Tensor mask = at::empty_like(input, input.options().dtype(at::kBool),
-                                     at::MemoryFormat::Contiguous);
+    // The input's layout (channels_last stays channels_last), as on CPU.
+    at::Tensor mask = at::empty_like(input, input.options().dtype(at::kBool));
     mask.fill_(true);
     return std::make_tuple(input.clone(), mask);
   }
@@ -804,6 +804,15 @@ std::tuple<at::Tensor, at::Tensor> native_dropout(const at::Tensor& input, doubl
       }
     });
   });
+  // Element i (in logical order) takes word i whatever the layout; outputs
+  // keep the input's layout, as CPU's and CUDA's do (empty_like preserves it).
+  if (!input.is_contiguous()) {
+    at::Tensor out_l = at::empty_like(input);
+    at::Tensor mask_l = at::empty_like(input, input.options().dtype(at::kBool));
+    out_l.copy_(output);
+    mask_l.copy_(mask);
+    return std::make_tuple(out_l, mask_l);
+  }
   return std::make_tuple(output, mask);
 }
 

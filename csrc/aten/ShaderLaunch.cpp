@@ -4,12 +4,14 @@
 #include "core/Allocator.h"
 #include "core/Profiler.h"
 #include "runtime/Device.h"
+#include "runtime/Fault.h"
 #include "runtime/Stream.h"
 
 #include <ATen/Parallel.h>
 #include <c10/core/Stream.h>
 
 #include <memory>
+#include <mutex>
 
 namespace torch_mps_ext {
 
@@ -36,16 +38,32 @@ void launchKernel(KernelLaunch launch) {
     const std::int64_t start = profiled ? profiler::nowNs() : 0;
     const void* block = k.block.data();
     const int threads = at::get_num_threads();
+    // A fault in the kernel (bad pointer, integer division by zero, stack
+    // overflow, the watchdog) abandons that thread's threadgroups and is
+    // the device's error; the process lives on (runtime/Fault.h).
+    std::mutex fault_mu;
+    std::string fault;
+    auto run = [&](std::uint64_t b, std::uint64_t e) {
+      std::string what;
+      if (!runtime::runGuarded([&] { k.entry(block, k.grid.data(), k.group.data(), b, e); },
+                               &what)) {
+        std::lock_guard<std::mutex> lock(fault_mu);
+        if (fault.empty()) fault = std::move(what);
+      }
+    };
     if (threads > 1 && k.groups > 1) {
       // Contiguous ranges of threadgroups, one per intra-op thread.
       const std::int64_t n = static_cast<std::int64_t>(k.groups);
       const std::int64_t grain = (n + threads - 1) / threads;
       at::parallel_for(0, n, grain, [&](std::int64_t b, std::int64_t e) {
-        k.entry(block, k.grid.data(), k.group.data(), static_cast<std::uint64_t>(b),
-                static_cast<std::uint64_t>(e));
+        run(static_cast<std::uint64_t>(b), static_cast<std::uint64_t>(e));
       });
     } else {
-      k.entry(block, k.grid.data(), k.group.data(), 0, k.groups);
+      run(0, k.groups);
+    }
+    if (!fault.empty()) {
+      runtime::reportError(k.device, "kernel '" + k.name + "' faulted: " + fault +
+                                         "; the launch was abandoned");
     }
     if (k.finish != nullptr) {
       char message[16384];

@@ -18,6 +18,23 @@
 namespace py = pybind11;
 
 namespace torch_mps_ext::python {
+namespace {
+
+// Waits with the GIL released in slices of 100 ms, and between slices lets
+// Python run its signal handlers: Ctrl-C (KeyboardInterrupt) interrupts a
+// wait for device work within a slice. `done(ms)` waits at most ms.
+template <class F>
+void waitInterruptibly(F done) {
+  for (;;) {
+    {
+      py::gil_scoped_release nogil;
+      if (done(100)) return;
+    }
+    if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+  }
+}
+
+} // namespace
 
 void initStreamBindings(py::module_& m) {
   using namespace torch_mps_ext::runtime;
@@ -32,7 +49,9 @@ void initStreamBindings(py::module_& m) {
   m.def("_stream_priority_range", [] {
     return py::make_tuple(kLowestPriority, kHighestPriority);
   });
-  m.def("_stream_synchronize", &awaitStream, py::call_guard<py::gil_scoped_release>());
+  m.def("_stream_synchronize", [](int device, std::int64_t stream) {
+    waitInterruptibly([&](std::int64_t ms) { return awaitStreamFor(device, stream, ms); });
+  });
   m.def("_stream_handle", [](int device, std::int64_t stream) {
     return reinterpret_cast<std::uintptr_t>(streamHandle(device, stream));
   });
@@ -46,7 +65,15 @@ void initStreamBindings(py::module_& m) {
     return py::make_tuple(device, stream);
   });
   // Waits for every stream of the device; errors are taken by the caller.
-  m.def("_synchronize", &synchronizeStreams, py::call_guard<py::gil_scoped_release>());
+  m.def("_synchronize", [](int device) {
+    waitInterruptibly([&](std::int64_t ms) { return synchronizeStreamsFor(device, ms); });
+  });
+  // torch_mps_ext.Event.synchronize, by the event's event_id.
+  m.def("_event_synchronize", [](std::uintptr_t event) {
+    if (event == 0) return;
+    const auto* e = reinterpret_cast<const Event*>(event);
+    waitInterruptibly([&](std::int64_t ms) { return synchronizeEventFor(e, ms); });
+  });
   // Queues `ns` nanoseconds of device time on a stream (torch.cuda._sleep's
   // counterpart: gives tests and examples work that is still pending).
   m.def("_stream_sleep", [](int device, std::int64_t stream, std::int64_t ns) {

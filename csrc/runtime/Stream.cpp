@@ -12,6 +12,7 @@
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <chrono>
 #include <thread>
 #include <utility>
 
@@ -113,6 +114,19 @@ void waitFor(StreamState* st, std::uint64_t mark) {
   });
 }
 
+bool waitForUntil(StreamState* st, std::uint64_t mark,
+                  std::chrono::steady_clock::time_point deadline) {
+  if (st->completed.load(std::memory_order_acquire) >= mark) return true;
+  std::unique_lock<std::mutex> lock(st->mu);
+  return st->done_cv.wait_until(lock, deadline, [&] {
+    return st->completed.load(std::memory_order_acquire) >= mark;
+  });
+}
+
+std::chrono::steady_clock::time_point deadlineIn(std::int64_t ms) {
+  return std::chrono::steady_clock::now() + std::chrono::milliseconds(ms);
+}
+
 std::uint64_t submit(StreamState* st, std::function<void()> work) {
   std::lock_guard<std::mutex> lock(st->mu);
   std::uint64_t seq = st->submitted.load() + 1;
@@ -212,6 +226,26 @@ void synchronizeStreams(int device) {
   }
 }
 
+bool awaitStreamFor(int device, std::int64_t stream, std::int64_t timeout_ms) {
+  checkStream(device, stream);
+  StreamState* st = find(device, stream);
+  return st == nullptr ||
+         waitForUntil(st, st->submitted.load(std::memory_order_acquire), deadlineIn(timeout_ms));
+}
+
+bool synchronizeStreamsFor(int device, std::int64_t timeout_ms) {
+  checkDevice(device);
+  auto deadline = deadlineIn(timeout_ms);
+  for (std::int64_t s = 0; s < kNumStreams; ++s) {
+    StreamState* st = find(device, s);
+    if (st != nullptr &&
+        !waitForUntil(st, st->submitted.load(std::memory_order_acquire), deadline)) {
+      return false;
+    }
+  }
+  return true;
+}
+
 std::uint64_t streamMark(int device, std::int64_t stream) {
   checkStream(device, stream);
   StreamState* st = find(device, stream);
@@ -282,6 +316,14 @@ bool queryEvent(const Event* event) {
 void synchronizeEvent(const Event* event) {
   std::shared_ptr<EventRecord> rec = event->last;
   if (rec) awaitMark(rec->device, rec->stream, rec->mark);
+}
+
+bool synchronizeEventFor(const Event* event, std::int64_t timeout_ms) {
+  std::shared_ptr<EventRecord> rec = event->last;
+  if (!rec) return true;
+  checkStream(rec->device, rec->stream);
+  StreamState* st = find(rec->device, rec->stream);
+  return st == nullptr || waitForUntil(st, rec->mark, deadlineIn(timeout_ms));
 }
 
 double elapsedMs(const Event* start, const Event* end) {

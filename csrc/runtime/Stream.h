@@ -60,6 +60,13 @@ bool queryStream(int device, std::int64_t stream);
 // Waits for every stream of the device.
 void synchronizeStreams(int device);
 
+struct Event;
+// Bounded waits, for callers that must stay responsive (Ctrl-C): each waits
+// at most `timeout_ms` and returns whether the work it waits for finished.
+bool awaitStreamFor(int device, std::int64_t stream, std::int64_t timeout_ms);
+bool synchronizeStreamsFor(int device, std::int64_t timeout_ms);
+bool synchronizeEventFor(const Event* event, std::int64_t timeout_ms);
+
 // The position after the last work submitted so far to the stream.
 std::uint64_t streamMark(int device, std::int64_t stream);
 // True once all work before `mark` on the stream has finished.

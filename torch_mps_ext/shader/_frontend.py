@@ -314,12 +314,14 @@ class Kernel:
     tg_mem: int
     nbuffers: int
     checked_params: list[int] = field(default_factory=list)
+    param_spaces: list[str] = field(default_factory=list)  # "device", "constant", ... or ""
 
     def to_json(self) -> dict:
         return {
             "name": self.name, "symbol": self.symbol, "roles": self.roles, "param_names": self.param_names,
             "param_types": self.param_types, "sync": self.sync, "max_threads": self.max_threads,
             "tg_mem": self.tg_mem, "nbuffers": self.nbuffers, "checked_params": self.checked_params,
+            "param_spaces": self.param_spaces,
         }
 
 
@@ -784,7 +786,7 @@ def analyze(p: Parsed) -> list[Kernel]:
         seen.add(name)
         # roles
         roles: list[tuple[str, object]] = []
-        pnames, ptypes = [], []
+        pnames, ptypes, pspaces = [], [], []
         next_buf = 0
         nbuf = 0
         for idx, prm in enumerate(d.params):
@@ -794,6 +796,7 @@ def analyze(p: Parsed) -> list[Kernel]:
                     attrs.setdefault(a, v)
             pnames.append(prm.name or (attr_src.params[idx].name if attr_src is not d else "") or f"arg{idx}")
             ptypes.append(prm.type_text)
+            pspaces.append(prm.space or "")
             grid = next((a for a in attrs if a in GRID_ATTRS), None)
             if grid:
                 roles.append(("attr", GRID_ATTRS[grid]))
@@ -829,7 +832,7 @@ def analyze(p: Parsed) -> list[Kernel]:
         mt = max(1, min(1024, mt))
         symbol = f"mpsx_k{len(kernels)}"
         kernels.append(Kernel(name, symbol, d.expr, d.ns, roles, pnames, ptypes, sync, mt,
-                              (tg_mem + 15) // 16 * 16, nbuf))
+                              (tg_mem + 15) // 16 * 16, nbuf, param_spaces=pspaces))
     return kernels
 
 

@@ -73,7 +73,7 @@ def _tensor_extent(t: torch.Tensor) -> tuple[int, int]:
 class _Launch:
     """The arguments of one dispatch: pointers to device memory and inline bytes."""
 
-    __slots__ = ("keep", "ptrs", "data", "first_tensor", "device_index")
+    __slots__ = ("keep", "ptrs", "data", "first_tensor", "device_index", "tensors")
 
     def __init__(self) -> None:
         self.keep: list[Any] = []  # tensors referenced by the launch
@@ -81,6 +81,7 @@ class _Launch:
         self.data: dict[int, bytes] = {}  # slot -> bytes copied into the argument block
         self.first_tensor: torch.Tensor | None = None
         self.device_index: int | None = None
+        self.tensors: dict[int, torch.Tensor] = {}  # slot -> device tensor bound there
 
     def bytes_arg(self, idx: int, data: bytes) -> None:
         self.ptrs.pop(idx, None)
@@ -146,6 +147,35 @@ class MetalKernel:
         return f"<mps_ext shader kernel '{self._info['name']}'>"
 
     # ------------------------------------------------------------------ binding
+    def _buffer_params(self) -> dict[int, tuple[str, str, str]]:
+        """Buffer index -> (parameter name, type text, address space)."""
+        info = self._info
+        spaces = info.get("param_spaces") or [""] * len(info["roles"])
+        return {val: (name, ptype, space)
+                for (role, val), name, ptype, space in zip(info["roles"], info["param_names"],
+                                                           info["param_types"], spaces)
+                if role == "buffer"}
+
+    def _check_bindings(self, L: "_Launch", err_slot: int | None) -> None:
+        """What would make the kernel touch memory it was not given: a
+        number or a list bound to a `device` pointer (the kernel would
+        dereference the number's bytes as an address), or an overlapping
+        (expanded) tensor bound to a pointer the kernel writes through."""
+        for idx, (name, ptype, space) in self._buffer_params().items():
+            pointer = ptype.rstrip().endswith("*")
+            if space == "device" and pointer and idx in L.data and idx != err_slot:
+                raise TypeError(
+                    f"kernel '{self._info['name']}': argument {idx} ('{name}') is a device "
+                    f"pointer ({space} {ptype}); pass an mps_ext tensor, not a number or a list")
+            t = L.tensors.get(idx)
+            writable = pointer and space == "device" and not ptype.lstrip().startswith("const")
+            if t is not None and writable and any(
+                    st == 0 and sz > 1 for st, sz in zip(t.stride(), t.shape)):
+                raise ValueError(
+                    f"kernel '{self._info['name']}': argument {idx} ('{name}') is written "
+                    "through, but the tensor's elements overlap in memory (an expanded view); "
+                    "pass a tensor with its own memory (e.g. .contiguous())")
+
     def _bind(self, args: tuple, arg_casts: Any) -> _Launch:
         checked = self._library._checked
         if arg_casts is None:
@@ -167,6 +197,7 @@ class MetalKernel:
                         L.device_index = a.device.index or 0
                     lo, hi = _tensor_extent(a) if checked else (0, 0)
                     L.ptrs[idx] = (a.data_ptr(), lo, hi)
+                    L.tensors[idx] = a
                     L.keep.append(a)
                 elif a.device.type == "cpu":
                     if a.dim() != 0:
@@ -232,12 +263,18 @@ class MetalKernel:
         err_slot = None
         if error_buf_idx is not None:
             err_slot = int(error_buf_idx)
+            if err_slot not in self._buffer_params():
+                raise ValueError(
+                    f"error_buf_idx={error_buf_idx} is not a buffer index of kernel "
+                    f"'{self._info['name']}' (its buffers: "
+                    f"{sorted(self._buffer_params()) or 'none'})")
             L.bytes_arg(err_slot, bytes(_ERR_BUF_SIZE))
         tdims = self._dims(threads, "threads")
         if tdims is None and L.first_tensor is not None:
             tdims = [L.first_tensor.numel()]
         if tdims is None or not 1 <= len(tdims) <= 3:
             raise RuntimeError("Number of threads is undefined or has wrong dimension")
+        self._check_bindings(L, err_slot)
         gdims = self._dims(group_size, "group_size")
         max_tg = self.max_threads_per_threadgroup
         if gdims is not None and len(gdims) != len(tdims):
@@ -285,13 +322,16 @@ class MetalKernel:
 class ShaderLibrary:
     """Kernels of one compiled shader source: ``lib.<kernel name>``; ``dir(lib)`` lists them."""
 
-    def __init__(self, path: Path, from_cache: bool = False) -> None:
+    def __init__(self, path: Path, from_cache: bool = False, load_path: str | None = None) -> None:
+        # load_path: what dlopen opens, when not `path` -- the cache's verified file through
+        # its directory's descriptor (shader/_compiler.py, docs/security.md)
         self._path = Path(path)
         self._from_cache = from_cache
         try:
-            self._dll = ctypes.CDLL(str(self._path), mode=getattr(ctypes, "RTLD_LOCAL", 0))
+            self._dll = ctypes.CDLL(load_path or str(self._path), mode=getattr(ctypes, "RTLD_LOCAL", 0))
         except OSError as e:
-            raise RuntimeError(f"{path} is not a torch_mps_ext shader library: {e}") from None
+            msg = str(e).replace(load_path, str(self._path)) if load_path else e
+            raise RuntimeError(f"{path} is not a torch_mps_ext shader library: {msg}") from None
         try:
             # mpsx_library_info is a char array, not a pointer: read it from its address
             raw = ctypes.c_char.in_dll(self._dll, "mpsx_library_info")

@@ -179,7 +179,9 @@ template <class F>
 MPSX_INLINE void run_loop(const uint32_t* grid, const uint32_t* grp, uint64_t gb, uint64_t ge, F& body) {
   const uint gx = grid[0], gy = grid[1], gz = grid[2];
   const uint bx = grp[0], by = grp[1], bz = grp[2];
-  const uint nx = (gx + bx - 1) / bx, ny = (gy + by - 1) / by, nz = (gz + bz - 1) / bz;
+  // Group counts and group ends in 64 bits: a grid dimension may be up to 2^32 - 1.
+  const uint nx = uint((uint64_t(gx) + bx - 1) / bx), ny = uint((uint64_t(gy) + by - 1) / by),
+             nz = uint((uint64_t(gz) + bz - 1) / bz);
   tinfo t;
   t.tpg = uint3_(gx, gy, gz);
   t.tgpg = uint3_(nx, ny, nz);
@@ -189,9 +191,9 @@ MPSX_INLINE void run_loop(const uint32_t* grid, const uint32_t* grp, uint64_t gb
     const uint64_t r = g / nx;
     const uint iy = uint(r % ny), iz = uint(r / ny);
     const uint x0 = ix * bx, y0 = iy * by, z0 = iz * bz;
-    const uint x1 = x0 + bx < gx ? x0 + bx : gx;
-    const uint y1 = y0 + by < gy ? y0 + by : gy;
-    const uint z1 = z0 + bz < gz ? z0 + bz : gz;
+    const uint x1 = uint64_t(x0) + bx < gx ? x0 + bx : gx;
+    const uint y1 = uint64_t(y0) + by < gy ? y0 + by : gy;
+    const uint z1 = uint64_t(z0) + bz < gz ? z0 + bz : gz;
     const uint sx = x1 - x0, sy = y1 - y0, sz = z1 - z0;
     t.tgpig = uint3_(ix, iy, iz);
     t.tptg = uint3_(sx, sy, sz);
@@ -332,6 +334,7 @@ struct group_ctx {
   fiber* cur;
   unsigned n;
   char* stacks;
+  unsigned guarded;  // fibers [0, guarded) have a guard page below their stack
 };
 
 static thread_local group_ctx* tl_ctx = nullptr;
@@ -369,8 +372,9 @@ static group_ctx* thread_group_ctx() {
       report("could not reserve fiber stacks (%zu bytes)", total);
       return nullptr;
     }
-    // One reservation, no per-stack guard pages: 1024 guards would cost 2048 memory mappings per
-    // OS thread (vm.max_map_count is 65530).  256 KiB per fiber is far more than kernels use.
+    // One reservation; guard pages are added below the stacks of the fibers a launch actually
+    // uses (guard_fiber_stacks), not all 1024 up front: each guard costs two memory mappings
+    // per OS thread (vm.max_map_count is 65530).
     ctx->stacks = static_cast<char*>(m);
   }
   return ctx;
@@ -380,6 +384,21 @@ MPSX_INLINE void fiber_yield(group_ctx* c, int state) {
   fiber* f = c->cur;
   f->state = state;
   fiber_leave(c, f);
+}
+
+// An inaccessible page at the bottom of the stacks of fibers [c->guarded, n): a fiber that
+// overflows its 256 KiB faults there (a device error, runtime/Fault.h) instead of writing into
+// its neighbour's stack. If the system refuses more mappings, the remaining stacks stay
+// unguarded (overflow still faults below the lowest stack).
+static void guard_fiber_stacks(group_ctx* c, unsigned n) {
+  const size_t page = 4096;
+  while (c->guarded < n) {
+    if (mprotect(c->stacks + size_t(c->guarded) * kStackSize, page, PROT_NONE) != 0) {
+      c->guarded = kMaxThreads;
+      return;
+    }
+    ++c->guarded;
+  }
 }
 
 static void resolve(group_ctx* c) {
@@ -477,15 +496,17 @@ static void run_fibers(const uint32_t* grid, const uint32_t* grp, uint64_t gb, u
   c->fn = &body;
   const uint gx = grid[0], gy = grid[1], gz = grid[2];
   const uint bx = grp[0], by = grp[1], bz = grp[2];
-  const uint nx = (gx + bx - 1) / bx, ny = (gy + by - 1) / by, nz = (gz + bz - 1) / bz;
+  // Group counts and group ends in 64 bits: a grid dimension may be up to 2^32 - 1.
+  const uint nx = uint((uint64_t(gx) + bx - 1) / bx), ny = uint((uint64_t(gy) + by - 1) / by),
+             nz = uint((uint64_t(gz) + bz - 1) / bz);
   for (uint64_t g = gb; g < ge; ++g) {
     const uint ix = uint(g % nx);
     const uint64_t r = g / nx;
     const uint iy = uint(r % ny), iz = uint(r / ny);
     const uint x0 = ix * bx, y0 = iy * by, z0 = iz * bz;
-    const uint x1 = x0 + bx < gx ? x0 + bx : gx;
-    const uint y1 = y0 + by < gy ? y0 + by : gy;
-    const uint z1 = z0 + bz < gz ? z0 + bz : gz;
+    const uint x1 = uint64_t(x0) + bx < gx ? x0 + bx : gx;
+    const uint y1 = uint64_t(y0) + by < gy ? y0 + by : gy;
+    const uint z1 = uint64_t(z0) + bz < gz ? z0 + bz : gz;
     const uint sx = x1 - x0, sy = y1 - y0, sz = z1 - z0;
     const unsigned n = sx * sy * sz;
     if (n == 0) continue;
@@ -494,6 +515,7 @@ static void run_fibers(const uint32_t* grid, const uint32_t* grp, uint64_t gb, u
       break;
     }
     c->n = n;
+    guard_fiber_stacks(c, n);
     unsigned i = 0;
     for (uint z = z0; z < z1; ++z)
       for (uint y = y0; y < y1; ++y)

@@ -366,6 +366,13 @@ const Redirect* redirectFor(const c10::OperatorHandle& op) {
 // operators compute nothing: MPS makes them of any dtype).
 void checkFidelity(const c10::OperatorHandle& op, const c10::FunctionSchema& schema,
                    const torch::jit::Stack& stack, std::size_t begin) {
+  // Nested tensors reach mps_ext only through the inference fast paths of
+  // nn.TransformerEncoder / MultiheadAttention, which torch takes for
+  // PrivateUse1 devices and not for MPS: a Mac never runs these calls.
+  for (std::size_t i = 0; i < schema.arguments().size(); ++i) {
+    const c10::IValue& v = stack[begin + i];
+    if (v.isTensor() && v.toTensor().defined() && v.toTensor().is_nested()) return;
+  }
   if (fidelity::checkOperator(op) != fidelity::Verdict::Accept) return;
   auto wide = [](const at::Tensor& t) {
     return t.defined() && t.device().type() == kDev && fidelity::wideDtype(t.scalar_type());

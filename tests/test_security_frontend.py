@@ -140,6 +140,11 @@ def test_declared_libc_function(marker):
         }
         kernel void k(device float* o [[buffer(0)]]) { o[0] = lib::external_template(1.0f); }
         """), 2, match="declared but not defined")
+    # a trailing return type with '=' in it is not '= delete'
+    rejected(src("""
+        template <class T> auto g(T x) -> decltype(x = x);
+        kernel void k(device float* o [[buffer(0)]]) { float v = 1.0f; o[0] = g(v); }
+        """), 1, match="declared but not defined")
     # a member function declared in a class and never defined
     rejected(src("""
         struct Stream {

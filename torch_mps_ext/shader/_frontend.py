@@ -1537,8 +1537,8 @@ class _DeclWalker:
                 if explicit:
                     self.insts.append((scope + quals, name, ni))
                     return
-                if "=" in after:
-                    return  # = default, = delete, = 0
+                if after[-2:] in (["=", "default"], ["=", "delete"], ["=", "0"]):
+                    return  # nothing to define
                 self.decls.append(_FDecl(scope + quals, name, _norm_params(toks[lp + 1 : rp], tparams),
                                          bool(theads) or bool(class_tparams), ni))
                 return

@@ -24,17 +24,20 @@ import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from hypothesis.configuration import set_hypothesis_home_dir
 
-import torch_mps_ext  # noqa: F401
-from conftest import SESSION_DIR
+pytest.importorskip("hypothesis", reason="hypothesis is installed by requirements-test.txt "
+                    "(make test)")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from hypothesis.configuration import set_hypothesis_home_dir  # noqa: E402
+
+import torch_mps_ext  # noqa: F401,E402
+from conftest import SESSION_DIR  # noqa: E402
 
 set_hypothesis_home_dir(os.path.join(SESSION_DIR, "hypothesis"))
 
-# CPU's own warnings (deprecated out= resizes, std with no degrees of
-# freedom, complex to real casts) are part of what is compared, not noise.
+# The drawn inputs make CPU (and so mps_ext) warn: deprecated out= resizes,
+# std with no degrees of freedom, complex to real casts. Not compared.
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 DEV = "mps_ext"

@@ -17,7 +17,6 @@ private API                                            used by / for
 ``_dtype_to_storage_type_map``, ``_warn_typed_storage_removal``
 ``torch._C._distributed_c10d`` (ProcessGroupGloo,      distributed: the ``"mps_ext"`` c10d backend
 options classes), ``dist.Backend._plugins``
-``torch.utils._cpp_embed_headers._embed_headers``      shader._frontend: inline ``#include <c10/metal/...>``
 ``torch._dynamo.device_interface`` (MpsInterface,      _inductor: torch.compile on mps_ext
 register_interface_for_device); ``torch._inductor``    (imported on first compile, ``inductor()``)
 codegen.common/mps/mps_device_op_overrides/wrapper/
@@ -84,13 +83,6 @@ def gloo():
     return SimpleNamespace(ProcessGroupGloo=ProcessGroupGloo, AllgatherOptions=AllgatherOptions,
                            AllToAllOptions=AllToAllOptions,
                            ReduceScatterOptions=ReduceScatterOptions)
-
-
-def embed_headers():
-    """torch.mps.compile_shader's header inliner."""
-    from torch.utils._cpp_embed_headers import _embed_headers
-
-    return _embed_headers
 
 
 def inductor():

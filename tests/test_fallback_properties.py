@@ -226,7 +226,7 @@ UNARY_INPLACE = {
 }
 
 
-@prop_settings(200)
+@prop_settings(150)
 @given(st.data())
 def test_unary(data):
     x = data.draw(pairs(), label="x")
@@ -256,7 +256,7 @@ BINARY_INPLACE = {"add_": torch.Tensor.add_, "mul_": torch.Tensor.mul_,
                   "copy_": torch.Tensor.copy_}
 
 
-@prop_settings(200)
+@prop_settings(150)
 @given(st.data())
 def test_binary_broadcasting(data):
     a = data.draw(pairs(), label="a")
@@ -318,7 +318,7 @@ REDUCTIONS = {
 }
 
 
-@prop_settings(150)
+@prop_settings(100)
 @given(st.data())
 def test_reductions(data):
     x = data.draw(pairs(dtypes=FLOATS + [torch.int64, torch.int32, torch.bool, torch.complex64]),
@@ -344,7 +344,7 @@ def _index(draw, size, n_shape, valid=True):
     return torch.randint(low, high, n_shape, generator=g)
 
 
-@prop_settings(200)
+@prop_settings(150)
 @given(st.data())
 def test_index_ops(data):
     x = data.draw(pairs(min_dims=1, dtypes=[torch.float32, torch.float64, torch.int64,
@@ -415,7 +415,7 @@ def _index_op(data, kind, x, d, size, n, valid, idx):
             assert_same(x.dev_base, x.cpu_base, f"{kind}: base after")
 
 
-@prop_settings(150)
+@prop_settings(100)
 @given(st.data())
 def test_cat_and_stack(data):
     shape = data.draw(shapes(min_dims=1, max_dims=3), label="shape")
@@ -445,7 +445,7 @@ def test_cat_and_stack(data):
             assert_same(out_d, out_c, "cat out")
 
 
-@prop_settings(200)
+@prop_settings(120)
 @given(st.data())
 def test_matmul(data):
     kind = data.draw(st.sampled_from(["vv", "mv", "vm", "mm", "bmm", "broadcast"]), label="kind")
@@ -494,7 +494,7 @@ def _alias_pattern(result, source):
             for r in flat]
 
 
-@prop_settings(150)
+@prop_settings(100)
 @given(st.data())
 def test_view_ops_alias_like_cpu(data):
     x = data.draw(pairs(dtypes=[torch.float32, torch.int64, torch.complex64]), label="x")

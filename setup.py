@@ -38,7 +38,10 @@ class CMakeBuild(build_ext):
         import torch
 
         target = Path(self.get_ext_fullpath(ext.name)).resolve()
-        build_dir = ROOT / "build" / "cmake"
+        # TORCH_MPS_EXT_SANITIZE=1 (`make asan`): AddressSanitizer + UBSan, in
+        # a folder of its own, so the normal build is left as it is.
+        sanitize = os.environ.get("TORCH_MPS_EXT_SANITIZE") == "1"
+        build_dir = ROOT / "build" / ("cmake-asan" if sanitize else "cmake")
         lib_dir = build_dir / "lib"
         build_dir.mkdir(parents=True, exist_ok=True)
         generator = ["-G", "Ninja"] if _has("ninja") else []
@@ -49,6 +52,8 @@ class CMakeBuild(build_ext):
                      f"-DOUTPUT_DIR={lib_dir}",
                      f"-DTORCH_MPS_EXT_WERROR={'ON' if os.environ.get('CI') else 'OFF'}",
                      "-DCMAKE_BUILD_TYPE=Release"]
+        if sanitize:
+            configure.append("-DTORCH_MPS_EXT_SANITIZE=ON")
         # Configure only when the settings changed (or never ran); otherwise
         # `cmake --build` re-runs CMake by itself if CMakeLists.txt changed.
         stamp = build_dir / "setup-configure-args.txt"

@@ -79,10 +79,11 @@ from . import distributed  # noqa: E402  (the "mps_ext" c10d backend)
 from ._registration import register as _register  # noqa: E402
 
 
-def compile_shader(source: str):
+def compile_shader(source: str, *, include_dirs=None):
     r"""Compiles Metal Shading Language compute kernels for the mps_ext device
     and returns a library whose attributes are its kernels (see
-    ``docs/shaders.md``). Example::
+    ``docs/shaders.md``); ``include_dirs``: directories whose files the source
+    may ``#include`` besides the Metal headers. Example::
 
         >>> lib = torch.mps_ext.compile_shader(
         ... "kernel void full(device float* out, constant float& val, uint idx [[thread_position_in_grid]]) { out[idx] = val; }"
@@ -92,7 +93,7 @@ def compile_shader(source: str):
     """
     from .shader import compile_shader as _compile  # imported on first use
 
-    return _compile(source)
+    return _compile(source, include_dirs=include_dirs)
 
 
 def load_metallib(source):

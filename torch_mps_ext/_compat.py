@@ -17,7 +17,6 @@ private API                                            used by / for
 ``_dtype_to_storage_type_map``, ``_warn_typed_storage_removal``
 ``torch._C._distributed_c10d`` (ProcessGroupGloo,      distributed: the ``"mps_ext"`` c10d backend
 options classes), ``dist.Backend._plugins``
-``torch.utils._cpp_embed_headers._embed_headers``      shader._frontend: inline ``#include <c10/metal/...>``
 ``torchgen/packaged/ATen/native/                       fidelity: which operators have an MPS kernel
 native_functions.yaml`` (the operator table torch     (``native_functions_yaml()``, parsed by
 ships; its layout: ``- func:`` entries, ``dispatch:``  fidelity/_optable.py)
@@ -93,13 +92,6 @@ def gloo():
     return SimpleNamespace(ProcessGroupGloo=ProcessGroupGloo, AllgatherOptions=AllgatherOptions,
                            AllToAllOptions=AllToAllOptions,
                            ReduceScatterOptions=ReduceScatterOptions)
-
-
-def embed_headers():
-    """torch.mps.compile_shader's header inliner."""
-    from torch.utils._cpp_embed_headers import _embed_headers
-
-    return _embed_headers
 
 
 def native_functions_yaml() -> str:

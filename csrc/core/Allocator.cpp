@@ -9,6 +9,23 @@
 #include <c10/util/Exception.h>
 #include <c10/util/flat_hash_map.h>
 
+// Under AddressSanitizer (`make asan`) the pool keeps ASan's shadow in step:
+// a block's bytes past the request and every free block are poisoned, so a
+// kernel or a copy that reads or writes outside a live tensor's bytes, or
+// into a freed block, is reported (ASan sees only malloc'ed memory by
+// itself, and segments are mmap'ed). Reuse is stream-ordered, as on CUDA:
+// work still queued on a block's stream may use it after its release (and
+// past a new owner's size), so blocks are poisoned only while their stream
+// is idle. The macros are no-ops otherwise.
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+constexpr bool kPoison = true;
+#else
+#define ASAN_POISON_MEMORY_REGION(addr, size) ((void)(addr), (void)(size))
+#define ASAN_UNPOISON_MEMORY_REGION(addr, size) ((void)(addr), (void)(size))
+constexpr bool kPoison = false;
+#endif
+
 #include <cinttypes>
 #include <cstdio>
 #include <cstdlib>
@@ -212,6 +229,14 @@ class CachingAllocator final : public c10::DeviceAllocator {
     if (block == nullptr && !small) block = growTail(device, st, stream, size);
     if (block == nullptr) {
       block = newSegment(device, st, stream, size, nbytes, small);
+    }
+    if constexpr (kPoison) {
+      if (runtime::queryStream(device, stream)) {
+        ASAN_POISON_MEMORY_REGION(block->ptr, block->size);
+        ASAN_UNPOISON_MEMORY_REGION(block->ptr, nbytes);
+      } else {
+        ASAN_UNPOISON_MEMORY_REGION(block->ptr, block->size);
+      }
     }
     // Split off what this request does not need.
     std::size_t rest = block->size - size;
@@ -487,6 +512,7 @@ class CachingAllocator final : public c10::DeviceAllocator {
           continue;
         }
         it = pool->erase(it);
+        ASAN_UNPOISON_MEMORY_REGION(b->ptr, b->size);  // the system reuses it
         if (b->small) {
           runtime::freeSegment(b->ptr, b->size);
         } else {
@@ -580,6 +606,11 @@ class CachingAllocator final : public c10::DeviceAllocator {
     if (b->isSplit()) {
       updateStat(st.stats.inactive_split, b->small, 1, true);
       updateStat(st.stats.inactive_split_bytes, b->small, b->size, true);
+    }
+    if constexpr (kPoison) {
+      if (runtime::queryStream(b->device, b->stream)) {
+        ASAN_POISON_MEMORY_REGION(b->ptr, b->size);
+      }
     }
     pool.insert(b);
   }

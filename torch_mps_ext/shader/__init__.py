@@ -21,9 +21,10 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
-from . import _compiler
+from . import _compiler, _frontend
 from ._compiler import CompilerLimitError
 from ._library import MetalKernel, ShaderLibrary
 
@@ -38,7 +39,8 @@ _loaded: dict[tuple[int, int], ShaderLibrary] = {}
 _lock = threading.Lock()
 
 
-def compile_shader(source: str) -> ShaderLibrary:
+def compile_shader(source: str, *, include_dirs: str | os.PathLike | Sequence[str | os.PathLike] | None = None
+                   ) -> ShaderLibrary:
     r"""Compiles compute shader from source and allows one to invoke kernels
     defined there from the comfort of Python runtime
     Example::
@@ -48,9 +50,15 @@ def compile_shader(source: str) -> ShaderLibrary:
         ...  )
         >>> x = torch.zeros(16, device="mps_ext")
         >>> lib.full(x, 3.14)
+
+    ``include_dirs`` (keyword only, an extension of torch.mps.compile_shader's signature):
+    directories whose files the source may ``#include``, besides ``<metal_stdlib>`` and torch's
+    ``<c10/metal/...>`` headers. A shader can include nothing else (docs/shaders.md, "Security").
     """
     if not isinstance(source, str):
         raise TypeError(f"compile_shader expects the shader source as str, got {type(source).__name__}")
+    if include_dirs is not None:
+        return _frontend.with_include_dirs(source, include_dirs, compile_shader)
     memo = (_compiler.cache_path()[0], _compiler.library_key(source, _compiler.checked_mode()))
     lib = _by_key.get(memo)
     if lib is not None:

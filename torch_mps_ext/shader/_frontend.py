@@ -2,26 +2,38 @@
 
 The pipeline (see docs/shaders.md):
 
-1. ``embed`` inlines ``#include <c10/metal/...>`` (and anything else under torch's include
-   directory) with ``torch.utils._cpp_embed_headers._embed_headers`` -- exactly the headers
-   torch.mps would inline -- and adds ``#line`` markers so diagnostics keep the user's lines.
+1. ``embed`` inlines ``#include <c10/metal/...>`` (torch's Metal headers, as torch.mps
+   inlines them) and files under the caller's ``include_dirs``, with ``#line`` markers so
+   diagnostics keep the user's lines; it hands on text without comments or line splices in
+   which every directive was validated (nothing else can be included: "host escapes" below).
 2. The host compiler's preprocessor expands macros (``g++ -E -DMPSX_PARSE``); the backend
    ``<metal_stdlib>`` is empty in that pass, so the output is the user's code with macros
    expanded and the MSL keywords still in place.
-3. ``parse`` walks the tokens: namespaces, classes, function bodies, ``kernel`` declarations,
-   definitions and ``template [[host_name("...")]]`` instantiations, their parameters'
-   address spaces, types and ``[[attributes]]``.
+3. ``parse`` refuses what would reach the host (``asm``, GNU attributes, ``extern``, functions
+   declared and not defined, host library names...; docs/shaders.md "Security"), then walks
+   the tokens: namespaces, classes, function bodies, ``kernel`` declarations, definitions and
+   ``template [[host_name("...")]]`` instantiations, their parameters' address spaces, types
+   and ``[[attributes]]``.
 4. ``rewrite`` edits the preprocessed text: ``threadgroup`` storage declarations become
    per-OS-thread storage shared by the fibers of a threadgroup, ``1.0h`` literals become
-   half, and (checked mode) device pointer parameters become bounds-checked pointers.
+   half, program-scope variables are constant-initialized, the shader's declarations get
+   hidden visibility, and (checked mode) device pointer parameters become bounds-checked
+   pointers.
 5. ``generate`` appends one ``extern "C"`` entry point per kernel that unpacks the argument
    block and runs threadgroups ``[begin, end)`` either as a plain loop or with fibers.
 """
 
 from __future__ import annotations
 
+import ast
+import bisect
+import contextvars
+import hashlib
 import json
+import os
 import re
+import stat
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,39 +83,399 @@ SCALAR_SIZES = {
 }
 
 
-class ShaderSyntaxError(Exception):
+class ShaderSyntaxError(SyntaxError):
     """Internal: a parse problem to be reported as SyntaxError."""
 
 
+class ShaderSourceError(SyntaxError):
+    """A shader source uses what Metal does not allow (a host escape, a file it may not read...).
+
+    Raised as is (a ``SyntaxError`` with ``filename``/``lineno``/``text`` of the user's line), not
+    re-wrapped like :class:`ShaderSyntaxError`."""
+
+
 # ----------------------------------------------------------------------------- embedding
+# What a shader may #include (docs/shaders.md, "Security"): the backend's <metal_*> headers,
+# torch's Metal headers, and files under the caller's include_dirs. Nothing else is ever opened;
+# a header is read only if it is a regular file no larger than MAX_HEADER_BYTES.
+BACKEND_INCLUDE_DIR = Path(__file__).parent / "include"
+TORCH_METAL_HEADERS = ("c10/metal/", "ATen/native/mps/kernels/")
+MAX_HEADER_BYTES = 2 << 20
+MAX_EMBEDDED_BYTES = 32 << 20
+MAX_INCLUDE_DEPTH = 32
+_HEADER_NAME_RE = re.compile(r"[A-Za-z0-9_.][A-Za-z0-9_.+\-/]{0,199}")
+_ALLOWED_DIRECTIVES = {"define", "undef", "if", "ifdef", "ifndef", "elif", "elifdef", "elifndef", "else", "endif",
+                       "error", "warning", "pragma", "include"}
+# Identifiers the preprocessor would act on when formed by token pasting (``_Pra ## gma``):
+# poisoned before the user's text, in a system-header context (no warnings), so any use is an error.
+_POISONED = "_Pragma __has_include __has_include_next __has_include__ __has_include_next__ __has_embed"
+_PRELUDE = f'# 1 "<mps_ext>" 3\n#pragma GCC poison {_POISONED}\n'
+_DIRECTIVE_RE = re.compile(r"[ \t\f\v\ufeff]*(?:#|%:)[ \t\f\v]*")
+_RAW_PREFIXES = {"R", "LR", "uR", "UR", "u8R"}
+_SPLICE_TAIL = re.compile(r"\\[ \t\f\v]*$")
+_PRAGMA_OP_RE = re.compile(r'_Pragma[ \t\f\v]*\([ \t\f\v]*"((?:\\.|[^"\\])*)"[ \t\f\v]*\)')
+
+# The caller's include directories and, per source, its embedded text (set by compile_shader's
+# include_dirs argument; see :func:`with_include_dirs`).
+_INCLUDE_DIRS: contextvars.ContextVar[tuple[Path, ...]] = contextvars.ContextVar("mpsx_include_dirs", default=())
+_EMBEDDED: contextvars.ContextVar[dict | None] = contextvars.ContextVar("mpsx_embedded", default=None)
+# The user's source of the build in progress (for SyntaxError.text)
+_SOURCE: contextvars.ContextVar[str | None] = contextvars.ContextVar("mpsx_source", default=None)
+
+
 def torch_include_dir() -> Path:
     import torch
 
     return Path(torch.__file__).parent / "include"
 
 
-def embed(source: str) -> str:
-    """Inline torch headers like torch.mps.compile_shader does, with #line markers."""
-    from .._compat import embed_headers
+class _Rejected(Exception):
+    """An #include or directive the front end does not allow: becomes an ``#error`` line."""
 
-    _embed_headers = embed_headers()
 
-    include_dirs = [torch_include_dir()]
-    processed: set[str] = set()
-    out = [f'#line 1 "{SOURCE_NAME}"\n']
-    inc_re = re.compile(r'^\s*#include\s*[<"]([^>"]+)[>"]')
-    lines = source.split("\n")
-    for lineno, line in enumerate(lines, start=1):
-        m = inc_re.match(line)
-        if m and any((d / m[1]).exists() for d in include_dirs):
-            text = _embed_headers([line + "\n"], include_dirs, processed)
-            if text.strip():
-                out.append(f'#line 1 "{m[1]}"\n')
-                out.append(text if text.endswith("\n") else text + "\n")
-            out.append(f'#line {lineno + 1} "{SOURCE_NAME}"\n')
-        else:
-            out.append(("" if line.startswith("#pragma once") else line) + "\n")
-    return "".join(out)
+def _normalize(text: str) -> str:
+    """Newlines as the preprocessor counts them (CR LF, CR, LF), no NUL characters (the
+    preprocessor skips them like blanks), no byte-order mark."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\0", "")
+    return text[1:] if text.startswith("\ufeff") else text
+
+
+def _logical_lines(text: str) -> list[tuple[int, str, int]]:
+    """(first physical line, text, number of physical lines) per line after backslash-newline
+    splicing (translation phase 2)."""
+    phys = text.split("\n")
+    out = []
+    i = 0
+    while i < len(phys):
+        start = i
+        parts = []
+        while True:
+            line = phys[i]
+            m = _SPLICE_TAIL.search(line)
+            if m and i + 1 < len(phys):
+                parts.append(line[: m.start()])
+                i += 1
+                continue
+            parts.append(line)
+            i += 1
+            break
+        out.append((start + 1, "".join(parts), i - start))
+    return out
+
+
+_LEX_RE = re.compile(
+    r"""(?P<other>[^/"'0-9.A-Za-z_$\x80-\U0010ffff]+|/(?![*/])|\.(?![0-9]))
+      | (?P<block>/\*) | (?P<line>//)
+      | (?P<lit>"(?:\\.|[^"\\])*"|'(?:\\.|[^'\\])*')
+      | (?P<stray>["'])
+      | (?P<num>\.?[0-9](?:[eEpP][+-]|'[0-9A-Za-z_]|[0-9A-Za-z_.$\x80-\U0010ffff])*)
+      | (?P<id>[A-Za-z_$\x80-\U0010ffff][A-Za-z0-9_$\x80-\U0010ffff]*)""",
+    re.VERBOSE)
+
+
+def _blank_comments(lines: list[tuple[int, str, int]], fname: str) -> list[tuple[int, str, int]]:
+    """Replace comments by blanks (newlines kept), so that the text handed to the preprocessor
+    has no comment and no splice: every line it can take as a directive starts with ``#``/``%:``
+    and is validated here. Raw string literals are rejected (they would let text span lines).
+    String and character literals end on their line; an unclosed quote is a stray character,
+    as for the preprocessor."""
+    out = []
+    in_block = False
+    match = _LEX_RE.match
+    for lineno, s, span in lines:
+        res: list[str] = []
+        j = 0
+        n = len(s)
+        if in_block:
+            k = s.find("*/")
+            if k < 0:
+                out.append((lineno, "", span))
+                continue
+            in_block = False
+            res.append(" ")
+            j = k + 2
+        while j < n:
+            m = match(s, j)
+            kind = m.lastgroup
+            if kind == "block":
+                k = s.find("*/", j + 2)
+                res.append(" ")
+                if k < 0:
+                    in_block = True
+                    break
+                j = k + 2
+                continue
+            if kind == "line":
+                break
+            if kind == "id" and m.group() in _RAW_PREFIXES and m.end() < n and s[m.end()] == '"':
+                raise _source_error("raw string literals are not supported in shader sources", fname, lineno, j + 1)
+            if kind == "id" and m.group() == "_Pragma":
+                # `_Pragma("unroll")` as written (in a macro, say) is accepted and dropped; anything
+                # else is refused here, and a `_Pragma` formed by ## is poisoned for the preprocessor
+                pm = _PRAGMA_OP_RE.match(s, j)
+                words = re.sub(r"\\(.)", r"\1", pm.group(1)).split() if pm else None
+                if words is None or not _pragma_allowed(words) or words[:1] == ["once"]:
+                    raise _source_error("_Pragma is accepted only as _Pragma(\"<pragma>\") with an allowed pragma "
+                                        f"({PRAGMAS_ALLOWED})", fname, lineno, j + 1)
+                res.append(" ")
+                j = pm.end()
+                continue
+            res.append(m.group())
+            j = m.end()
+        out.append((lineno, "".join(res), span))
+    return out
+
+
+def _error_directive(msg: str) -> str:
+    """An ``#error`` line: the preprocessor reports it, with its line, where the directive it
+    replaces would have taken effect (not in an #if branch that is not compiled)."""
+    safe = "".join(c if (c.isascii() and (c.isalnum() or c in " _.,:;()/<>=+-*#[]")) else "?" for c in msg)
+    return f"#error mps_ext: {safe[:300]}"
+
+
+def _pragma_allowed(words: list[str]) -> bool:
+    if not words:
+        return True
+    if words[0] in ("once", "unroll", "nounroll", "METAL", "STDC", "push_macro", "pop_macro"):
+        return True
+    if words[0] == "clang":  # not `clang attribute` (it applies attributes, constructor included, with clang++)
+        return len(words) > 1 and words[1].split("(")[0] in ("loop", "diagnostic", "fp", "unroll")
+    return words[0] == "GCC" and len(words) > 1 and words[1].split("(")[0] in ("unroll", "ivdep", "diagnostic")
+
+
+PRAGMAS_ALLOWED = ("once, unroll, nounroll, clang loop/diagnostic/fp, METAL ..., STDC ..., push_macro, pop_macro, "
+                   "GCC unroll/ivdep/diagnostic")
+
+
+class _Embedder:
+    def __init__(self, include_dirs: tuple[Path, ...]):
+        self.user_dirs = [os.path.realpath(d) for d in include_dirs]
+        self.torch_dir = None
+        self.processed: set[str] = set()
+        self.size = 0
+        self.out: list[str] = []
+
+    def _torch_dir(self) -> str:
+        if self.torch_dir is None:
+            self.torch_dir = os.path.realpath(torch_include_dir())
+        return self.torch_dir
+
+    # -- reading
+    @staticmethod
+    def _read(path: str, root: str, name: str) -> tuple[str, str]:
+        """(real path, text) of a header: inside ``root`` after resolving symbolic links, a
+        regular file, at most MAX_HEADER_BYTES, UTF-8. Never returns or echoes anything else."""
+        real = os.path.realpath(path)
+        if not (real == root or real.startswith(root.rstrip(os.sep) + os.sep)):
+            raise _Rejected(f"#include <{name}> leaves its include directory (symbolic link)")
+        try:
+            st = os.stat(real)
+        except OSError:
+            raise _Rejected(f"#include <{name}>: cannot be read") from None
+        if stat.S_ISDIR(st.st_mode):
+            raise _Rejected(f"#include <{name}> names a directory")
+        if not stat.S_ISREG(st.st_mode):
+            raise _Rejected(f"#include <{name}> is not a regular file")
+        if st.st_size > MAX_HEADER_BYTES:
+            raise _Rejected(f"#include <{name}> is larger than {MAX_HEADER_BYTES} bytes")
+        flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0) | \
+            getattr(os, "O_NOFOLLOW", 0)
+        try:
+            fd = os.open(real, flags)
+        except OSError:
+            raise _Rejected(f"#include <{name}>: cannot be read") from None
+        try:
+            fst = os.fstat(fd)
+            if not stat.S_ISREG(fst.st_mode) or (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino):
+                raise _Rejected(f"#include <{name}> changed while it was opened")
+            chunks = []
+            left = MAX_HEADER_BYTES + 1
+            while left > 0:
+                b = os.read(fd, min(left, 1 << 20))
+                if not b:
+                    break
+                chunks.append(b)
+                left -= len(b)
+        except OSError:
+            raise _Rejected(f"#include <{name}>: cannot be read") from None
+        finally:
+            os.close(fd)
+        data = b"".join(chunks)
+        if len(data) > MAX_HEADER_BYTES:
+            raise _Rejected(f"#include <{name}> is larger than {MAX_HEADER_BYTES} bytes")
+        try:
+            return real, data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _Rejected(f"#include <{name}> is not UTF-8 text") from None
+
+    def _resolve(self, name: str, quoted: bool, origin: tuple[str, str] | None) -> tuple[str, str, tuple[str, str]] | None:
+        """(real path, text, (root, directory)) of an allowed header; None for a <metal_*> header."""
+        if not _HEADER_NAME_RE.fullmatch(name) or ".." in name.split("/"):
+            raise _Rejected(f"#include <{name}> is not a header name the front end accepts "
+                            "(relative, no .., letters digits _ . + - /)")
+        if name.startswith("metal_") and "/" not in name and (BACKEND_INCLUDE_DIR / name).is_file():
+            return None
+        if (name.rstrip("/") + "/").startswith(TORCH_METAL_HEADERS):
+            root = self._torch_dir()
+            cand = os.path.join(root, name)
+            if os.path.lexists(cand):
+                real, text = self._read(cand, root, name)
+                return real, text, (root, os.path.dirname(real))
+        searched = []
+        if quoted and origin is not None and origin[0] in self.user_dirs:
+            searched.append((origin[0], origin[1]))  # "x.h" next to the including header first
+        searched.extend((d, d) for d in self.user_dirs)
+        for root, base in searched:
+            cand = os.path.join(base, name)
+            if os.path.lexists(cand):
+                real, text = self._read(cand, root, name)
+                return real, text, (root, os.path.dirname(real))
+        raise _Rejected(f"#include <{name}> is not available: a shader may include <metal_stdlib> and the "
+                        "other <metal_*> headers, the Metal headers of torch (<c10/metal/...>) and files under "
+                        "the include_dirs given to compile_shader")
+
+    # -- text
+    def emit(self, text: str, fname: str, depth: int, origin: tuple[str, str] | None) -> None:
+        lines = _blank_comments(_logical_lines(_normalize(text)), fname)
+        out = self.out
+        for lineno, s, span in lines:
+            pad = "\n" * (span - 1)
+            m = _DIRECTIVE_RE.match(s)
+            if m is None:
+                out.append(s + (" /**/" if s.endswith("\\") else "") + "\n" + pad)
+                continue
+            rest = s[m.end():]
+            dm = re.match(r"[A-Za-z_][A-Za-z0-9_]*", rest)
+            name = dm.group() if dm else ""
+            try:
+                if not rest.strip():
+                    line = s  # the null directive
+                elif not dm:
+                    raise _Rejected("line markers (# <number> ...) are not supported")
+                elif name == "include":
+                    self._include(rest[dm.end():], fname, lineno, span, depth, origin)
+                    continue
+                elif name == "pragma":
+                    words = rest[dm.end():].split()
+                    if not _pragma_allowed(words):
+                        raise _Rejected(f"#pragma {' '.join(words)[:60]} is not supported (allowed: {PRAGMAS_ALLOWED})")
+                    line = "" if words[:1] == ["once"] else s
+                elif name in _ALLOWED_DIRECTIVES:
+                    line = s
+                elif name == "line":
+                    raise _Rejected("#line is not supported (the front end keeps the line numbers)")
+                else:
+                    raise _Rejected(f"#{name} is not supported in shader sources")
+            except _Rejected as e:
+                line = _error_directive(str(e))
+            out.append(line + (" /**/" if line.endswith("\\") else "") + "\n" + pad)
+            self.size += len(line)
+
+    def _include(self, arg: str, fname: str, lineno: int, span: int, depth: int, origin) -> None:
+        out = self.out
+        pad = "\n" * (span - 1)
+        m = re.match(r'[ \t\f\v]*(?:<([^>]*)>|"([^"]*)")[ \t\f\v]*$', arg)
+        try:
+            if m is None:
+                raise _Rejected("#include needs a header name in <...> or quotes (computed includes are not supported)")
+            name = m.group(1) if m.group(1) is not None else m.group(2)
+            found = self._resolve(name.strip(), m.group(2) is not None, origin)
+            if found is None or found[0] in self.processed:
+                out.append("\n" + pad)  # <metal_*>: the backend's, always there; or already inlined
+                return
+            if depth >= MAX_INCLUDE_DEPTH:
+                raise _Rejected(f"#include nesting deeper than {MAX_INCLUDE_DEPTH}")
+            real, text, where = found
+            self.processed.add(real)
+            self.size += len(text)
+            if self.size > MAX_EMBEDDED_BYTES:
+                raise _source_error(f"the shader source and its headers exceed {MAX_EMBEDDED_BYTES} bytes", fname,
+                                    lineno, None)
+            hname = name.strip()
+            out.append(f'#line 1 "{hname}"\n')
+            self.emit(text, hname, depth + 1, where)
+            out.append(f'#line {lineno + span} "{fname}"\n')
+        except _Rejected as e:
+            out.append(_error_directive(str(e)) + "\n" + pad)
+
+
+def embed(source: str, include_dirs: Sequence[str | os.PathLike] | None = None) -> str:
+    """The text handed to the preprocessor: the user's source with its allowed headers inlined
+    (as torch.mps.compile_shader inlines torch's), ``#line`` markers so that diagnostics keep
+    the user's line numbers, comments blanked, and every directive the front end does not
+    allow replaced by an ``#error`` at its line (docs/shaders.md, "Security")."""
+    if not isinstance(source, str):
+        raise TypeError(f"shader source must be str, got {type(source).__name__}")
+    _SOURCE.set(source)
+    pre = _EMBEDDED.get()
+    if include_dirs is None:
+        if pre is not None and source in pre:
+            return pre[source]
+        dirs = _INCLUDE_DIRS.get()
+    else:
+        dirs = normalize_include_dirs(include_dirs)
+    if len(source) > MAX_EMBEDDED_BYTES:
+        raise _source_error(f"the shader source exceeds {MAX_EMBEDDED_BYTES} bytes", SOURCE_NAME, 1, None)
+    e = _Embedder(dirs)
+    e.out.append(_PRELUDE)
+    e.out.append(f'# 1 "{SOURCE_NAME}"\n')
+    e.emit(source, SOURCE_NAME, 0, None)
+    return "".join(e.out)
+
+
+def normalize_include_dirs(include_dirs) -> tuple[Path, ...]:
+    """``include_dirs`` as absolute paths of existing directories (a str or path is one directory)."""
+    if include_dirs is None:
+        return ()
+    if isinstance(include_dirs, (str, os.PathLike)):
+        include_dirs = [include_dirs]
+    try:
+        items = list(include_dirs)
+    except TypeError:
+        raise TypeError("include_dirs must be a path or a sequence of paths, got "
+                        f"{type(include_dirs).__name__}") from None
+    out = []
+    for d in items:
+        if not isinstance(d, (str, os.PathLike)):
+            raise TypeError(f"include_dirs entries must be str or os.PathLike, got {type(d).__name__}")
+        p = Path(os.fspath(d)).absolute()
+        if not p.is_dir():
+            raise NotADirectoryError(f"include_dirs: {p} is not a directory")
+        out.append(p)
+    return tuple(out)
+
+
+def with_include_dirs(source: str, include_dirs, compile_fn):
+    """``compile_fn(keyed_source)`` with ``include_dirs`` in effect: the headers are embedded
+    once, here, and the source the cache is keyed by carries the digest of the embedded text
+    (a comment appended after the user's last line), so that a changed header is a new library."""
+    dirs = normalize_include_dirs(include_dirs)
+    if not dirs:
+        return compile_fn(source)
+    embedded = embed(source, dirs)
+    digest = hashlib.sha256(embedded.encode("utf-8", "surrogatepass")).hexdigest()
+    keyed = f"{source}\n// mps_ext include_dirs: headers {digest}\n"
+    t1 = _INCLUDE_DIRS.set(dirs)
+    t2 = _EMBEDDED.set({keyed: embedded})
+    try:
+        return compile_fn(keyed)
+    finally:
+        _EMBEDDED.reset(t2)
+        _INCLUDE_DIRS.reset(t1)
+
+
+def check_source(source: str, include_dirs: Sequence[str | os.PathLike] | None = None,
+                 checked: bool = False) -> list[Kernel]:
+    """Every front-end stage on ``source`` without the host compiler: embedding (includes,
+    directives), the host-escape checks, parsing, analysis, rewriting and code generation, on
+    the text as written (macros are not expanded: compile_shader checks their expansion too).
+    Raises ``SyntaxError`` (:class:`ShaderSourceError`, :class:`ShaderSyntaxError`) and
+    nothing else for a source it does not accept; returns the kernels it found."""
+    parsed = parse(embed(source, include_dirs), preprocessed=False)
+    kernels = analyze(parsed)
+    rewrite(parsed, checked)
+    generate(kernels, checked)
+    return kernels
 
 
 # ----------------------------------------------------------------------------- tokens
@@ -253,6 +625,200 @@ def _attributes(toks: list[Tok]) -> tuple[list[tuple[str, str]], list[Tok]]:
     return attrs, rest
 
 
+# ----------------------------------------------------------------------------- host escapes
+# What Metal cannot do and a C++ kernel could: run host instructions or host functions, run
+# code when the library is loaded, read host files at build time (docs/shaders.md, "Security").
+# These checks run on the preprocessed text (macros expanded), on the user's code and every
+# header it includes alike.
+
+_SAFE_BUILTINS = re.compile(
+    r"__builtin_(?:expect(?:_with_probability)?|assume(?:_aligned)?|unreachable|trap|constant_p|"
+    r"is_constant_evaluated|bit_cast|launder|addressof|offsetof|has_attribute|"
+    r"isnan|isinf(?:_sign)?|isfinite|isnormal|isgreater(?:equal)?|isless(?:equal|greater)?|isunordered|"
+    r"signbit[fl]?|fpclassify|nans?[fl]?|inf[fl]?|huge_val[fl]?|copysign[fl]?|fabs[fl]?|"
+    r"(?:sqrt|fma|fmin|fmax|floor|ceil|trunc|round|rint|nearbyint|sin|cos|tan|asin|acos|atan|atan2|sinh|cosh|"
+    r"tanh|asinh|acosh|atanh|exp|exp2|exp10|expm1|log|log2|log10|log1p|pow|cbrt|hypot|erf|erfc|lgamma|tgamma|"
+    r"fmod|remainder|ldexp|frexp|modf|logb|ilogb|scalbn|nextafter|fdim)[fl]?|"
+    r"(?:clz|ctz|popcount|parity|ffs|clrsb)(?:l|ll|g)?|bswap(?:16|32|64|128)|"
+    r"(?:bitreverse|rotateleft|rotateright)(?:8|16|32|64)|(?:add|sub|mul)_overflow(?:_p)?|"
+    r"[su](?:add|sub|mul)(?:l|ll)?_overflow|memcpy|memmove|memset|memcmp|prefetch|shuffle|shufflevector|"
+    r"convertvector|complex|choose_expr|FILE|LINE|FUNCTION|COLUMN)")
+_SAFE_RESERVED = re.compile(
+    r"__(?:func__|FUNCTION__|PRETTY_FUNCTION__|restrict(?:__)?|inline(?:__)?|const(?:__)?|volatile(?:__)?|"
+    r"signed(?:__)?|typeof(?:__)?|alignof(?:__)?|extension__|null|real(?:__)?|imag(?:__)?|complex__|fp16|bf16|"
+    r"int128|label__|underlying_type|is_\w+|has_(?:trivial|nothrow|virtual|unique)\w*|remove_cv|remove_reference|"
+    r"remove_cvref|decay|integer_pack|type_pack_element)")
+# C library and POSIX functions a kernel could reach: the ones the backend's headers declare
+# (stdio, string, sys/mman), and the ones that run programs, touch the environment, files,
+# memory mappings, dynamic loading or the process. Rejected wherever they appear except as a
+# member name (``x.read``); a shader's own helper of the same name must be renamed.
+HOST_NAMES = frozenset("""
+system popen pclose execl execle execlp execv execve execvp execvpe fexecve fork vfork posix_spawn posix_spawnp
+getenv secure_getenv setenv putenv unsetenv clearenv environ __environ
+dlopen dlmopen dlsym dlvsym dlclose dlerror dladdr dlinfo syscall ptrace prctl
+mmap mmap64 munmap mprotect mremap msync madvise posix_madvise process_madvise process_mrelease mlock mlock2
+munlock mlockall munlockall mincore remap_file_pages shm_open shm_unlink memfd_create pkey_alloc pkey_free
+pkey_mprotect
+fopen fopen64 freopen freopen64 fdopen fmemopen open_memstream fopencookie fclose fcloseall tmpfile tmpfile64
+tmpnam tmpnam_r tempnam remove rename renameat renameat2
+printf fprintf dprintf sprintf snprintf asprintf vprintf vfprintf vdprintf vsprintf vsnprintf vasprintf
+obstack_printf obstack_vprintf scanf fscanf sscanf vscanf vfscanf vsscanf
+puts fputs putc fputc putchar putw fputc_unlocked fputs_unlocked putc_unlocked putchar_unlocked
+gets fgets getc fgetc getchar getw getline getdelim ungetc fgetc_unlocked getc_unlocked getchar_unlocked
+fgets_unlocked fread fwrite fread_unlocked fwrite_unlocked fflush fflush_unlocked fseek fseeko fseeko64 ftell
+ftello ftello64 rewind fgetpos fgetpos64 fsetpos fsetpos64 setbuf setbuffer setlinebuf setvbuf
+clearerr clearerr_unlocked feof feof_unlocked ferror ferror_unlocked fileno fileno_unlocked flockfile
+ftrylockfile funlockfile perror ctermid cuserid stdin stdout stderr
+atexit at_quick_exit quick_exit on_exit _Exit _exit malloc calloc realloc aligned_alloc posix_memalign valloc
+pvalloc memalign reallocarray strdup strndup longjmp setjmp siglongjmp sigsetjmp pthread_create
+""".split())
+_ALLOWED_ATTR_SCOPES = {"metal", "clang"}
+# [[clang::x]]: only these (the rest would take effect if CXX is clang++)
+_CLANG_ATTRS = {"optnone", "always_inline", "noinline", "fallthrough", "annotate", "nodiscard", "maybe_unused",
+                "likely", "unlikely", "no_unique_address"}
+# unscoped GNU attribute names (the compiler ignores them unscoped today; never let one through)
+_GNU_ATTR_NAMES = {"constructor", "destructor", "section", "alias", "ifunc", "weak", "weakref", "visibility", "used",
+                   "retain", "naked", "init_priority", "cleanup", "symver", "target", "target_clones", "optimize",
+                   "noipa", "externally_visible", "copy", "no_instrument_function"}
+_LINEMARKER_RE = re.compile(r'# (\d+) "((?:[^"\\\n]|\\.)*)"((?: \d+)*)[ \t]*$')
+
+
+class _Lines:
+    """Token offset -> (file, line) through the line markers of a text."""
+
+    def __init__(self, text: str, preprocessed: bool):
+        self.starts: list[int] = []  # offset of a line following a marker
+        self.where: list[tuple[str, int]] = []
+        self.text = text
+        pos = 0
+        marker = re.compile(r'(?:#line|#) (\d+) "((?:[^"\\\n]|\\.)*)"')
+        for line in text.split("\n"):
+            nxt = pos + len(line) + 1
+            m = marker.match(line)
+            if m:
+                self.starts.append(nxt)
+                self.where.append((m.group(2), int(m.group(1))))
+            pos = nxt
+
+    def at(self, offset: int) -> tuple[str, int, int]:
+        k = bisect.bisect_right(self.starts, offset) - 1
+        if k < 0:
+            fname, base, start = SOURCE_NAME, 1, 0
+        else:
+            (fname, base), start = self.where[k], self.starts[k]
+        line = base + self.text.count("\n", start, offset)
+        col = offset - (self.text.rfind("\n", 0, offset) + 1) + 1
+        return fname, line, col
+
+
+def _source_error(reason: str, fname: str, line: int, col: int | None, token: str | None = None) -> ShaderSourceError:
+    text = None
+    if fname == SOURCE_NAME:
+        src = _SOURCE.get()
+        if src is not None:
+            lines = _normalize(src).split("\n")
+            if 0 < line <= len(lines):
+                text = lines[line - 1]
+                if token:
+                    k = text.find(token)
+                    col = k + 1 if k >= 0 else None
+    msg = f"Shader source rejected: {reason}\n{fname}:{line}:{col or 1}: error: {reason}"
+    return ShaderSourceError(msg, (fname, line, col, text))
+
+
+def _check_directives(text: str, lines: _Lines) -> None:
+    """The preprocessed text is preprocessed again by the compiler: its only directives may be the
+    preprocessor's own line markers and allowed pragmas, at the start of a line."""
+    pos = 0
+    for line in text.split("\n"):
+        if _DIRECTIVE_RE.match(line) and not _LINEMARKER_RE.match(line):
+            m = re.match(r"#pragma(?:[ \t]+(.*))?$", line)
+            if m is None:
+                fname, ln, _ = lines.at(pos)
+                raise _source_error("a preprocessing directive produced by macro expansion is not allowed",
+                                    fname, ln, None)
+            words = (m.group(1) or "").split()
+            if not _pragma_allowed(words):
+                fname, ln, _ = lines.at(pos)
+                raise _source_error(f"#pragma {' '.join(words)[:60]} is not supported (allowed: {PRAGMAS_ALLOWED})",
+                                    fname, ln, None, "pragma")
+        pos += len(line) + 1
+
+
+def _is_digraph(text: str, pos: int) -> bool:
+    two = text[pos : pos + 2]
+    if two == "<:":  # C++11: `<::` is `<` `::` unless a `:` or `>` follows
+        return not (text[pos + 2 : pos + 3] == ":" and text[pos + 3 : pos + 4] not in (":", ">"))
+    return two in (":>", "<%", "%>", "%:")
+
+
+def _check_tokens(toks: list[Tok], lines: _Lines) -> None:
+    text = lines.text
+    def fail(k: int, reason: str) -> None:
+        fname, ln, col = lines.at(toks[k].start)
+        raise _source_error(reason, fname, ln, col, toks[k].text)
+
+    n = len(toks)
+    attr_end = -1
+    for k, t in enumerate(toks):
+        tx = t.text
+        if t.kind == "punct" and tx in ("<", "%", ":") and _is_digraph(text, t.start):
+            fail(k, "digraphs (<: :> <% %> %:) are not supported in shader sources")
+        if t.kind != "id":
+            if tx == "[" and k + 1 < n and toks[k + 1].text == "[" and k > attr_end:
+                attr_end = _check_attribute(toks, k, fail)
+            continue
+        prev = toks[k - 1].text if k else ""
+        if tx in ("asm", "__asm", "__asm__"):
+            fail(k, "inline assembly is not available: a Metal kernel cannot run host instructions")
+        elif tx in ("__attribute__", "__attribute", "__declspec"):
+            fail(k, f"{tx} is not Metal: only Metal's [[...]] attributes are accepted")
+        elif tx == "extern":
+            fail(k, "extern declarations are not available: a shader cannot refer to host symbols")
+        elif tx in ("throw", "try", "catch"):
+            fail(k, f"exceptions ({tx}) are not available in Metal")
+        elif tx == "new" or (tx == "delete" and prev != "="):
+            fail(k, f"dynamic allocation ({tx}) is not available in Metal")
+        elif tx == "goto" and k + 1 < n and toks[k + 1].text == "*":
+            fail(k, "computed goto is not available in Metal")
+        elif tx in HOST_NAMES and prev not in (".", "->"):
+            fail(k, f"{tx} is a host C library function or object: Metal kernels cannot call the host "
+                    "(a helper of that name must be renamed)")
+        elif tx[:4].lower() == "mpsx":
+            fail(k, f"{tx}: names starting with mpsx are reserved for the mps_ext runtime")
+        elif tx.startswith("__builtin_"):
+            if not _SAFE_BUILTINS.fullmatch(tx):
+                fail(k, f"{tx} is a compiler builtin that Metal does not have (it can reach the host)")
+        elif tx.startswith("__") and not _SAFE_RESERVED.fullmatch(tx):
+            fail(k, f"{tx} is a reserved compiler identifier that Metal does not have")
+        elif tx in ("_Pragma", "_Exit"):
+            fail(k, f"{tx} is not available in shader sources")
+
+
+def _check_attribute(toks: list[Tok], k: int, fail) -> int:
+    """``[[...]]``: Metal's and the standard attributes; no GNU (or other compiler) namespace.
+    Returns the index of its closing bracket."""
+    j = _match(toks, k, "[", "]")
+    inner = toks[k + 2 : j - 1]
+    scope = None
+    if inner and inner[0].text == "using":
+        scope = inner[1].text if len(inner) > 1 else ""
+        inner = inner[3:]
+        if scope not in _ALLOWED_ATTR_SCOPES:
+            fail(k, f"[[using {scope}: ...]] is not a Metal attribute")
+    for part in _split_commas(inner):
+        if not part:
+            continue
+        if len(part) > 2 and part[1].text == "::":
+            if part[0].text not in _ALLOWED_ATTR_SCOPES or (part[0].text == "clang" and part[2].text not in _CLANG_ATTRS):
+                fail(k, f"[[{part[0].text}::{part[2].text}]] is not a Metal attribute (GNU attributes are not accepted)")
+        elif scope == "clang" and part[0].text not in _CLANG_ATTRS:
+            fail(k, f"[[using clang: {part[0].text}]] is not a Metal attribute")
+        elif part[0].text in _GNU_ATTR_NAMES and scope is None:
+            fail(k, f"[[{part[0].text}]] is not a Metal attribute")
+    return j
+
+
 # ----------------------------------------------------------------------------- model
 @dataclass
 class Param:
@@ -332,6 +898,7 @@ class Parsed:
     decls: list[KDecl]
     funcs: list[FuncInfo]
     tg_decls: list[tuple[int, int, int]]  # (token idx of 'threadgroup', end ';' idx, enclosing func idx)
+    sec_edits: list[tuple[int, int, str]] = field(default_factory=list)  # program-scope variables: constinit
 
 
 # ----------------------------------------------------------------------------- parser
@@ -351,8 +918,22 @@ def _stmt_start(toks: list[Tok], i: int, lo: int) -> int:
     return j + 1
 
 
-def parse(text: str) -> Parsed:
+def parse(text: str, preprocessed: bool = True) -> Parsed:
+    """Parse the preprocessed text (``preprocessed=False``: the output of :func:`embed` itself,
+    for checks without the host preprocessor). Raises :class:`ShaderSourceError` for what Metal
+    does not allow (docs/shaders.md, "Security") and :class:`ShaderSyntaxError` when the text
+    cannot be parsed."""
     toks = tokenize(text)
+    lines = _Lines(text, preprocessed)
+    if preprocessed:
+        _check_directives(text, lines)
+    _check_tokens(toks, lines)
+    parsed = _parse(text, toks)
+    parsed.sec_edits = check_declarations(toks, lines)
+    return parsed
+
+
+def _parse(text: str, toks: list[Tok]) -> Parsed:
     decls: list[KDecl] = []
     funcs: list[FuncInfo] = []
     tg_decls: list[tuple[int, int, int]] = []
@@ -361,6 +942,7 @@ def parse(text: str) -> Parsed:
     i = 0
     n = len(toks)
     last_boundary = 0  # index after the last ; { } at the current (non-func) level
+    other_stmt = -1  # a statement known to be neither a namespace, a class nor a function
 
     def ns_path() -> list[tuple[str, bool]]:
         return [(s[1], s[2]) for s in stack if s[0] == "ns"]
@@ -381,6 +963,9 @@ def parse(text: str) -> Parsed:
                 funcs.append(FuncInfo(decl.base, None, decl.body))
                 _scan_body(toks, decl.body, len(funcs) - 1, tg_decls)
             last_boundary = i
+            continue
+        if tx == "{" and other_stmt == last_boundary:
+            i = _match(toks, i, "{", "}") + 1  # another initializer of the same statement
             continue
         if tx == "{":
             prefix = toks[last_boundary:i]
@@ -409,6 +994,7 @@ def parse(text: str) -> Parsed:
                     # initializer / enum / lambda at namespace scope: skip it whole
                     j = _match(toks, i, "{", "}")
                     i = j + 1
+                    other_stmt = last_boundary
                     continue
             if kind == "ns" and "::" in name:  # namespace a::b {
                 for part in name.split("::"):
@@ -685,6 +1271,448 @@ def _parse_kernel(toks: list[Tok], i: int, lo: int, ns: list[tuple[str, bool]]) 
     return j, decl
 
 
+# ----------------------------------------------------------------------------- declarations
+# A function declared without a body is a reference to a symbol of the host process (libc,
+# libstdc++, libtorch...): every declared function must be defined in the shader. (The library
+# is also compiled with hidden visibility for the shader's declarations, so that an undefined
+# non-template function cannot link against the host either.) Program-scope variables are
+# constant-initialized and trivially destructible, as Metal's program-scope constants are: no
+# shader code runs when the library is loaded or unloaded.
+
+_NONDECL_PAREN = {"decltype", "alignas", "sizeof", "noexcept", "alignof", "typeof", "__typeof__", "__typeof",
+                  "static_assert", "throw", "requires", "__attribute__", "explicit", "__alignof__", "if", "while",
+                  "for", "switch", "return", "case"}
+_TYPE_KEYWORDS = {"void", "bool", "char", "short", "int", "long", "float", "double", "signed", "unsigned", "half",
+                  "const", "volatile", "auto", "wchar_t", "char8_t", "char16_t", "char32_t", "constant", "device",
+                  "thread", "threadgroup"}
+_DECL_KEYWORDS = {"inline", "static", "constexpr", "kernel", "extern", "typename", "template", "virtual", "explicit",
+                  "friend", "operator", "return", "mutable", "thread_local", "register"}
+_CV_WORDS = {"const", "volatile", "constant", "device", "thread", "threadgroup", "threadgroup_imageblock", "ray_data",
+             "object_data", "struct", "class", "enum", "typename", "union"}
+_SPACE_WORDS = {"device", "thread", "threadgroup", "threadgroup_imageblock", "ray_data", "object_data"}
+_SKIP_HEADS = {"typedef", "using", "static_assert", "namespace", "friend", "return", "break", "continue", "goto",
+               "case", "default", "else", "do"}
+_CLASS_KEYS = {"struct", "class", "union", "enum"}
+_MAX_NESTING = 200
+_INIT_OPS = {"+", "-", "/", "%", "|", "^", "!", "~", "?", ".", "->", "==", "!=", "<=", ">=", "&&", "||", "<<",
+             "+=", "-=", "++", "--"}
+
+
+@dataclass
+class _FDecl:
+    scope: tuple[str, ...]
+    name: str
+    params: tuple[str, ...] | None  # normalized parameter types (None: variadic / unknown)
+    template: bool
+    tok: int
+
+
+def _norm_params(toks: list[Tok], tparams: dict[str, str]) -> tuple[str, ...] | None:
+    out = []
+    for part in _split_commas(toks):
+        _, part = _attributes(part)
+        texts = [t.text for t in part]
+        depth = 0
+        for q, tx in enumerate(texts):  # drop a default argument
+            if tx in "([{<":
+                depth += 1
+            elif tx in ")]}>":
+                depth -= 1
+            elif tx == "=" and depth == 0:
+                part, texts = part[:q], texts[:q]
+                break
+        if "..." in texts:
+            return None
+        kinds = [t.kind for t in part]
+        # drop the parameter's name: the identifier before '[' or at the end
+        cut = texts.index("[") if "[" in texts else len(texts)
+        if cut >= 2 and kinds[cut - 1] == "id" and texts[cut - 1] not in _TYPE_KEYWORDS and texts[cut - 2] != "::" \
+                and any(x not in _CV_WORDS for x in texts[: cut - 1]):  # `const T` has no name
+            texts = texts[: cut - 1] + texts[cut:]
+        words = ["const" if x == "constant" else tparams.get(x, x) for x in texts if x not in _SPACE_WORDS]
+        out.append(" ".join(words))
+    if out == ["void"]:
+        return ()
+    return tuple(out)
+
+
+def _template_params(toks: list[Tok], lt: int, gt: int) -> list[str]:
+    names = []
+    for part in _split_commas(toks[lt + 1 : gt]):
+        texts = [p.text for p in part]
+        if "=" in texts:
+            part = part[: texts.index("=")]
+        ids = [p.text for p in part if p.kind == "id" and p.text not in ("typename", "class", "const")]
+        if ids:
+            names.append(ids[-1])
+    return names
+
+
+class _DeclWalker:
+    def __init__(self, toks: list[Tok], lines: _Lines):
+        self.toks = toks
+        self.lines = lines
+        self.decls: list[_FDecl] = []
+        self.defs: dict[tuple[tuple[str, ...], str], list[tuple[int, tuple[str, ...] | None, bool]]] = {}
+        self.insts: list[tuple[tuple[str, ...], str, int]] = []
+        self.edits: list[tuple[int, int, str]] = []
+        self.inline_ns: set[str] = set()
+        self.depth = 0
+
+    def fail(self, k: int, reason: str) -> None:
+        fname, ln, col = self.lines.at(self.toks[k].start)
+        raise _source_error(reason, fname, ln, col, self.toks[k].text)
+
+    # -- statement analysis
+    def _prefix(self, lo: int, hi: int) -> tuple[int, list[list[str]], bool]:
+        """Skip attributes, access labels and template headers: (first token, template
+        parameter lists, explicit instantiation)."""
+        toks = self.toks
+        k = lo
+        theads: list[list[str]] = []
+        explicit = False
+        while k < hi:
+            tx = toks[k].text
+            if tx == "[" and k + 1 < hi and toks[k + 1].text == "[":
+                k = _match(toks, k, "[", "]") + 1
+            elif tx == "template" and k + 1 < hi and toks[k + 1].text == "<":
+                gt = _match_angle(toks, k + 1)
+                theads.append(_template_params(toks, k + 1, gt))
+                k = gt + 1
+            elif tx == "template":
+                explicit = True
+                k += 1
+            elif tx in ("public", "private", "protected") and k + 1 < hi and toks[k + 1].text == ":":
+                k += 2
+            else:
+                break
+        return k, theads, explicit
+
+    def _declarator(self, k: int, hi: int):
+        """For a declaration toks[k:hi]: (name index, qualifiers, name, '(' index) of a function
+        declarator, or None (a variable or something else)."""
+        toks = self.toks
+        j = k
+        angle = 0
+        while j < hi:
+            t = toks[j]
+            tx = t.text
+            if tx == "operator" and angle == 0:
+                p = j + 1
+                if p + 1 < hi and toks[p].text == "(" and toks[p + 1].text == ")":
+                    p += 2
+                while p < hi and toks[p].text != "(":
+                    p += 1
+                if p >= hi:
+                    return None
+                name = "operator" + "".join(x.text for x in toks[j + 1 : p])
+                return j, self._quals(j, k), name, p
+            if tx == "(":
+                prev = toks[j - 1] if j > k else None
+                if prev is not None and prev.text in _NONDECL_PAREN:
+                    j = _match(toks, j, "(", ")") + 1
+                    continue
+                if angle:
+                    j = _match(toks, j, "(", ")") + 1
+                    continue
+                if prev is None:
+                    return None
+                if prev.kind == "id" and prev.text not in _TYPE_KEYWORDS:
+                    name = prev.text
+                    ni = j - 1
+                    if ni > k and toks[ni - 1].text == "~":
+                        name = "~" + name
+                    return ni, self._quals(ni - (1 if name.startswith("~") else 0), k), name, j
+                if prev.text == ">":  # template-id: f<float>(
+                    d = 0
+                    m = j - 1
+                    while m >= k:
+                        if toks[m].text == ">":
+                            d += 1
+                        elif toks[m].text == "<":
+                            d -= 1
+                            if d == 0:
+                                break
+                        m -= 1
+                    if m > k and toks[m - 1].kind == "id":
+                        return m - 1, self._quals(m - 1, k), toks[m - 1].text, j
+                return None
+            if tx == "[":
+                j = _match(toks, j, "[", "]") + 1
+                continue
+            if tx == "<" and j > k and (toks[j - 1].kind == "id" or toks[j - 1].text == "template"):
+                angle += 1
+            elif tx == ">" and angle:
+                angle -= 1
+            elif angle == 0 and tx in ("=", "{", ";", ":"):
+                return None
+            j += 1
+        return None
+
+    def _quals(self, ni: int, lo: int) -> tuple[str, ...]:
+        """Qualifiers of the name at toks[ni] (``A<T>::B::f`` -> (A, B))."""
+        toks = self.toks
+        quals: list[str] = []
+        m = ni - 1
+        while m > lo and toks[m].text == "::":
+            m -= 1
+            if toks[m].text == ">":
+                d = 0
+                while m >= lo:
+                    if toks[m].text == ">":
+                        d += 1
+                    elif toks[m].text == "<":
+                        d -= 1
+                        if d == 0:
+                            break
+                    m -= 1
+                m -= 1
+            if m >= lo and toks[m].kind == "id" and toks[m].text not in _TYPE_KEYWORDS and \
+                    toks[m].text not in _DECL_KEYWORDS:
+                quals.insert(0, toks[m].text)
+                m -= 1
+            else:
+                break  # `void ::ns::f`: the leading :: is the global namespace
+        return tuple(quals)
+
+    def _is_initializer(self, lp: int, rp: int) -> bool:
+        """Whether ``( ... )`` after a declarator name initializes an object rather than listing
+        parameters: a literal or an expression operator at its top level."""
+        toks = self.toks
+        depth = 0
+        angle = 0
+        for q in range(lp + 1, rp):
+            t = toks[q]
+            if t.text in "([{":
+                depth += 1
+            elif t.text in ")]}":
+                depth -= 1
+            elif t.text == "<" and depth == 0 and toks[q - 1].kind == "id":
+                angle += 1  # template arguments: vec<float, 4>
+            elif t.text == ">" and depth == 0 and angle:
+                angle -= 1
+            elif depth == 0 and angle == 0:
+                if t.text == "=":
+                    return False  # a default argument: these are parameters
+                if t.kind in ("num", "str") or t.text in _INIT_OPS or t.text in ("this", "true", "false", "nullptr"):
+                    return True
+        return False
+
+    def statement(self, lo: int, hi: int, ns: tuple[str, ...], cls: tuple[str, ...], ctx: str,
+                  class_tparams: list[list[str]]) -> None:
+        toks = self.toks
+        if lo >= hi or ctx == "block":
+            return  # block scope: a declared function there gets hidden visibility (cannot link to the host)
+        k, theads, explicit = self._prefix(lo, hi)
+        if k >= hi:
+            return
+        first = toks[k].text
+        if first in _SKIP_HEADS and not (first == "friend" and ctx == "class"):
+            return
+        friend = False
+        if first == "friend":
+            friend = True
+            k += 1
+            if k >= hi or toks[k].text in _CLASS_KEYS or hi - k == 1:
+                return
+        if toks[k].text in _CLASS_KEYS and not any(t.text in ("(", "=", "{") for t in toks[k:hi]):
+            _, rest = _attributes(toks[k + 1 : hi])
+            if toks[k].text == "enum" or [t.kind for t in rest] in (["id"], ["id", "id"]) and (
+                    len(rest) == 1 or rest[0].text in ("class", "struct")):
+                return  # struct X;  enum class E : int;
+        d = self._declarator(k, hi)
+        scope = (ns if friend else ns + cls)
+        tparams = {}
+        for head in (class_tparams if not friend else []) + theads:
+            for name in head:
+                tparams.setdefault(name, f"${len(tparams)}")
+        if d is not None:
+            ni, quals, name, lp = d
+            rp = _match(toks, lp, "(", ")")
+            start = ni - 2 * len(quals) - (1 if name.startswith("~") else 0)
+            if start <= k and not (ctx == "class" and name.lstrip("~") in cls[-1:]) and not quals:
+                return  # no return type: not a declaration (a macro, in text that was not preprocessed)
+            if not self._is_initializer(lp, rp):
+                after = [t.text for t in toks[rp + 1 : hi]]
+                if explicit:
+                    self.insts.append((scope + quals, name, ni))
+                    return
+                if after[-2:] in (["=", "default"], ["=", "delete"], ["=", "0"]):
+                    return  # nothing to define
+                self.decls.append(_FDecl(scope + quals, name, _norm_params(toks[lp + 1 : rp], tparams),
+                                         bool(theads) or bool(class_tparams), ni))
+                return
+        if explicit or ctx == "block":
+            return
+        self._variable(k, hi, ctx, theads, class_tparams)
+
+    def _scope(self, scope: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(x for x in scope if x not in self.inline_ns)
+
+    def _variable(self, k: int, hi: int, ctx: str, theads, class_tparams) -> None:
+        """A program-scope variable or a static data member: constant initialization, trivial
+        destructor (or constexpr, which implies both in C++17)."""
+        toks = self.toks
+        texts = [t.text for t in toks[k:hi]]
+        if "constexpr" in texts:
+            return
+        if ctx == "class":
+            if "static" not in texts:
+                return  # a non-static data member: initialized by its object's constructor
+            if not any(x in ("=", "{") for x in texts):
+                return  # declared here, defined (constant-initialized) at namespace scope
+        if theads:
+            self.fail(k, "program-scope variable templates must be constexpr in shader sources")
+        names = []
+        for part in _split_commas(toks[k:hi]):
+            ptexts = [t.text for t in part]
+            cut = len(part)
+            for q, tx in enumerate(ptexts):
+                if tx in ("=", "{", "[", "(", ":"):
+                    cut = q
+                    break
+            if cut == 0 or part[cut - 1].kind != "id":
+                self.fail(k, "unsupported program-scope declaration (declare constants as "
+                             "`constant T name = value;` or `constexpr constant T name = value;`)")
+            q = cut - 1
+            name = part[q].text
+            while q >= 2 and part[q - 1].text == "::" and part[q - 2].kind == "id":
+                name = part[q - 2].text + "::" + name
+                q -= 2
+            names.append(name)
+        self.edits.append((toks[k].start, toks[k].start, "MPSX_CONSTINIT "))
+        checks = "".join(f" static_assert(::std::is_trivially_destructible<decltype({nm})>::value, "
+                         f"\"mps_ext: program-scope variable '{nm}' needs a trivial destructor\");" for nm in names)
+        end = toks[hi].end if hi < len(toks) else toks[hi - 1].end
+        self.edits.append((end, end, checks))
+
+    # -- walking
+    def walk(self, lo: int, hi: int, ns: tuple[str, ...], cls: tuple[str, ...], ctx: str,
+             class_tparams: list[list[str]]) -> None:
+        toks = self.toks
+        if self.depth > _MAX_NESTING:
+            raise ShaderSyntaxError(f"braces nested deeper than {_MAX_NESTING}")
+        self.depth += 1
+        i = lo
+        stmt = lo
+        other = -1  # a statement already known to go on after a brace group (an initializer)
+        while i < hi:
+            tx = toks[i].text
+            if tx == ";":
+                self.statement(stmt, i, ns, cls, ctx, class_tparams)
+                i += 1
+                stmt = i
+            elif tx == "(":
+                j = _match(toks, i, "(", ")")
+                self._braces_inside(i + 1, j, ns)
+                i = j + 1
+            elif tx == "{" and other == stmt:
+                j = _match(toks, i, "{", "}")
+                self.walk(i + 1, j, ns, (), "block", [])
+                i = j + 1
+            elif tx == "{":
+                j = _match(toks, i, "{", "}")
+                i, cont = self._brace(stmt, i, j, ns, cls, ctx, class_tparams)
+                if not cont:
+                    stmt = i
+                else:
+                    other = stmt
+            elif tx == "}":  # unbalanced: the parser reports it
+                i += 1
+                stmt = i
+            else:
+                i += 1
+        if stmt < hi:
+            self.statement(stmt, hi, ns, cls, ctx, class_tparams)
+        self.depth -= 1
+
+    def _braces_inside(self, lo: int, hi: int, ns: tuple[str, ...]) -> None:
+        """Lambda bodies inside parentheses are blocks."""
+        toks = self.toks
+        i = lo
+        while i < hi:
+            if toks[i].text == "{":
+                j = _match(toks, i, "{", "}")
+                self.walk(i + 1, j, ns, (), "block", [])
+                i = j + 1
+            else:
+                i += 1
+
+    def _brace(self, stmt: int, i: int, j: int, ns, cls, ctx, class_tparams) -> tuple[int, bool]:
+        """Handle the brace group toks[i..j] whose statement began at ``stmt``: (where to go on,
+        whether the statement continues after it -- an initializer or a lambda)."""
+        toks = self.toks
+        k, theads, explicit = self._prefix(stmt, i)
+        texts = [t.text for t in toks[k:i]]
+        if ctx != "block" and "namespace" in texts and "(" not in texts:
+            q = texts.index("namespace")
+            name = "".join(texts[q + 1 :])
+            parts = tuple(p for p in name.split("::") if p) if name else ("<anonymous>",)
+            if "inline" in texts[:q]:
+                self.inline_ns.update(parts)  # its names are members of the enclosing namespace
+            self.walk(i + 1, j, ns + parts, (), "ns", [])
+            return j + 1, False
+        cname = _class_head(toks[k:i]) if ctx != "block" or any(t in _CLASS_KEYS for t in texts) else None
+        if cname is not None:
+            nxt = j + 1
+            if ctx == "ns" and texts[:1] != ["typedef"] and not (nxt < len(toks) and toks[nxt].text == ";"):
+                self.fail(k, "a class definition followed by variable declarations is not supported at program "
+                             "scope (declare the variable separately)")
+            if not ("enum" in texts[:2] or (texts[:1] == ["typedef"] and "enum" in texts[:3])):
+                self.walk(i + 1, j, ns, cls + (cname or "<anonymous>",), "class", class_tparams + theads)
+            if nxt < len(toks) and toks[nxt].text == ";":
+                return nxt + 1, False
+            return nxt, texts[:1] == ["typedef"]
+        if ctx != "block":
+            d = self._declarator(k, i)
+            if d is not None:
+                ni, quals, name, lp = d
+                rp = _match(toks, lp, "(", ")")
+                if not self._is_initializer(lp, rp) and rp < i:
+                    tparams = {}
+                    for head in class_tparams + theads:
+                        for nm in head:
+                            tparams.setdefault(nm, f"${len(tparams)}")
+                    scope = ns + cls + quals
+                    self.defs.setdefault((scope, name), []).append(
+                        (rp - lp, _norm_params(toks[lp + 1 : rp], tparams), bool(theads) or bool(class_tparams)))
+                    self.walk(i + 1, j, ns, (), "block", [])
+                    return j + 1, False
+        # an initializer or a lambda (the statement goes on), or a statement block
+        self.walk(i + 1, j, ns, (), "block", [])
+        return j + 1, ctx != "block"
+
+    def check(self) -> None:
+        defs: dict[tuple[tuple[str, ...], str], list] = {}
+        for (scope, name), v in self.defs.items():
+            defs.setdefault((self._scope(scope), name), []).extend(v)
+        for d in self.decls:
+            cands = defs.get((self._scope(d.scope), d.name), [])
+            ok = False
+            for _width, params, _tmpl in cands:
+                if d.params is None or params is None:
+                    ok = True
+                elif d.template:
+                    ok = params == d.params
+                else:
+                    ok = len(params) == len(d.params)
+                if ok:
+                    break
+            if not ok:
+                self.fail(d.tok, f"function {d.name} is declared but not defined in the shader: a Metal kernel "
+                                 "cannot call host functions (define it, or drop the declaration)")
+        for scope, name, tok in self.insts:
+            if (self._scope(scope), name) not in defs:
+                self.fail(tok, f"explicit instantiation of {name}, which the shader does not define")
+
+
+def check_declarations(toks: list[Tok], lines: _Lines) -> list[tuple[int, int, str]]:
+    w = _DeclWalker(toks, lines)
+    w.walk(0, len(toks), (), (), "ns", [])
+    w.check()
+    return w.edits
+
+
 # ----------------------------------------------------------------------------- analysis
 def _ids_in(toks: list[Tok], lo: int, hi: int) -> set[str]:
     return {toks[k].text for k in range(lo, hi) if toks[k].kind == "id"}
@@ -706,15 +1734,42 @@ def sync_names(p: Parsed) -> set[str]:
     return names
 
 
+_INT_LIMIT = 1 << 64
+_BINOPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
+           ast.FloorDiv: lambda a, b: a // b, ast.Mod: lambda a, b: a % b,
+           ast.LShift: lambda a, b: a << b if 0 <= b < 64 else None, ast.RShift: lambda a, b: a >> b if 0 <= b < 64 else None}
+
+
 def _eval_int(expr: str, env: dict[str, str]) -> int | None:
+    """Value of an integer constant expression (+ - * / % << >>, parentheses), or None. Bounded:
+    the expression comes from the shader (no ``**``, no huge shifts or numbers)."""
     for _ in range(4):
         expr = re.sub(r"[A-Za-z_]\w*", lambda m: f"({env[m.group()]})" if m.group() in env else m.group(), expr)
+        if len(expr) > 2000:
+            return None
     expr = re.sub(r"(\d+)[uUlL]+\b", r"\1", expr)
-    if not re.fullmatch(r"[\d\s()+\-*/%<>]*", expr):
+    if not re.fullmatch(r"[\d\s()+\-*/%<>]*", expr) or "**" in expr or "//" in expr:
         return None
+
+    def ev(node):
+        if isinstance(node, ast.Expression):
+            return ev(node.body)
+        if isinstance(node, ast.Constant) and type(node.value) is int:
+            return node.value if node.value < _INT_LIMIT else None
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+            v = ev(node.operand)
+            return None if v is None else (-v if isinstance(node.op, ast.USub) else v)
+        if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
+            a, b = ev(node.left), ev(node.right)
+            if a is None or b is None or (b == 0 and isinstance(node.op, (ast.FloorDiv, ast.Mod))):
+                return None
+            v = _BINOPS[type(node.op)](a, b)
+            return v if v is not None and abs(v) < _INT_LIMIT else None
+        return None
+
     try:
-        return int(eval(expr.replace("/", "//"), {"__builtins__": {}}))  # noqa: S307 - digits and operators only
-    except Exception:
+        return ev(ast.parse(expr.replace("/", "//").strip() or "x", mode="eval"))
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
         return None
 
 
@@ -779,7 +1834,11 @@ def analyze(p: Parsed) -> list[Kernel]:
             attr_src = src
         name = d.attrs.get("host_name", "").strip()
         if name.startswith('"'):  # adjacent string literals concatenate: "a" "_b"
-            name = "".join(bytes(m, "utf-8").decode("unicode_escape") for m in re.findall(r'"((?:\\.|[^"\\])*)"', name))
+            try:
+                name = "".join(bytes(m, "utf-8").decode("unicode_escape")
+                               for m in re.findall(r'"((?:\\.|[^"\\])*)"', name))
+            except UnicodeDecodeError:
+                raise ShaderSyntaxError(f"invalid host_name {name[:80]}") from None
         name = name or d.base
         if name in seen:
             continue
@@ -929,7 +1988,7 @@ def _address_space_duplicates(p: Parsed) -> list[tuple[int, int, str]]:
 
 def rewrite(p: Parsed, checked: bool) -> tuple[str, set[str]]:
     """Apply the source edits; returns (text, swizzle names used)."""
-    edits: list[tuple[int, int, str]] = _address_space_duplicates(p)
+    edits: list[tuple[int, int, str]] = _address_space_duplicates(p) + list(p.sec_edits)
     toks = p.toks
     for k, end, _fi in p.tg_decls:
         edits.append((toks[k].start, toks[k].end, "static thread_local"))
@@ -970,7 +2029,9 @@ def rewrite(p: Parsed, checked: bool) -> tuple[str, set[str]]:
         pos = e
     out.append(text[pos:])
     swz = set(_SWZ_RE.findall(text))
-    return "".join(out), swz
+    # The shader's own declarations get hidden visibility: a function it declares but does not
+    # define cannot be linked against a host library (generate() pops this).
+    return "#pragma GCC visibility push(hidden)\n" + "".join(out), swz
 
 
 def swizzle_macros(names: set[str]) -> str:
@@ -983,12 +2044,15 @@ def swizzle_macros(names: set[str]) -> str:
             if max(idx) < n:
                 members.append(f"::metal::swz<T, {n}, {', '.join(map(str, idx))}> {nm};")
         lines.append(f"#define MPSX_SWIZZLES_{n}(T) " + " ".join(members))
+    # program-scope variables are constant-initialized (no shader code runs at load time)
+    lines.append("#if defined(__clang__)\n#define MPSX_CONSTINIT [[clang::require_constant_initialization]]\n"
+                 "#else\n#define MPSX_CONSTINIT __constinit\n#endif")
     return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------- generation
 def generate(kernels: list[Kernel], checked: bool) -> str:
-    out = ['\n# 1 "<generated entry points>"\n']
+    out = ['\n#pragma GCC visibility pop\n# 1 "<generated entry points>"\n']
     for k in kernels:
         opens = "".join(("inline " if inl else "") + f"namespace {nm} {{ " for nm, inl in k.ns)
         closes = "}" * len(k.ns)

@@ -39,6 +39,10 @@ BAD = {
     "PYTORCH_MPS_EXT_LOG_PROFILE_INFO": "999",
     "MTL_CAPTURE_ENABLED": "on",
     "TORCH_MPS_EXT_RNG_BASELINE": "2",
+    "TORCH_MPS_EXT_FIDELITY": "strict",
+    "PYTORCH_ENABLE_MPS_FALLBACK": "yes",
+    "PYTORCH_MPS_HIGH_WATERMARK_RATIO": "-1",
+    "PYTORCH_MPS_LOW_WATERMARK_RATIO": "3",
     "TORCH_MPS_EXT_KERNEL_TIMEOUT_S": "-1",
 }
 
@@ -52,7 +56,7 @@ def test_every_bad_value_is_refused_at_import_with_one_text():
         proc = run_python("import torch_mps_ext", env={name: value}, check=False)
         assert proc.returncode != 0, name
         allowed = _settings.SETTINGS[name].allowed
-        if name == "PYTORCH_MPS_EXT_LOW_WATERMARK_RATIO":
+        if name in ("PYTORCH_MPS_EXT_LOW_WATERMARK_RATIO", "PYTORCH_MPS_LOW_WATERMARK_RATIO"):
             allowed = "a number in [0, 1.7]"  # its bound is the high watermark
         assert f"ValueError: {name} must be {allowed}, got '{value}'" in proc.stderr, proc.stderr
 

@@ -16,6 +16,8 @@ _device_thread = _autograd.device_thread_setting()
 _C._init()  # the native core's own settings, validated alike (csrc/runtime/Settings.h)
 _autograd.configure(_device_thread)  # backward on the calling thread (see _autograd.py)
 
+from .fidelity import get_fidelity, set_fidelity  # noqa: E402
+
 from ._device import (  # noqa: E402
     current_device,
     device,
@@ -134,6 +136,8 @@ def __getattr__(name):
 
 __all__ = [
     "get_amp_supported_dtype",
+    "get_fidelity",
+    "set_fidelity",
     "compile_shader",
     "load_metallib",
     "current_allocated_memory",
@@ -187,3 +191,4 @@ __all__ = [
 
 _register()
 distributed._register()
+fidelity._configure_from_environment()  # TORCH_MPS_EXT_FIDELITY=mps (docs/fidelity.md)

@@ -17,6 +17,13 @@ private API                                            used by / for
 ``_dtype_to_storage_type_map``, ``_warn_typed_storage_removal``
 ``torch._C._distributed_c10d`` (ProcessGroupGloo,      distributed: the ``"mps_ext"`` c10d backend
 options classes), ``dist.Backend._plugins``
+``torchgen/packaged/ATen/native/                       fidelity: which operators have an MPS kernel
+native_functions.yaml`` (the operator table torch     (``native_functions_yaml()``, parsed by
+ships; its layout: ``- func:`` entries, ``dispatch:``  fidelity/_optable.py)
+keys, ``structured_delegate``, ``autogen``)
+``torch/_tensor_str.py``, ``amp/grad_scaler.py``      fidelity/mps_overrides.txt: torch code that
+(their ``device.type == "mps"`` branches, by file and  takes another branch on MPS (by file:function)
+function name)
 ``torch._dynamo.device_interface`` (MpsInterface,      _inductor: torch.compile on mps_ext
 register_interface_for_device); ``torch._inductor``    (imported on first compile, ``inductor()``)
 codegen.common/mps/mps_device_op_overrides/wrapper/
@@ -43,6 +50,8 @@ C++ (csrc/, reviewed by reading each file named):
   (aten/Ops.cpp, HostView.cpp).
 * Kineto's ``PrivateUse1ProfilerRegistry`` and the autograd profiler's legacy device hooks
   (core/ProfilerKineto.cpp, ProfilerStubs.cpp); ``c10d::Logger`` timers (core/DdpTimer.cpp).
+* ``caffe2::GetBuildOptions()["COMMIT_SHA"]``, which MPS's NotImplementedError names
+  (aten/Fidelity.cpp); ``c10::Warning`` with ``verbatim`` (aten/Fidelity.cpp).
 * ``torch/csrc/autograd/python_variable.h`` (``THPVariable_Unpack``) and
   ``torch/csrc/Generator.h`` in the bindings (python/Shaders.cpp, Random.cpp).
 """
@@ -83,6 +92,19 @@ def gloo():
     return SimpleNamespace(ProcessGroupGloo=ProcessGroupGloo, AllgatherOptions=AllgatherOptions,
                            AllToAllOptions=AllToAllOptions,
                            ReduceScatterOptions=ReduceScatterOptions)
+
+
+def native_functions_yaml() -> str:
+    """The operator table the installed torch ships (torchgen's packaged copy
+    of ATen's native_functions.yaml), located without importing torchgen."""
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec("torchgen")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("torchgen (shipped with torch) is not installed")
+    return os.path.join(list(spec.submodule_search_locations)[0], "packaged", "ATen", "native",
+                        "native_functions.yaml")
 
 
 def inductor():

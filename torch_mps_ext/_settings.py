@@ -112,6 +112,16 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting("PYTORCH_MPS_EXT_LOG_PROFILE_INFO", f"a bit mask between 0 and {_LOG_ALL}", "0",
             "import", False, _int_in(0, _LOG_ALL)),
     Setting("MTL_CAPTURE_ENABLED", "0 or 1", "unset (0)", "use", False, _flag),
+    # MPS fidelity mode (torch_mps_ext/fidelity, docs/fidelity.md).
+    Setting("TORCH_MPS_EXT_FIDELITY", "off or mps", "off", "import", False,
+            _choice("off", "mps")),
+    Setting("PYTORCH_ENABLE_MPS_FALLBACK", "0 or 1", "0", "import", False, _flag),
+    Setting("PYTORCH_MPS_HIGH_WATERMARK_RATIO", "a number in [0, 2]",
+            "PYTORCH_MPS_EXT_HIGH_WATERMARK_RATIO", "import", True, _ratio),
+    Setting("PYTORCH_MPS_LOW_WATERMARK_RATIO", "a number in [0, high]",
+            "PYTORCH_MPS_EXT_LOW_WATERMARK_RATIO", "import", True, _ratio),
+    Setting("TORCH_MPS_EXT_FIDELITY_REPORT", "a directory path", "unset", "import", False,
+            _text),
     # For tests: random ops use the portable kernels instead of the AVX2 ones
     # (both must give the same numbers). Read by the native core on the
     # first random op; validated here at import.

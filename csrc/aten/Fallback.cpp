@@ -13,6 +13,7 @@
 //    adopted lent memory for new outputs (a copy only for memory the kernel
 //    did not get from the pool).
 #include "aten/Fallback.h"
+#include "aten/Fidelity.h"
 #include "aten/HostView.h"
 #include "core/Allocator.h"
 #include "runtime/Device.h"
@@ -359,11 +360,53 @@ const Redirect* redirectFor(const c10::OperatorHandle& op) {
   return nullptr;
 }
 
+// MPS fidelity mode (Fidelity.h): the operator's verdict first, as MPS's
+// boxed fallback refuses before looking at arguments; then, for an operator
+// MPS runs itself, what its kernel would refuse to compute on (view
+// operators compute nothing: MPS makes them of any dtype).
+void checkFidelity(const c10::OperatorHandle& op, const c10::FunctionSchema& schema,
+                   const torch::jit::Stack& stack, std::size_t begin) {
+  // Nested tensors reach mps_ext only through the inference fast paths of
+  // nn.TransformerEncoder / MultiheadAttention, which torch takes for
+  // PrivateUse1 devices and not for MPS: a Mac never runs these calls.
+  for (std::size_t i = 0; i < schema.arguments().size(); ++i) {
+    const c10::IValue& v = stack[begin + i];
+    if (v.isTensor() && v.toTensor().defined() && v.toTensor().is_nested()) return;
+  }
+  if (fidelity::checkOperator(op) != fidelity::Verdict::Accept) return;
+  auto wide = [](const at::Tensor& t) {
+    return t.defined() && t.device().type() == kDev && fidelity::wideDtype(t.scalar_type());
+  };
+  for (std::size_t i = 0; i < schema.arguments().size(); ++i) {
+    const c10::IValue& v = stack[begin + i];
+    at::ScalarType found = at::kFloat;
+    bool any = false;
+    if (v.isTensor()) {
+      if ((any = wide(v.toTensor()))) found = v.toTensor().scalar_type();
+    } else if (v.isTensorList()) {
+      for (const at::Tensor& t : v.toTensorList()) {
+        if ((any = wide(t))) {
+          found = t.scalar_type();
+          break;
+        }
+      }
+    }
+    if (!any) continue;
+    const auto& returns = schema.returns();
+    bool view = !returns.empty() && std::all_of(returns.begin(), returns.end(), [](const auto& r) {
+      return r.alias_info() && !r.alias_info()->isWrite();
+    });
+    if (!view) fidelity::checkOperandDtype(found, &op);
+    return;
+  }
+}
+
 void fallback(const c10::OperatorHandle& op, c10::DispatchKeySet /*ks*/,
               torch::jit::Stack* stack) {
   const c10::FunctionSchema& schema = op.schema();
   const std::size_t nargs = schema.arguments().size();
   const std::size_t begin = stack->size() - nargs;
+  if (C10_UNLIKELY(fidelity::on())) checkFidelity(op, schema, *stack, begin);
   Context ctx{op, std::nullopt, {}};
   scanDevices(ctx, schema, *stack, begin);
   int device = ctx.device ? ctx.device->index() : runtime::currentDevice();

@@ -24,6 +24,7 @@
 #endif
 
 #include "aten/Fallback.h"
+#include "aten/Fidelity.h"
 #include "aten/HostView.h"
 #include "aten/Ops.h"
 #include "runtime/Device.h"
@@ -143,6 +144,20 @@ bool oneDtype(const at::TensorIteratorBase& it) {
   return true;
 }
 
+// In MPS fidelity mode, float64/complex128 operands take the fallback, which
+// refuses them as MPS does (aten/Fidelity.h). Asked only once the mode is on.
+template <class... Args>
+bool fidelityDeclines(const Args&... args) {
+  auto wide = [](const auto& a) {
+    if constexpr (std::is_same_v<std::decay_t<decltype(a)>, at::Tensor>) {
+      return a.defined() && a.device().type() == kDev && fidelity::wideDtype(a.scalar_type());
+    } else {
+      return false;
+    }
+  };
+  return (wide(args) || ...);
+}
+
 // ---------------------------------------------------------------------------
 // The structured kernel wrappers (what torchgen writes per backend).
 
@@ -234,7 +249,7 @@ template <class Impl, const OpName& Name, class... Args>
 at::Tensor functional(const Args&... args) {
   Agreement a;
   (a.see(args), ...);
-  if (a.fast()) {
+  if (a.fast() && !(C10_UNLIKELY(fidelity::on()) && fidelityDeclines(args...))) {
     Functional<Impl> op;
     op.meta(args...);
     if (oneDtype(op)) {
@@ -253,7 +268,8 @@ at::Tensor& inplace(at::Tensor& self, const Args&... args) {
   Agreement a;
   a.see(self);
   (a.see(args), ...);
-  if (a.fast() && self.device().type() == kDev) {
+  if (a.fast() && self.device().type() == kDev &&
+      !(C10_UNLIKELY(fidelity::on()) && fidelityDeclines(self, args...))) {
     InPlace<Impl> op(self);
     op.meta(self, args...);
     if (oneDtype(op)) {

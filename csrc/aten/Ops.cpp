@@ -1,5 +1,6 @@
 // Layer 3: the native operators every device needs (allocation, views,
 // resize, set_, copies, item()).
+#include "aten/Fidelity.h"
 #include "aten/HostView.h"
 #include "aten/Ops.h"
 #include "core/Allocator.h"
@@ -82,9 +83,9 @@ at::Tensor empty_memory_format(c10::IntArrayRef size,
                                std::optional<bool> pin_memory,
                                std::optional<at::MemoryFormat> memory_format) {
   checkEmptyOptions(layout, pin_memory);
-  at::Tensor t = emptyOnDevice(size, std::nullopt,
-                               dtype.value_or(c10::get_default_dtype_as_scalartype()),
-                               deviceIndex(device), memory_format);
+  at::ScalarType st = dtype.value_or(c10::get_default_dtype_as_scalartype());
+  if (C10_UNLIKELY(st == at::kDouble) && fidelity::on()) fidelity::checkNewTensor(st);
+  at::Tensor t = emptyOnDevice(size, std::nullopt, st, deviceIndex(device), memory_format);
   if (C10_UNLIKELY(fillUninitializedMemory())) fillUninitialized(t);
   return t;
 }
@@ -95,9 +96,9 @@ at::Tensor empty_strided(c10::IntArrayRef size, c10::IntArrayRef stride,
                          std::optional<at::Device> device,
                          std::optional<bool> pin_memory) {
   checkEmptyOptions(layout, pin_memory);
-  at::Tensor t = emptyOnDevice(size, stride,
-                               dtype.value_or(c10::get_default_dtype_as_scalartype()),
-                               deviceIndex(device));
+  at::ScalarType st = dtype.value_or(c10::get_default_dtype_as_scalartype());
+  if (C10_UNLIKELY(st == at::kDouble) && fidelity::on()) fidelity::checkNewTensor(st);
+  at::Tensor t = emptyOnDevice(size, stride, st, deviceIndex(device));
   if (C10_UNLIKELY(fillUninitializedMemory())) fillUninitialized(t);
   return t;
 }
@@ -191,6 +192,14 @@ bool queueCopy(const at::Tensor& src, const at::Tensor& dst) {
 
 at::Tensor copy_from(const at::Tensor& self, const at::Tensor& dst,
                      bool non_blocking) {
+  // MPS converts a device tensor's dtype on the device (a CPU source is
+  // converted on the CPU before the upload): float64 and complex128 there
+  // are refused in mps fidelity mode.
+  if (C10_UNLIKELY(self.scalar_type() != dst.scalar_type()) && self.device().type() == kDev &&
+      fidelity::on()) {
+    fidelity::checkConversion(self.scalar_type(), dst.scalar_type(),
+                              dst.device().type() == kDev);
+  }
   if (non_blocking && queueCopy(self, dst)) return dst;
   at::Tensor src_h = self.device().type() == kDev ? hostView(self) : self;
   at::Tensor dst_h;

@@ -6,6 +6,7 @@
 // reserved Philox block. So they follow the device's seed and state (and
 // accept mps_ext generators), and never touch the CPU default generator;
 // they are not counter-based per element (see docs/random.md).
+#include "aten/Fidelity.h"
 #include "aten/HostView.h"
 #include "aten/RandomKernels.h"
 #include "core/Generator.h"
@@ -23,6 +24,12 @@ namespace torch_mps_ext {
 namespace {
 
 constexpr auto kDev = c10::DeviceType::PrivateUse1;
+
+// MPS has no kernel for poisson, binomial and rrelu_with_noise: in mps
+// fidelity mode they are refused (or warned about) as MPS's fallback does.
+void mpsLacks(const char* name, const char* overload) {
+  if (C10_UNLIKELY(fidelity::on())) fidelity::checkOperator(name, overload);
+}
 
 // A CPU generator for one op, seeded from one block of `device`'s stream.
 at::Generator derivedCpuGenerator(const std::optional<at::Generator>& generator,
@@ -57,12 +64,14 @@ at::Tensor runOnHost(const at::Tensor& like, const F& f) {
 }
 
 at::Tensor poisson(const at::Tensor& self, std::optional<at::Generator> generator) {
+  mpsLacks("aten::poisson", "");
   at::Generator cpu = derivedCpuGenerator(generator, self);
   return runOnHost(self, [&] { return at::poisson(host(self), cpu); });
 }
 
 at::Tensor binomial(const at::Tensor& count, const at::Tensor& prob,
                     std::optional<at::Generator> generator) {
+  mpsLacks("aten::binomial", "");
   checkSameDevice(count, prob);
   at::Generator cpu = derivedCpuGenerator(generator, count);
   return runOnHost(count, [&] { return at::binomial(host(count), host(prob), cpu); });
@@ -81,6 +90,7 @@ at::Tensor sample_dirichlet(const at::Tensor& self, std::optional<at::Generator>
 at::Tensor rrelu_with_noise(const at::Tensor& self, at::Tensor& noise, const at::Scalar& lower,
                             const at::Scalar& upper, bool training,
                             std::optional<at::Generator> generator) {
+  mpsLacks("aten::rrelu_with_noise", "");
   checkSameDevice(self, noise);
   at::Generator cpu = derivedCpuGenerator(generator, self);
   at::Tensor noise_h = host(noise);
@@ -92,6 +102,7 @@ at::Tensor rrelu_with_noise(const at::Tensor& self, at::Tensor& noise, const at:
 at::Tensor& rrelu_with_noise_(at::Tensor& self, at::Tensor& noise, const at::Scalar& lower,
                               const at::Scalar& upper, bool training,
                               std::optional<at::Generator> generator) {
+  mpsLacks("aten::rrelu_with_noise_", "");
   checkSameDevice(self, noise);
   at::Generator cpu = derivedCpuGenerator(generator, self);
   at::Tensor self_h = host(self);
@@ -104,6 +115,7 @@ at::Tensor& rrelu_with_noise_out(const at::Tensor& self, at::Tensor& noise,
                                  const at::Scalar& lower, const at::Scalar& upper,
                                  bool training, std::optional<at::Generator> generator,
                                  at::Tensor& out) {
+  mpsLacks("aten::rrelu_with_noise", "out");
   checkSameDevice(self, noise);
   checkSameDevice(self, out);
   at::Generator cpu = derivedCpuGenerator(generator, self);

@@ -12,6 +12,7 @@
 //      contiguous temporary.
 // So results depend on (seed, offset, shape, parameters) only: not on thread
 // count, chunking or device index.
+#include "aten/Fidelity.h"
 #include "aten/HostView.h"
 #include "runtime/Stream.h"
 #include "aten/RandomKernels.h"
@@ -48,6 +49,8 @@ constexpr double kTwoPi = 6.283185307179586476925286766559;
 constexpr double kPi = 3.1415926535897932384626433832795;
 
 PhiloxGenerator* gen(const std::optional<at::Generator>& g, const at::Tensor& t) {
+  // MPS's random kernels compute nothing in float64/complex128 (Fidelity.h).
+  if (C10_UNLIKELY(fidelity::on())) fidelity::checkOperandDtype(t.scalar_type(), nullptr);
   return generatorFor(g, t.device().index());
 }
 

@@ -9,6 +9,8 @@
 // the accumulate type (float for half/bfloat16 inputs), the variance merged
 // across ranks by counts, running statistics updated with the unbiased
 // variance.
+#include "aten/Fidelity.h"
+
 #include <ATen/core/Tensor.h>
 #include <ATen/OpMathType.h>
 #include <c10/util/irange.h>
@@ -19,6 +21,12 @@
 
 namespace torch_mps_ext {
 namespace {
+
+// MPS has none of these (on a Mac nn.SyncBatchNorm refuses MPS inputs before
+// calling them): refused in mps fidelity mode (aten/Fidelity.h).
+void mpsLacks(const char* name, const char* overload) {
+  if (C10_UNLIKELY(fidelity::on())) fidelity::checkOperator(name, overload);
+}
 
 // The dims a per-channel reduction runs over (all but dim 1).
 std::vector<int64_t> reduceDims(const at::Tensor& input) {
@@ -44,6 +52,7 @@ void checkInput(const char* op, const at::Tensor& input) {
 }
 
 std::tuple<at::Tensor, at::Tensor> batch_norm_stats(const at::Tensor& input, double eps) {
+  mpsLacks("aten::batch_norm_stats", "");
   checkInput("batch_norm_stats", input);
   at::Tensor x = input.to(accType(input));
   auto dims = reduceDims(x);
@@ -56,6 +65,7 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_gather_stats_with_counts(
     const at::Tensor& input, const at::Tensor& mean, const at::Tensor& invstd,
     const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
     double momentum, double eps, const at::Tensor& counts) {
+  mpsLacks("aten::batch_norm_gather_stats_with_counts", "");
   TORCH_CHECK(mean.dim() == 2 && invstd.sizes() == mean.sizes() &&
                   counts.numel() == mean.size(0),
               "batch_norm_gather_stats_with_counts: expected mean/invstd of size (world, C) "
@@ -82,6 +92,7 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_gather_stats_with_counts(
 at::Tensor batch_norm_elemt(const at::Tensor& input, const std::optional<at::Tensor>& weight,
                             const std::optional<at::Tensor>& bias, const at::Tensor& mean,
                             const at::Tensor& invstd, double eps) {
+  mpsLacks("aten::batch_norm_elemt", "");
   checkInput("batch_norm_elemt", input);
   at::Tensor y = input.to(mean.scalar_type()).sub(perChannel(mean, input))
                      .mul(perChannel(invstd, input));
@@ -93,6 +104,7 @@ at::Tensor batch_norm_elemt(const at::Tensor& input, const std::optional<at::Ten
 at::Tensor& batch_norm_elemt_out(const at::Tensor& input, const std::optional<at::Tensor>& weight,
                                  const std::optional<at::Tensor>& bias, const at::Tensor& mean,
                                  const at::Tensor& invstd, double eps, at::Tensor& out) {
+  mpsLacks("aten::batch_norm_elemt", "out");
   at::Tensor y = batch_norm_elemt(input, weight, bias, mean, invstd, eps);
   out.resize_(y.sizes());
   out.copy_(y);
@@ -103,6 +115,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_r
     const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
     const at::Tensor& invstd, const std::optional<at::Tensor>& weight, bool input_g,
     bool weight_g, bool bias_g) {
+  mpsLacks("aten::batch_norm_backward_reduce", "");
   checkInput("batch_norm_backward_reduce", input);
   auto dims = reduceDims(input);
   at::Tensor dy = grad_out.to(mean.scalar_type());
@@ -128,6 +141,7 @@ at::Tensor batch_norm_backward_elemt(const at::Tensor& grad_out, const at::Tenso
                                      const std::optional<at::Tensor>& weight,
                                      const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu,
                                      const at::Tensor& count) {
+  mpsLacks("aten::batch_norm_backward_elemt", "");
   checkInput("batch_norm_backward_elemt", input);
   at::Tensor total = count.to(mean.scalar_type()).sum();
   at::Tensor mean_dy = sum_dy.div(total);

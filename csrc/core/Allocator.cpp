@@ -1,5 +1,6 @@
 #include "core/Allocator.h"
 #include "core/ThreadState.h"
+#include "runtime/Fidelity.h"
 #include "runtime/Settings.h"
 
 #include "runtime/Device.h"
@@ -300,10 +301,34 @@ class CachingAllocator final : public c10::DeviceAllocator {
     double low = settings::number("PYTORCH_MPS_EXT_LOW_WATERMARK_RATIO", 0.0,
                                   high == 0.0 ? 2.0 : high)
                      .value_or(std::min(kDefaultLowWatermark, high));
+    // MPS's own variables: honoured over the two above in mps fidelity mode
+    // (docs/fidelity.md), validated alike in every mode.
+    auto mps_high = settings::number("PYTORCH_MPS_HIGH_WATERMARK_RATIO", 0.0, 2.0);
+    double mode_high = mps_high.value_or(high);
+    auto mps_low = settings::number("PYTORCH_MPS_LOW_WATERMARK_RATIO", 0.0,
+                                    mode_high == 0.0 ? 2.0 : mode_high);
+    double mode_low = mps_low.value_or(mps_high ? std::min(kDefaultLowWatermark, mode_high)
+                                                : low);
     std::lock_guard<std::mutex> lock(mu_);
+    watermarks_[0] = {high, low};
+    watermarks_[1] = {mode_high, mode_low};
+    const auto& w = watermarks_[runtime::fidelity::on() ? 1 : 0];
     for (auto& st : states_) {
-      st.fraction = high;
-      st.low_fraction = low;
+      st.fraction = w.first;
+      st.low_fraction = w.second;
+    }
+  }
+
+  // The default limits of a fidelity mode. Only when the mode's defaults
+  // differ (PYTORCH_MPS_*_WATERMARK_RATIO set): a fraction the program set
+  // otherwise stays.
+  void applyWatermarks(bool mps) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (watermarks_[0] == watermarks_[1]) return;
+    const auto& w = watermarks_[mps ? 1 : 0];
+    for (auto& st : states_) {
+      st.fraction = w.first;
+      st.low_fraction = w.second;
     }
   }
 
@@ -419,6 +444,7 @@ class CachingAllocator final : public c10::DeviceAllocator {
     }
     if (ptr == nullptr) {
       st.stats.num_ooms += 1;
+      if (runtime::fidelity::on()) mpsOutOfMemory(limit, reserved(), size);
       std::size_t allocated =
           static_cast<std::size_t>(st.stats.allocated_bytes[0].current);
       std::string why = limit && reserved() + seg > limit
@@ -440,6 +466,26 @@ class CachingAllocator final : public c10::DeviceAllocator {
     updateStat(st.stats.segment, small, 1, true);
     updateStat(st.stats.reserved_bytes, small, seg, true);
     return new Block{device, stream, seg, 0, ptr, small};
+  }
+
+  // MPS's text (aten/src/ATen/mps/MPSAllocator.mm, alloc_buffer_block): its
+  // "MPS allocated" is the memory its heaps hold (reserved here), "other
+  // allocations" the rest of the Metal device's (none here), the request
+  // its aligned size, and device tensors come from the private pool.
+  [[noreturn]] static void mpsOutOfMemory(std::size_t limit, std::size_t reserved,
+                                          std::size_t size) {
+    using c10::CachingAllocator::format_size;
+    if (limit) {
+      TORCH_CHECK_WITH(OutOfMemoryError, false, "MPS backend out of memory (MPS allocated: ",
+                       format_size(reserved), ", other allocations: ", format_size(0),
+                       ", max allowed: ", format_size(limit), "). Tried to allocate ",
+                       format_size(size),
+                       " on private pool. Use PYTORCH_MPS_HIGH_WATERMARK_RATIO=0.0 to disable "
+                       "upper limit for memory allocations (may cause system failure).");
+    }
+    TORCH_CHECK_WITH(OutOfMemoryError, false, "MPS backend out of memory (MPS allocated: ",
+                     format_size(reserved), ", other allocations: ", format_size(0),
+                     "). Tried to allocate ", format_size(size), " on private pool.");
   }
 
   static char* newMemory(std::size_t bytes, bool small) {
@@ -571,6 +617,10 @@ class CachingAllocator final : public c10::DeviceAllocator {
 
   std::mutex mu_;
   DeviceState states_[runtime::kMaxDevices];
+  // Default {high, low} watermark fractions: [0] default mode, [1] mps mode.
+  std::pair<double, double> watermarks_[2] = {
+      {kDefaultHighWatermark, kDefaultLowWatermark},
+      {kDefaultHighWatermark, kDefaultLowWatermark}};
   ska::flat_hash_map<void*, Block*> live_;
 };
 
@@ -619,6 +669,10 @@ std::size_t driverAllocated(int device) {
 
 void validateAllocatorEnvironment() {
   impl().loadEnvironment();
+}
+
+void applyFidelityWatermarks(bool mps) {
+  impl().applyWatermarks(mps);
 }
 
 c10::CachingDeviceAllocator::DeviceStats deviceStats(int device) {

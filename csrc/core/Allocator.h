@@ -40,8 +40,15 @@ double memoryFraction(int device);
 std::size_t currentAllocated(int device);
 std::size_t driverAllocated(int device);
 
-// Throws std::invalid_argument on a bad PYTORCH_MPS_EXT_*_WATERMARK_RATIO.
+// Throws std::invalid_argument on a bad PYTORCH_MPS_EXT_*_WATERMARK_RATIO or
+// PYTORCH_MPS_*_WATERMARK_RATIO (the latter used in mps fidelity mode).
 void validateAllocatorEnvironment();
+
+// Every device's default memory limits become those of the fidelity mode
+// (`mps`: PYTORCH_MPS_*_WATERMARK_RATIO over PYTORCH_MPS_EXT_*); nothing
+// changes when those variables are unset. Over the limit in mps mode, the
+// OutOfMemoryError has MPS's text.
+void applyFidelityWatermarks(bool mps);
 
 // A human-readable memory report in the style of torch.cuda.memory_summary.
 // (Formatting lives in Python; this exposes the raw stats.)

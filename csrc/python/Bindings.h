@@ -15,6 +15,7 @@ void initRandomBindings(pybind11::module_& m);   // Random.cpp
 void initProfilerBindings(pybind11::module_& m);  // Profiler.cpp
 void initShaderBindings(pybind11::module_& m);    // Shaders.cpp
 void initTestingBindings(pybind11::module_& m);   // Testing.cpp (_C._testing)
+void initFidelityBindings(pybind11::module_& m);  // Fidelity.cpp
 // Areas added later declare theirs here and are called from Module.cpp.
 
 } // namespace torch_mps_ext::python

@@ -1,0 +1,78 @@
+// Layer 3: the checks of MPS fidelity mode (docs/fidelity.md).
+//
+// In mps mode, what Apple's MPS backend refuses is refused here with MPS's
+// error type and text (or, for the compatibility report, recorded):
+//   - operators without an MPS kernel (the verdicts torch_mps_ext/fidelity
+//     derives from torch's operator table): NotImplementedError, or with
+//     PYTORCH_ENABLE_MPS_FALLBACK=1 a UserWarning once per operator;
+//   - float64 tensors created on the device, and float64/complex128
+//     operands of a computation: TypeError.
+// Every call site asks runtime::fidelity::on() first (one relaxed load);
+// nothing here runs in the default mode.
+#pragma once
+
+#include "runtime/Fidelity.h"
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/ScalarType.h>
+
+#include <functional>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace torch_mps_ext::fidelity {
+
+using runtime::fidelity::on;
+
+enum class Verdict : int {
+  Accept = 0,       // MPS has a kernel (every operator not listed)
+  Refuse = 1,       // no MPS kernel: MPS's error fallback (or CPU fallback)
+  CpuFallback = 2,  // MPS always runs it on the CPU, with the fallback warning
+};
+
+// Replaces the table of operators MPS does not run itself: ("aten::name" or
+// "aten::name.overload", Verdict). Names this torch does not register are
+// ignored. Set before the mode is turned on.
+void setOperatorVerdicts(const std::vector<std::pair<std::string, int>>& verdicts);
+Verdict verdictOf(const c10::OperatorHandle& op);
+
+// Turns mps mode on or off: the allocator's limits, then the switch.
+void setMode(bool mps);
+void setOptions(bool cpu_fallback, bool record);
+
+// Where the report's records go: (kind, what, operator), kind one of
+// "operator" (no MPS kernel), "cpu" (MPS runs it on the CPU), "dtype"
+// (what: "float64" or "complex128"; operator: the op, or "" if unknown).
+using Recorder =
+    std::function<void(const std::string&, const std::string&, const std::string&)>;
+void setRecorder(Recorder recorder);
+
+// Asked before a dtype is refused or recorded: true when the code that
+// computes it is one of torch's own that takes another branch on MPS
+// (printing, GradScaler: `device.type == "mps"` checks), so the float64
+// would not exist on a Mac. Unset: nothing is excused.
+using Allowance = std::function<bool()>;
+void setAllowance(Allowance allowance);
+
+inline bool wideDtype(at::ScalarType t) {
+  return t == at::kDouble || t == at::kComplexDouble;
+}
+
+// The checks; call them only when on().
+// An operator about to run on the device. Returns its verdict after acting
+// on it (raised, warned, recorded); operands are MPS's to check only when
+// Accept (with the CPU fallback, MPS computes on the CPU).
+Verdict checkOperator(const c10::OperatorHandle& op);
+// The same for a native kernel of this backend, by schema name.
+void checkOperator(const char* name, const char* overload);
+// A float64/complex128 operand that `op` (may be null) computes on.
+void checkOperandDtype(at::ScalarType t, const c10::OperatorHandle* op);
+// A tensor of dtype `t` created on the device (empty, empty_strided).
+void checkNewTensor(at::ScalarType t);
+// A copy from a device tensor converting `from` to `to` (computed on the
+// device on MPS). A float64 device destination is not judged again: its
+// creation was.
+void checkConversion(at::ScalarType from, at::ScalarType to, bool to_device);
+
+} // namespace torch_mps_ext::fidelity

@@ -1,0 +1,740 @@
+"""MPS fidelity mode (docs/fidelity.md, issue 14): in "mps" mode mps_ext
+refuses what Apple's MPS backend refuses, with MPS's error types and texts;
+the default mode accepts everything, as before.
+
+Numbered as the issue: 1 the switch, 2 float64/complex128, 3 operators
+without an MPS kernel (and PYTORCH_ENABLE_MPS_FALLBACK), 4 memory, 5 the
+compatibility report (python -m torch_mps_ext.fidelity), 6 docs and example;
+then the test derived from torch's operator table."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+
+from conftest import ROOT, run_python
+import torch_mps_ext
+from torch_mps_ext import fidelity
+from torch_mps_ext.fidelity import _optable
+
+DEV = "mps_ext"
+SHA = torch.version.git_version
+
+DOUBLE_NEW = ("Cannot convert a MPS Tensor to float64 dtype as the MPS framework doesn't "
+              "support float64. Please use float32 instead.")
+DOUBLE_OPERAND = ("Cannot convert a float64 Tensor to MPS as the MPS framework doesn't support "
+                  "float64. Please use float32 instead.")
+COMPLEX_DOUBLE = ("Trying to convert ComplexDouble to the MPS backend but it does not have "
+                  "support for that dtype.")
+
+
+def not_implemented(op):
+    return (f"The operator '{op}' is not currently implemented for the MPS device. If you "
+            "want this op to be considered for addition please comment on "
+            "https://github.com/pytorch/pytorch/issues/141287 and mention use-case, that "
+            f"resulted in missing op as well as commit hash {SHA}. As a temporary fix, you "
+            "can set the environment variable `PYTORCH_ENABLE_MPS_FALLBACK=1` to use the CPU "
+            "as a fallback for this op. WARNING: this will be slower than running natively "
+            "on MPS.")
+
+
+def fallback_warning(op):
+    return (f"The operator '{op}' is not currently supported on the MPS backend and will fall "
+            "back to run on the CPU. This may have performance implications.")
+
+
+@pytest.fixture
+def mps_mode():
+    torch.mps_ext.set_fidelity("mps")
+    try:
+        yield
+    finally:
+        torch.mps_ext.set_fidelity("off")
+
+
+def raises_exactly(kind, text, fn):
+    with pytest.raises(kind) as info:
+        fn()
+    assert str(info.value) == text
+    return info
+
+
+# ---------------------------------------------------------------- 1. the switch
+
+def test_default_mode_is_off_and_accepts_float64_and_every_op():
+    assert torch.mps_ext.get_fidelity() == "off"
+    x = torch.randn(4, 4, device=DEV)
+    assert x.double().dtype == torch.float64
+    assert torch.zeros(2, dtype=torch.float64, device=DEV).sum().item() == 0
+    z = torch.ones(2, dtype=torch.complex128, device=DEV)
+    assert (z * z).sum().item() == 2
+    assert torch.linalg.eig(x).eigenvalues.device.type == DEV
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.linalg.svd(x)
+
+
+def test_set_and_get_fidelity(mps_mode):
+    assert torch.mps_ext.get_fidelity() == "mps"
+    torch.mps_ext.set_fidelity("off")
+    assert torch.mps_ext.get_fidelity() == "off"
+    torch.mps_ext.set_fidelity("mps")
+    assert torch.mps_ext.get_fidelity() == "mps"
+
+
+@pytest.mark.parametrize("bad", ["MPS", "on", "", None, 1])
+def test_set_fidelity_refuses_other_values(bad):
+    with pytest.raises(ValueError) as info:
+        torch.mps_ext.set_fidelity(bad)
+    assert str(info.value) == f"fidelity mode must be 'off' or 'mps', got {bad!r}"
+    assert torch.mps_ext.get_fidelity() == "off"
+
+
+def test_environment_variable_sets_the_mode_at_import():
+    proc = run_python("""
+        import torch, torch_mps_ext
+        print(torch.mps_ext.get_fidelity())
+        try:
+            torch.zeros(1, dtype=torch.float64, device="mps_ext")
+        except TypeError as e:
+            print("TypeError", e)
+    """, env={"TORCH_MPS_EXT_FIDELITY": "mps"})
+    assert proc.stdout.splitlines() == ["mps", f"TypeError {DOUBLE_NEW}"]
+    proc = run_python("import torch, torch_mps_ext; print(torch.mps_ext.get_fidelity())",
+                      env={"TORCH_MPS_EXT_FIDELITY": "off"})
+    assert proc.stdout.strip() == "off"
+
+
+def test_environment_variable_bad_value():
+    proc = run_python("import torch_mps_ext", env={"TORCH_MPS_EXT_FIDELITY": "strict"},
+                      check=False)
+    assert proc.returncode != 0
+    assert "ValueError: TORCH_MPS_EXT_FIDELITY must be off or mps, got 'strict'" in proc.stderr
+
+
+# ---------------------------------------------------------------- 2. float64 and complex128
+
+FLOAT64_REFUSALS = {
+    "zeros": lambda x: torch.zeros(2, dtype=torch.float64, device=DEV),
+    "empty_strided": lambda x: torch.empty_strided((2, 2), (1, 2), dtype=torch.float64,
+                                                   device=DEV),
+    "tensor": lambda x: torch.tensor([1.0, 2.0], dtype=torch.float64, device=DEV),
+    "arange": lambda x: torch.arange(3, dtype=torch.float64, device=DEV),
+    "from_numpy_to": lambda x: torch.from_numpy(__import__("numpy").arange(3.0)).to(DEV),
+    "cpu_double_to": lambda x: torch.ones(3, dtype=torch.float64).to(DEV),
+    "module_to": lambda x: torch.nn.Linear(2, 2).double().to(DEV),
+    "double": lambda x: x.double(),
+    "to_dtype": lambda x: x.to(torch.float64),
+    "to_device_dtype": lambda x: x.to(DEV, torch.float64),
+    "to_cpu_float64": lambda x: x.to("cpu", torch.float64),  # MPS converts on the device
+    "new_tensor": lambda x: x.new_zeros(2, dtype=torch.float64),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FLOAT64_REFUSALS))
+def test_float64_is_refused_with_mps_text(mps_mode, case):
+    x = torch.randn(3, device=DEV)
+    raises_exactly(TypeError, DOUBLE_NEW, lambda: FLOAT64_REFUSALS[case](x))
+
+
+def test_float64_default_dtype_is_refused(mps_mode):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        raises_exactly(TypeError, DOUBLE_NEW, lambda: torch.ones(2, device=DEV))
+    finally:
+        torch.set_default_dtype(old)
+
+
+def test_what_a_mac_allows_around_float64(mps_mode):
+    x = torch.randn(3, device=DEV)
+    assert x.cpu().double().dtype == torch.float64          # converted on the CPU
+    y = torch.arange(3, dtype=torch.float64).to(DEV, torch.float32)  # idem, then uploaded
+    assert y.dtype == torch.float32 and y.device.type == DEV
+    assert x.half().float().dtype == torch.float32
+    assert x.to(torch.bfloat16).dtype == torch.bfloat16
+    assert isinstance(x.sum().item(), float)
+
+
+def test_float64_made_before_the_switch_is_refused_as_an_operand():
+    x = torch.ones(3, dtype=torch.float64, device=DEV)
+    torch.mps_ext.set_fidelity("mps")
+    try:
+        raises_exactly(TypeError, DOUBLE_OPERAND, lambda: x.sin())
+        raises_exactly(TypeError, DOUBLE_OPERAND, lambda: torch.add(x, x))
+        raises_exactly(TypeError, DOUBLE_OPERAND, lambda: x.to(torch.float32))
+    finally:
+        torch.mps_ext.set_fidelity("off")
+
+
+def test_complex128_is_created_and_moved_but_not_computed_on(mps_mode):
+    # MPS (aten/src/ATen/mps/EmptyTensor.cpp) refuses only float64 when it
+    # allocates; its kernels refuse complex128 (getMPSDataType,
+    # aten/src/ATen/native/mps/OperationUtils.mm). Copies are byte copies.
+    cpu = torch.tensor([1 + 2j, 3 - 1j], dtype=torch.complex128)
+    z = cpu.to(DEV)
+    assert z.dtype == torch.complex128 and z.device.type == DEV
+    assert torch.equal(z.cpu(), cpu)
+    assert torch.equal(z.clone().cpu(), cpu)
+    assert torch.empty(2, dtype=torch.complex128, device=DEV).dtype == torch.complex128
+    assert z.real.dtype == torch.float64  # a view: nothing computed
+    # abs's float64 result is allocated first, as on MPS: refused as float64.
+    raises_exactly(TypeError, DOUBLE_NEW, lambda: z.abs())
+    for compute in (lambda: z.sum(), lambda: torch.mul(z, z),
+                    lambda: torch.ones(2, dtype=torch.complex128, device=DEV),
+                    lambda: torch.randn(2, 2, dtype=torch.complex64, device=DEV).to(
+                        torch.complex128)):
+        raises_exactly(TypeError, COMPLEX_DOUBLE, compute)
+    # Complex normals are drawn on the float64 view (view_as_real), as MPS's
+    # normal_ does: refused as a float64 operand.
+    raises_exactly(TypeError, DOUBLE_OPERAND,
+                   lambda: torch.randn(2, dtype=torch.complex128, device=DEV))
+    w = torch.randn(2, dtype=torch.complex64, device=DEV)
+    assert (w * w).dtype == torch.complex64  # complex64 is MPS's
+
+
+def test_printing_and_grad_scaler_do_not_trip_over_torchs_own_float64(mps_mode):
+    # torch converts to float64 to print, and GradScaler takes the reciprocal
+    # in float64, except on MPS (`device.type == "mps"` branches): listed in
+    # mps_overrides.txt, so mps mode does not refuse what a Mac never sees.
+    x = torch.tensor([1.5, -2.25], device=DEV)
+    assert repr(x) == "tensor([ 1.5000, -2.2500], device='mps_ext:0')"
+    model = torch.nn.Linear(4, 2).to(DEV)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler(DEV)
+    with torch.autocast(DEV):
+        loss = model(torch.randn(3, 4, device=DEV)).float().pow(2).mean()
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+
+
+# ---------------------------------------------------------------- 3. operators
+
+def test_operator_without_mps_kernel_is_refused_with_mps_text(mps_mode):
+    x = torch.randn(3, 3, device=DEV)
+    raises_exactly(NotImplementedError, not_implemented("aten::linalg_eig"),
+                   lambda: torch.linalg.eig(x))
+    out = (torch.empty(3, dtype=torch.complex64, device=DEV),
+           torch.empty(3, 3, dtype=torch.complex64, device=DEV))
+    raises_exactly(NotImplementedError, not_implemented("aten::linalg_eig.out"),
+                   lambda: torch.linalg.eig(x, out=out))
+    raises_exactly(NotImplementedError, not_implemented("aten::mode"), lambda: torch.mode(x))
+    # An operator MPS does have, with its overload name.
+    values = torch.empty(3, device=DEV)
+    indices = torch.empty(3, dtype=torch.long, device=DEV)
+    torch.kthvalue(x, 2, out=(values, indices))
+    assert torch.equal(values.cpu(), torch.kthvalue(x.cpu(), 2).values)
+
+
+def test_native_kernels_mps_lacks_are_refused_too(mps_mode):
+    x = torch.rand(4, device=DEV)
+    raises_exactly(NotImplementedError, not_implemented("aten::poisson"),
+                   lambda: torch.poisson(x))
+    raises_exactly(NotImplementedError, not_implemented("aten::rrelu_with_noise"),
+                   lambda: torch.nn.functional.rrelu(x, training=True))
+
+
+def test_turning_the_mode_off_accepts_again():
+    x = torch.randn(3, 3, device=DEV)
+    torch.mps_ext.set_fidelity("mps")
+    with pytest.raises(NotImplementedError):
+        torch.linalg.eig(x)
+    torch.mps_ext.set_fidelity("off")
+    torch.linalg.eig(x)
+    assert x.double().dtype == torch.float64
+
+
+FALLBACK_PROGRAM = """
+    import warnings, torch, torch_mps_ext
+    warnings.simplefilter("always")
+    x = torch.randn(3, 3, device="mps_ext")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            e = torch.linalg.eig(x)          # no MPS kernel: runs on the CPU
+            torch.mode(x)
+        x.sin(); x @ x                       # MPS kernels: no warning
+    assert e.eigenvalues.device.type == "mps_ext"
+    print(repr([(w.category.__name__, str(w.message)) for w in caught]))
+"""
+
+
+def test_enable_mps_fallback_runs_them_with_one_warning_per_operator():
+    proc = run_python(FALLBACK_PROGRAM, env={"TORCH_MPS_EXT_FIDELITY": "mps",
+                                             "PYTORCH_ENABLE_MPS_FALLBACK": "1"})
+    assert eval(proc.stdout) == [("UserWarning", fallback_warning("aten::linalg_eig")),
+                                 ("UserWarning", fallback_warning("aten::mode"))]
+
+
+def test_enable_mps_fallback_changes_nothing_in_default_mode():
+    proc = run_python(FALLBACK_PROGRAM, env={"TORCH_MPS_EXT_FIDELITY": None,
+                                             "PYTORCH_ENABLE_MPS_FALLBACK": "1"})
+    assert eval(proc.stdout) == []
+
+
+def test_enable_mps_fallback_is_read_at_import():
+    proc = run_python("""
+        import os, torch, torch_mps_ext
+        os.environ["PYTORCH_ENABLE_MPS_FALLBACK"] = "1"   # too late, as on MPS
+        torch.mps_ext.set_fidelity("mps")
+        try:
+            torch.linalg.eig(torch.randn(2, 2, device="mps_ext"))
+        except NotImplementedError:
+            print("refused")
+    """, env={"PYTORCH_ENABLE_MPS_FALLBACK": None})
+    assert proc.stdout.strip() == "refused"
+    proc = run_python("import torch_mps_ext", env={"PYTORCH_ENABLE_MPS_FALLBACK": "yes"},
+                      check=False)
+    assert "ValueError: PYTORCH_ENABLE_MPS_FALLBACK must be 0 or 1, got 'yes'" in proc.stderr
+
+
+def test_operators_mps_always_runs_on_the_cpu_warn_once(mps_mode):
+    # MPSFallback.mm registers its CPU fallback for these whatever the
+    # environment: a Mac runs them, with the warning.
+    x = torch.randn(4, 4, device=DEV)
+    proc = run_python("""
+        import warnings, torch, torch_mps_ext
+        torch.mps_ext.set_fidelity("mps")
+        x = torch.randn(4, 4, device="mps_ext")
+        emb = torch.nn.Embedding(10, 3, max_norm=1.0).to("mps_ext")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(2):
+                u, s, vh = torch.linalg.svd(x)
+                emb(torch.tensor([1, 2], device="mps_ext"))
+        assert s.device.type == "mps_ext"
+        print(repr([str(w.message) for w in caught]))
+    """, env={"PYTORCH_ENABLE_MPS_FALLBACK": None})
+    assert eval(proc.stdout) == [fallback_warning("aten::linalg_svd"),
+                                 fallback_warning("aten::embedding_renorm_")]
+    # ... while the operator the composite reaches has no MPS kernel.
+    raises_exactly(NotImplementedError, not_implemented("aten::_linalg_svd"),
+                   lambda: torch.linalg.svdvals(x))
+
+
+def test_the_float32_training_path_runs_without_a_word(mps_mode):
+    # Linear, conv, norms, attention, recurrent layers, losses, optimizers,
+    # autocast: what MPS runs, mps mode runs as before, with no warning.
+    nn, F = torch.nn, torch.nn.functional
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cnn = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                            nn.MaxPool2d(2), nn.Conv2d(8, 8, 3, groups=2), nn.GroupNorm(2, 8),
+                            nn.SiLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.1),
+                            nn.Linear(8, 4)).to(DEV)
+        layer = nn.TransformerEncoderLayer(16, 4, 32, batch_first=True, activation="gelu")
+        tr = nn.Sequential(nn.Embedding(20, 16), layer, nn.LayerNorm(16), nn.Linear(16, 20))
+        tr = tr.to(DEV)
+        lstm, gru = nn.LSTM(8, 8, batch_first=True).to(DEV), nn.GRU(8, 8).to(DEV)
+        params = [*cnn.parameters(), *tr.parameters(), *lstm.parameters(), *gru.parameters()]
+        for opt in (torch.optim.SGD(params, lr=0.01, momentum=0.9), torch.optim.Adam(params),
+                    torch.optim.AdamW(params, fused=True), torch.optim.RMSprop(params)):
+            for amp in (None, torch.float16, torch.bfloat16):
+                opt.zero_grad()
+                with torch.autocast(DEV, dtype=amp or torch.float16, enabled=amp is not None):
+                    x = torch.randn(2, 3, 12, 12, device=DEV)
+                    loss = F.cross_entropy(cnn(x), torch.tensor([1, 3], device=DEV))
+                    t = torch.randint(0, 20, (2, 6), device=DEV)
+                    loss = loss + F.cross_entropy(tr(t).flatten(0, 1).float(), t.flatten())
+                    q = torch.randn(2, 4, 6, 4, device=DEV)
+                    loss = loss + F.scaled_dot_product_attention(q, q, q, is_causal=True).sum()
+                    loss = loss + lstm(torch.randn(2, 5, 8, device=DEV))[0].sum()
+                    loss = loss + gru(torch.randn(5, 2, 8, device=DEV))[0].sum()
+                    w = cnn[0].weight.float()
+                    loss = loss + F.mse_loss(w, torch.zeros_like(w))
+                loss.float().backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+        tr.eval()
+        with torch.no_grad():  # the encoder layer's inference fast path
+            tr(torch.randint(0, 20, (2, 6), device=DEV))
+        # The inference fast paths with a padding mask (nested tensors on
+        # mps_ext; a Mac takes the regular path): torch's own prototype
+        # warning aside, no word either.
+        warnings.filterwarnings("ignore", message="The PyTorch API of nested tensors")
+        enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 4, 32, batch_first=True), 2)
+        mha = nn.MultiheadAttention(16, 4, batch_first=True)
+        enc, mha = enc.to(DEV).eval(), mha.to(DEV).eval()
+        with torch.no_grad():
+            q = torch.randn(2, 5, 16, device=DEV)
+            mask = torch.tensor([[False] * 5, [False] * 3 + [True] * 2], device=DEV)
+            enc(q, src_key_padding_mask=mask)
+            mha(q, q, q, key_padding_mask=mask)
+        assert torch.isfinite(loss)
+
+
+# ---------------------------------------------------------------- 4. memory
+
+MEMORY_PROGRAM = """
+    import torch, torch_mps_ext
+    print(torch.mps_ext.get_fidelity(), torch.mps_ext.get_per_process_memory_fraction())
+    keep = torch.empty(8 << 20, dtype=torch.uint8, device="mps_ext")
+    try:
+        torch.empty(48 << 20, dtype=torch.uint8, device="mps_ext")
+    except torch.OutOfMemoryError as e:
+        print(e)
+    print(keep.numel())
+"""
+
+MIB64 = str(64 << 20)
+
+
+def test_mps_watermarks_and_oom_text_in_mps_mode():
+    proc = run_python(MEMORY_PROGRAM, env={
+        "TORCH_MPS_EXT_MEMORY_BYTES": MIB64, "TORCH_MPS_EXT_FIDELITY": "mps",
+        "PYTORCH_MPS_HIGH_WATERMARK_RATIO": "0.5", "PYTORCH_MPS_LOW_WATERMARK_RATIO": "0.25"})
+    first, oom, kept = proc.stdout.splitlines()
+    assert first == "mps 0.5"
+    assert re.fullmatch(
+        r"MPS backend out of memory \(MPS allocated: [0-9.]+ MiB, other allocations: 0 bytes, "
+        r"max allowed: 32\.00 MiB\)\. Tried to allocate 48\.00 MiB on private pool\. Use "
+        r"PYTORCH_MPS_HIGH_WATERMARK_RATIO=0\.0 to disable upper limit for memory allocations "
+        r"\(may cause system failure\)\.", oom), oom
+    assert kept == str(8 << 20)  # nothing lost, the process goes on
+
+
+def test_mps_watermarks_are_ignored_in_default_mode():
+    proc = run_python(MEMORY_PROGRAM, env={
+        "TORCH_MPS_EXT_MEMORY_BYTES": MIB64, "TORCH_MPS_EXT_FIDELITY": None,
+        "PYTORCH_MPS_HIGH_WATERMARK_RATIO": "0.5",
+        "PYTORCH_MPS_EXT_HIGH_WATERMARK_RATIO": "0.75"})
+    first, oom, _ = proc.stdout.splitlines()
+    assert first == "off 0.75"
+    assert oom.startswith("mps_ext out of memory on device mps_ext:0 (")
+
+
+def test_switching_the_mode_switches_the_default_limit():
+    proc = run_python("""
+        import torch, torch_mps_ext
+        f = torch.mps_ext.get_per_process_memory_fraction
+        a = f(); torch.mps_ext.set_fidelity("mps"); b = f(); torch.mps_ext.set_fidelity("off")
+        print(a, b, f())
+    """, env={"PYTORCH_MPS_HIGH_WATERMARK_RATIO": "0.5", "TORCH_MPS_EXT_FIDELITY": None,
+              "PYTORCH_MPS_EXT_HIGH_WATERMARK_RATIO": None})
+    assert proc.stdout.split() == ["1.7", "0.5", "1.7"]
+
+
+def test_mps_watermark_without_ext_ones_falls_back_and_unlimited_text():
+    proc = run_python(MEMORY_PROGRAM, env={
+        "TORCH_MPS_EXT_MEMORY_BYTES": MIB64, "TORCH_MPS_EXT_FIDELITY": "mps",
+        "PYTORCH_MPS_HIGH_WATERMARK_RATIO": None,
+        "PYTORCH_MPS_EXT_HIGH_WATERMARK_RATIO": "0.5"})
+    first, oom, _ = proc.stdout.splitlines()
+    assert first == "mps 0.5"  # the _EXT_ value when MPS's own is unset
+    assert oom.startswith("MPS backend out of memory (MPS allocated: ")
+
+
+@pytest.mark.parametrize("name,value,allowed", [
+    ("PYTORCH_MPS_HIGH_WATERMARK_RATIO", "2.5", "a number in [0, 2]"),
+    ("PYTORCH_MPS_LOW_WATERMARK_RATIO", "1.9", "a number in [0, 1.7]"),
+])
+def test_mps_watermark_bad_values(name, value, allowed):
+    proc = run_python("import torch_mps_ext", env={name: value}, check=False)
+    assert f"ValueError: {name} must be {allowed}, got '{value}'" in proc.stderr, proc.stderr
+
+
+# ---------------------------------------------------------------- 5. the report command
+
+def run_report(args, cwd, env=None, timeout=300):
+    full_env = dict(os.environ)
+    full_env["PYTHONPATH"] = ROOT + os.pathsep + full_env.get("PYTHONPATH", "")
+    for key in ("TORCH_MPS_EXT_FIDELITY", "PYTORCH_ENABLE_MPS_FALLBACK"):
+        full_env.pop(key, None)
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "torch_mps_ext.fidelity", *args], cwd=cwd,
+                          env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+PROGRAM = """\
+import sys
+import torch
+import torch_mps_ext
+
+x = torch.randn(4, 4, device="mps_ext")
+model = torch.nn.Linear(3, 3).double().to("mps_ext")
+for _ in range(3):
+    torch.linalg.eig(x)
+u, s, vh = torch.linalg.svd(x)
+print("ran to the end", sys.argv[1:], (x @ x).sum().item() == (x @ x).sum().item())
+"""
+
+
+def test_report_records_every_incompatibility_and_exits_1(tmp_path):
+    (tmp_path / "prog.py").write_text(PROGRAM)
+    report = tmp_path / "report.json"
+    proc = run_report(["--report", str(report), "prog.py", "a", "--b"], tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    assert "ran to the end ['a', '--b'] True" in proc.stdout  # float64 recorded, not raised
+    data = json.loads(report.read_text())
+    assert data["program_status"] == 0 and data["exit_status"] == 1
+    rows = {(r["kind"], r["operator"] or r["dtype"]): r for r in data["incompatibilities"]}
+    assert set(rows) == {("operator", "aten::linalg_eig"), ("dtype", "float64")}
+    eig = rows[("operator", "aten::linalg_eig")]
+    assert eig["count"] == 3 and eig["first"] == "prog.py:8"
+    f64 = rows[("dtype", "float64")]
+    # Module.to's copies happen inside torch.nn: the first user frame is line 6.
+    assert f64["first"] == "prog.py:6" and f64["operators"] == {"tensor creation": 2}
+    assert [(r["operator"], r["count"], r["first"]) for r in data["cpu_fallbacks"]] == [
+        ("aten::linalg_svd", 1, "prog.py:9")]
+    table = proc.stderr
+    assert "2 incompatibilities with Apple's MPS backend" in table
+    assert re.search(r"operator\s+aten::linalg_eig\s+3\s+prog\.py:8", table), table
+    assert re.search(r"dtype\s+float64 \(tensor creation\)\s+2\s+prog\.py:6", table), table
+    assert re.search(r"cpu\s+aten::linalg_svd\s+1\s+prog\.py:9", table), table
+
+
+def test_report_exit_statuses(tmp_path):
+    (tmp_path / "clean.py").write_text(
+        "import torch, torch_mps_ext\nprint((torch.ones(2, device='mps_ext') * 2).sum().item())\n")
+    proc = run_report(["clean.py"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "No incompatibility with Apple's MPS backend found." in proc.stderr
+    # The program's own status wins when it failed, incompatibilities or not.
+    (tmp_path / "exits.py").write_text(
+        "import sys, torch, torch_mps_ext\ntorch.linalg.eig(torch.eye(2, device='mps_ext'))\n"
+        "sys.exit(3)\n")
+    assert run_report(["exits.py"], tmp_path).returncode == 3
+    (tmp_path / "raises.py").write_text("raise KeyError('boom')\n")
+    proc = run_report(["raises.py"], tmp_path)
+    assert proc.returncode == 1 and "KeyError: 'boom'" in proc.stderr
+    (tmp_path / "clean_exit0.py").write_text(
+        "import sys, torch, torch_mps_ext\ntorch.zeros(1, dtype=torch.float64, "
+        "device='mps_ext')\nsys.exit(0)\n")
+    assert run_report(["clean_exit0.py"], tmp_path).returncode == 1
+    proc = run_report([], tmp_path)
+    assert proc.returncode == 2 and proc.stderr.startswith("usage: python -m torch_mps_ext.fidelity")
+
+
+def test_report_runs_modules_and_covers_processes_they_start(tmp_path):
+    pkg = tmp_path / "mypkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "work.py").write_text(textwrap.dedent("""\
+        import subprocess, sys
+        import torch, torch_mps_ext
+        print("args", sys.argv[1:])
+        subprocess.run([sys.executable, "-c", "import torch, torch_mps_ext\\n"
+                        "torch.mode(torch.ones(3, device='mps_ext'))"], check=True)
+    """))
+    report = tmp_path / "r.json"
+    proc = run_report(["--report", str(report), "-m", "mypkg.work", "x"], tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    assert "args ['x']" in proc.stdout
+    rows = json.loads(report.read_text())["incompatibilities"]
+    assert [(r["operator"], r["count"], r["first"]) for r in rows] == [
+        ("aten::mode", 1, "<string>:2")]
+
+
+def test_report_as_a_pytest_ci_step(tmp_path):
+    (tmp_path / "test_user.py").write_text(textwrap.dedent("""\
+        import torch, torch_mps_ext
+
+        def test_fine():
+            assert (torch.ones(2, device="mps_ext") + 1).sum().item() == 4
+
+        def test_mac_incompatible():
+            assert torch.arange(3, dtype=torch.float64).to("mps_ext").sum().item() == 3
+    """))
+    proc = run_report(["-m", "pytest", "-q", "-p", "no:cacheprovider", "test_user.py"],
+                      tmp_path)
+    assert "2 passed" in proc.stdout
+    assert proc.returncode == 1
+    assert re.search(r"dtype\s+float64 \(.*tensor creation.*\)\s+2\s+\S*test_user\.py:7",
+                     proc.stderr), proc.stderr
+
+
+# ---------------------------------------------------------------- 6. docs and example
+
+def test_docs_and_readme_section():
+    doc = open(os.path.join(ROOT, "docs", "fidelity.md")).read()
+    for topic in ("TORCH_MPS_EXT_FIDELITY", "PYTORCH_ENABLE_MPS_FALLBACK", "native_functions.yaml",
+                  "mps_overrides.txt", "python -m torch_mps_ext.fidelity", "cannot"):
+        assert topic in doc, topic
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    assert "## Testing code for Macs on Linux" in readme
+    assert os.path.exists(os.path.join(ROOT, "examples", "mac_compat_check.py"))
+
+
+# ---------------------------------------------------------------- the operator table
+
+def test_table_reading():
+    table = _optable.load()
+    assert table["add.out"].verdict == _optable.MPS
+    assert table["add.Tensor"].verdict == _optable.MPS          # structured delegate
+    assert "structured_delegate: add.out" in table["add.Tensor"].why
+    assert table["linalg_eig"].verdict == _optable.NONE
+    assert table["linalg_svd"].verdict == _optable.COMPOSITE    # no dispatch: implicit
+    assert table["kthvalue"].verdict == _optable.COMPOSITE      # CompositeExplicitAutograd
+    assert table["embedding_renorm"].verdict == _optable.COMPOSITE  # autogen
+    # The table is the installed torch's: every ATen operator of this build
+    # with a CPU kernel is in it.
+    names = {n[len("aten::"):] for n in torch._C._dispatch_get_all_op_names()
+             if n.startswith("aten::")}
+    cpu = set(torch._C._dispatch_get_registrations_for_dispatch_key("CPU"))
+    missing = {n for n in names if f"aten::{n}" in cpu and n not in table}
+    # Outside the table: quantized RNNs (aten/src/ATen/native/quantized).
+    assert all(n.startswith(("quantized_lstm.", "quantized_gru.")) for n in missing), missing
+
+
+def test_override_file_is_reviewed_and_current():
+    raw = _optable.load()
+    overrides = fidelity.read_overrides()
+    assert overrides
+    torch_dir = os.path.dirname(torch.__file__)
+    for name, (verdict, reason) in overrides.items():
+        assert len(reason.split()) >= 3, name  # a reason, not a word
+        if verdict == fidelity.BRANCH:
+            path, function = name[len("torch/"):].rsplit(":", 1)
+            source = open(os.path.join(torch_dir, path)).read()
+            assert "mps" in source and (function == "*" or f"def {function}(" in source), name
+            continue
+        entry = raw.get(name[len("aten::"):])
+        assert entry is not None, f"{name}: not an operator of this torch"
+        # An override says what the table does not: stale lines fail here.
+        if verdict in (fidelity.MPS, fidelity.ROUTE):
+            assert entry.verdict == _optable.NONE, f"{name}: the table already accepts it"
+        elif verdict == fidelity.NONE:
+            assert entry.verdict != _optable.NONE, f"{name}: the table already refuses it"
+        else:
+            assert entry.verdict != fidelity.CPU, name
+
+
+def _reached_ops(fn):
+    """The ATen operators the call reaches at the backend with mps_ext
+    tensors (after composite decompositions), and whether any involves a
+    float64/complex128 device tensor."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    class Reached(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops, self.wide = [], False
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            flat = tree_flatten((args, kwargs, out))[0]
+            dev = [t for t in flat if isinstance(t, torch.Tensor) and t.device.type == DEV]
+            factory = isinstance(kwargs.get("device"), torch.device) and \
+                kwargs["device"].type == DEV
+            if dev or factory:
+                self.ops.append(func.name())
+                self.wide |= any(t.dtype in (torch.float64, torch.complex128) for t in dev)
+            return out
+
+    with Reached() as mode:
+        fn()
+    return mode.ops, mode.wide
+
+
+# OpInfos whose operators MPS lacks, and some it has, to be sure both kinds
+# are in the sample; the rest of the sample is every 9th OpInfo by name.
+SURE = ["linalg.eig", "linalg.eigh", "put", "heaviside", "frexp", "mode", "logspace",
+        "geqrf", "linalg.lstsq", "matrix_exp", "special.airy_ai", "linalg.ldl_factor",
+        "add", "mm", "sin", "softmax", "nn.functional.conv2d", "nn.functional.layer_norm",
+        "cumsum", "sort", "index_select", "nn.functional.embedding"]
+
+
+def _sample_ops():
+    from torch.testing._internal.common_methods_invocations import op_db
+
+    by_name = sorted(op_db, key=lambda o: (o.name, o.variant_test_name))
+    chosen = [o for i, o in enumerate(by_name) if i % 9 == 0] + \
+        [o for o in by_name if o.name in SURE and not o.variant_test_name]
+    seen, out = set(), []
+    for o in chosen:
+        key = (o.name, o.variant_test_name)
+        if key not in seen and torch.float32 in o.supported_dtypes("cpu"):
+            seen.add(key)
+            out.append(o)
+    return out
+
+
+def test_mps_mode_follows_the_operator_table():
+    """For a sample of OpInfos: the operators each reaches on mps_ext (traced
+    in the default mode) are judged by the table (with the overrides); mps
+    mode then refuses the call, naming the first operator without an MPS
+    kernel, exactly when there is one, and runs it otherwise."""
+    table = fidelity.operator_table()
+    refused, accepted, skipped = [], [], []
+    for opinfo in _sample_ops():
+        try:
+            sample = next(iter(opinfo.sample_inputs(DEV, torch.float32, requires_grad=False)))
+        except Exception:  # noqa: BLE001 - OpInfos whose samples need other devices
+            skipped.append(opinfo.name)
+            continue
+
+        def call():
+            return opinfo.op(sample.input, *sample.args, **sample.kwargs)
+
+        try:
+            ops, wide = _reached_ops(call)
+        except Exception:  # noqa: BLE001 - an error input: not this test's subject
+            skipped.append(opinfo.name)
+            continue
+        verdicts = [table.get(op) for op in ops]
+        # Only leaves are judged here: a composite reached at the backend
+        # (CompositeExplicitAutograd) calls operators the trace cannot see.
+        if wide or not ops or any(v is None or v.verdict == fidelity.COMPOSITE
+                                  for v in verdicts):
+            skipped.append(opinfo.name)
+            continue
+        first_refused = next((op for op, v in zip(ops, verdicts)
+                              if v.verdict == fidelity.NONE), None)
+        torch.mps_ext.set_fidelity("mps")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "cpu" verdicts warn
+                if first_refused is None:
+                    call()
+                    accepted.append(opinfo.name)
+                else:
+                    with pytest.raises(NotImplementedError) as info:
+                        call()
+                    assert str(info.value) == not_implemented(first_refused), opinfo.name
+                    refused.append((opinfo.name, first_refused))
+        finally:
+            torch.mps_ext.set_fidelity("off")
+        call()  # and the default mode runs it
+    assert len(refused) >= 8, refused
+    assert len(accepted) >= 20, accepted
+    names = {name for name, _ in refused}
+    assert {"linalg.eig", "linalg.eigh", "heaviside", "geqrf", "mode"} <= names, refused
+
+
+def test_native_kernels_of_operators_mps_lacks_ask_the_mode():
+    # Operators mps_ext implements natively (not through the fallback, which
+    # asks the mode for every call) and MPS lacks must refuse in mps mode:
+    # each such kernel calls mpsLacks(...) (csrc/aten/Fidelity.h). A new
+    # native kernel for a CUDA-only operator fails here until it does.
+    table = fidelity.operator_table()
+    aten = os.path.join(ROOT, "csrc", "aten")
+    unchecked = []
+    for name in sorted(os.listdir(aten)):
+        if not name.endswith(".cpp"):
+            continue
+        source = open(os.path.join(aten, name)).read()
+        for op in re.findall(r'm\.impl\("([a-z0-9_.]+)"', source):
+            verdict = table.get(f"aten::{op}")
+            if verdict is None or verdict.accepted:
+                continue
+            base, _, overload = op.partition(".")
+            if f'mpsLacks("aten::{base}", "{overload}")' not in source:
+                unchecked.append(f"{name}: {op}")
+    assert not unchecked, unchecked
+    with pytest.raises(NotImplementedError, match=re.escape(not_implemented(
+            "aten::batch_norm_stats"))):
+        torch.mps_ext.set_fidelity("mps")
+        try:
+            torch.batch_norm_stats(torch.randn(2, 3, 4, device=DEV), 1e-5)
+        finally:
+            torch.mps_ext.set_fidelity("off")

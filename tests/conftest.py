@@ -77,3 +77,56 @@ def fresh_memory():
     gc.collect()
     torch.mps_ext.set_per_process_memory_fraction(fraction)
     torch.mps_ext.empty_cache()
+
+
+# Modules allowed to end with more device memory allocated than they started
+# with, each with the reason (path from the repo root -> why). Empty: every
+# module releases what it allocates.
+KEEPS_DEVICE_MEMORY: dict[str, str] = {}
+
+
+def _allocated_per_device(when: str) -> list[int]:
+    import gc
+    # pytest keeps the last exception a test raised (skip and xfail included)
+    # for post-mortem debugging: its frames hold the test's tensors.
+    for name in ("last_type", "last_value", "last_traceback", "last_exc"):
+        if hasattr(sys, name):
+            setattr(sys, name, None)
+    gc.collect()
+    counts = []
+    for index in range(torch.mps_ext.device_count()):
+        error = None
+        try:
+            torch.mps_ext.synchronize(index)
+        except torch.AcceleratorError as e:
+            error = str(e)
+        if error is not None:
+            pytest.fail(f"a device error was pending {when}: {error}", pytrace=False)
+        counts.append(torch.mps_ext.memory_allocated(index))
+    return counts
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _device_memory_returns_to_baseline(request):
+    """Every test module gives back the device memory it allocated:
+    torch.mps_ext.memory_allocated() of each device after the module (after
+    gc.collect() and synchronize()) equals what it was before. A leak fails
+    the module's last test at teardown, naming the module and the bytes."""
+    name = os.path.relpath(request.path, ROOT)
+    failed_before = request.session.testsfailed
+    before = _allocated_per_device(f"before {name}")
+    yield
+    if name in KEEPS_DEVICE_MEMORY:
+        return
+    after = _allocated_per_device(f"after {name}")
+    leaks = [f"mps_ext:{i}: {a - b:+d} bytes (memory_allocated() {b} before "
+             f"the module, {a} after)" for i, (b, a) in enumerate(zip(before, after))
+             if a != b]
+    if leaks:
+        failed = request.session.testsfailed - failed_before
+        note = (f"; {failed} of its tests failed, and a failure can hold tensors"
+                if failed else "")
+        pytest.fail(f"{name} did not release its device "
+                    f"memory: {'; '.join(leaks)}{note}. Release module-level "
+                    "tensors at the end of the module, or list the module with "
+                    "the reason in conftest.KEEPS_DEVICE_MEMORY.", pytrace=False)

@@ -130,3 +130,17 @@ def _device_memory_returns_to_baseline(request):
                     f"memory: {'; '.join(leaks)}{note}. Release module-level "
                     "tensors at the end of the module, or list the module with "
                     "the reason in conftest.KEEPS_DEVICE_MEMORY.", pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def private_shader_cache(tmp_path_factory):
+    """A shader cache of the test module's own (compile_shader's cache key
+    makes modules share nothing anyway; a fresh folder keeps them honest)."""
+    d = tmp_path_factory.mktemp("shader-cache")
+    old = os.environ.get("TORCH_MPS_EXT_SHADER_CACHE")
+    os.environ["TORCH_MPS_EXT_SHADER_CACHE"] = str(d)
+    yield d
+    if old is None:
+        os.environ.pop("TORCH_MPS_EXT_SHADER_CACHE", None)
+    else:
+        os.environ["TORCH_MPS_EXT_SHADER_CACHE"] = old

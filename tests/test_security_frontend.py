@@ -36,15 +36,8 @@ PASSWD_LINE = "root:x:0:0"  # the first line of /etc/passwd on this kind of syst
 
 
 @pytest.fixture(scope="module", autouse=True)
-def private_cache(tmp_path_factory):
-    d = tmp_path_factory.mktemp("shader-cache")
-    old = os.environ.get("TORCH_MPS_EXT_SHADER_CACHE")
-    os.environ["TORCH_MPS_EXT_SHADER_CACHE"] = str(d)
-    yield d
-    if old is None:
-        os.environ.pop("TORCH_MPS_EXT_SHADER_CACHE", None)
-    else:
-        os.environ["TORCH_MPS_EXT_SHADER_CACHE"] = old
+def private_cache(private_shader_cache):
+    return private_shader_cache
 
 
 @pytest.fixture

@@ -500,6 +500,18 @@ class TestModuleDB(TestCase):
         self.assert_same_state(cpu_m, dev_m, f"{sample}: after .to({DEVICE_TYPE!r})")
         return cpu_m, dev_m, cpu_in, dev_in
 
+    def both_raised(self, sample, cpu_err, dev_err):
+        """True when CPU raised (and so did the device: asserted); raises when
+        only the device did."""
+        if cpu_err is not None:
+            self.assertIsNotNone(dev_err, msg=f"{sample}: CPU raised {cpu_err!r}, "
+                                              f"{DEVICE_TYPE} did not")
+            return True
+        if dev_err is not None:
+            raise AssertionError(f"{sample}: {DEVICE_TYPE} raised "
+                                 f"{type(dev_err).__name__}: {dev_err}") from dev_err
+        return False
+
     def random_check(self, module_info, training):
         return RANDOM_CHECKS.get(module_info.name) if training else None
 
@@ -515,13 +527,8 @@ class TestModuleDB(TestCase):
             cpu_m, dev_m, cpu_in, dev_in = built
             expected, cpu_err = call(cpu_m, cpu_in)
             actual, dev_err = call(dev_m, dev_in)
-            if cpu_err is not None:
-                self.assertIsNotNone(dev_err, msg=f"{sample}: CPU raised {cpu_err!r}, "
-                                                  f"{DEVICE_TYPE} did not")
+            if self.both_raised(sample, cpu_err, dev_err):
                 continue
-            if dev_err is not None:
-                raise AssertionError(f"{sample}: {DEVICE_TYPE} raised "
-                                     f"{type(dev_err).__name__}: {dev_err}") from dev_err
             self.assert_device_result(expected, actual, what=f"{sample}: output",
                                       shape_only=check is not None)
             self.assert_aliasing(expected, actual, cpu_in, dev_in, sample)
@@ -561,14 +568,9 @@ class TestModuleDB(TestCase):
             if cpu_err is None and not cpu_outs:
                 continue  # no differentiable output for this sample
             dev_outs, dev_err = self._backward(dev_m, dev_in, DEVICE_TYPE)
-            if cpu_err is not None:
-                # e.g. an in-place module on a leaf that requires grad
-                self.assertIsNotNone(dev_err, msg=f"{sample}: CPU raised {cpu_err!r}, "
-                                                  f"{DEVICE_TYPE} did not")
+            # CPU may raise, e.g. an in-place module on a leaf that requires grad
+            if self.both_raised(sample, cpu_err, dev_err):
                 continue
-            if dev_err is not None:
-                raise AssertionError(f"{sample}: {DEVICE_TYPE} raised "
-                                     f"{type(dev_err).__name__}: {dev_err}") from dev_err
             self.assertEqual(len(dev_outs), len(cpu_outs),
                              msg=f"{sample}: differentiable outputs")
             cpu_leaves = [t for t in tree_flatten(cpu_in)[0]

@@ -497,30 +497,23 @@ void preferCpuKernels() {
   // nested kernel it is, on nested host views.
   static torch::Library* nested = new torch::Library(
       torch::Library::IMPL, "aten", c10::DispatchKey::NestedTensorPrivateUse1, __FILE__, __LINE__);
+  // One pass over the operators for both registrations.
   for (const c10::OperatorName& name : d.getAllOpNames()) {
     if (name.name.rfind("aten::", 0) != 0) continue;
     auto op = d.findOp(name);
-    if (op && op->hasKernelForDispatchKey(c10::DispatchKey::NestedTensorCPU) &&
-        !op->hasKernelForDispatchKey(c10::DispatchKey::NestedTensorPrivateUse1)) {
-      std::string n = name.name.substr(6);
-      if (!name.overload_name.empty()) n += "." + name.overload_name;
-      nested->impl(n.c_str(), torch::CppFunction::makeFromBoxedFunction<&fallback>());
-    }
-  }
-  for (const c10::OperatorName& name : d.getAllOpNames()) {
-    if (name.name.rfind("aten::", 0) != 0) continue;
-    auto op = d.findOp(name);
-    if (!op || !op->hasKernelForDispatchKey(c10::DispatchKey::CPU) ||
-        op->hasKernelForDispatchKey(c10::DispatchKey::PrivateUse1)) {
-      continue;
-    }
-    if (op->hasKernelForDispatchKey(c10::DispatchKey::CompositeExplicitAutograd) ||
-        op->hasKernelForDispatchKey(
-            c10::DispatchKey::CompositeExplicitAutogradNonFunctional)) {
-      std::string n = name.name.substr(6);
-      if (!name.overload_name.empty()) n += "." + name.overload_name;
-      lib->impl(n.c_str(), torch::CppFunction::makeFromBoxedFunction<&fallback>());
-    }
+    if (!op) continue;
+    bool nested_cpu = op->hasKernelForDispatchKey(c10::DispatchKey::NestedTensorCPU) &&
+                      !op->hasKernelForDispatchKey(c10::DispatchKey::NestedTensorPrivateUse1);
+    bool prefer_cpu =
+        op->hasKernelForDispatchKey(c10::DispatchKey::CPU) &&
+        !op->hasKernelForDispatchKey(c10::DispatchKey::PrivateUse1) &&
+        (op->hasKernelForDispatchKey(c10::DispatchKey::CompositeExplicitAutograd) ||
+         op->hasKernelForDispatchKey(c10::DispatchKey::CompositeExplicitAutogradNonFunctional));
+    if (!nested_cpu && !prefer_cpu) continue;
+    std::string n = name.name.substr(6);
+    if (!name.overload_name.empty()) n += "." + name.overload_name;
+    if (nested_cpu) nested->impl(n.c_str(), torch::CppFunction::makeFromBoxedFunction<&fallback>());
+    if (prefer_cpu) lib->impl(n.c_str(), torch::CppFunction::makeFromBoxedFunction<&fallback>());
   }
 }
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import struct
 from pathlib import Path
@@ -147,8 +148,10 @@ class MetalKernel:
         return f"<mps_ext shader kernel '{self._info['name']}'>"
 
     # ------------------------------------------------------------------ binding
+    @functools.cached_property
     def _buffer_params(self) -> dict[int, tuple[str, str, str]]:
-        """Buffer index -> (parameter name, type text, address space)."""
+        """Buffer index -> (parameter name, type text, address space); computed
+        once per kernel, not per launch."""
         info = self._info
         spaces = info.get("param_spaces") or [""] * len(info["roles"])
         return {val: (name, ptype, space)
@@ -161,7 +164,7 @@ class MetalKernel:
         number or a list bound to a `device` pointer (the kernel would
         dereference the number's bytes as an address), or an overlapping
         (expanded) tensor bound to a pointer the kernel writes through."""
-        for idx, (name, ptype, space) in self._buffer_params().items():
+        for idx, (name, ptype, space) in self._buffer_params.items():
             pointer = ptype.rstrip().endswith("*")
             if space == "device" and pointer and idx in L.data and idx != err_slot:
                 raise TypeError(
@@ -263,11 +266,11 @@ class MetalKernel:
         err_slot = None
         if error_buf_idx is not None:
             err_slot = int(error_buf_idx)
-            if err_slot not in self._buffer_params():
+            if err_slot not in self._buffer_params:
                 raise ValueError(
                     f"error_buf_idx={error_buf_idx} is not a buffer index of kernel "
                     f"'{self._info['name']}' (its buffers: "
-                    f"{sorted(self._buffer_params()) or 'none'})")
+                    f"{sorted(self._buffer_params) or 'none'})")
             L.bytes_arg(err_slot, bytes(_ERR_BUF_SIZE))
         tdims = self._dims(threads, "threads")
         if tdims is None and L.first_tensor is not None:

@@ -36,10 +36,10 @@ wrapper_fxir, custom_graph_pass.CustomGraphModulePass,
 virtualized.V, runtime.runtime_utils.compile_mps_shader
 Inductor's ``device.type == "cpu"`` decisions,         _inductor._adapt_inductor: the C++
 wrapped to include mps_ext under the C++ generator:    generator gets CPU's answers on mps_ext
-``ir.is_cpu``, ``scheduler.BaseSchedulerNode.is_cpu``,
-``lowering.use_two_step_variance`` (compares with
-``config.unroll_reductions_threshold`` off "cpu",
-``config.cpp.use_two_step_variance_threshold`` on it),
+``utils.get_current_backend`` (and the modules that
+import it by name: codegen.common, scheduler,
+kernel.mm_common), ``ir.is_cpu``,
+``scheduler.BaseSchedulerNode.is_cpu``,
 ``codecache.FxGraphHashDetails.
 _may_generate_cpu_cpp_code``;
 ``lowering.unsupported_input_tensor`` (Metal: float64)
@@ -142,8 +142,19 @@ def inductor():
     from torch._inductor.runtime import runtime_utils
     from torch._inductor.virtualized import V
 
+    import sys
+
+    from torch._inductor import utils
+    from torch._inductor.kernel import mm_common  # noqa: F401  (imports get_current_backend)
+
+    def imports_of(function):
+        """The Inductor modules holding ``function`` under its own name."""
+        name = function.__name__
+        return [m for k, m in list(sys.modules.items())
+                if k.startswith("torch._inductor") and getattr(m, name, None) is function]
+
     return SimpleNamespace(
-        MpsInterface=MpsInterface, register_interface_for_device=register_interface_for_device,
+        utils=utils, imports_of=imports_of, MpsInterface=MpsInterface, register_interface_for_device=register_interface_for_device,
         codecache=codecache, config=config, ir=ir, lowering=lowering, scheduler=scheduler,
         DeviceOpOverrides=DeviceOpOverrides, register_backend_for_device=register_backend_for_device,
         register_device_op_overrides=register_device_op_overrides, CppScheduling=CppScheduling,

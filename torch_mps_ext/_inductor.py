@@ -24,10 +24,10 @@ time Inductor compiles a graph):
 Inductor decides a few things by ``device.type == "cpu"`` where the C++
 generator needs the CPU answer; with ``"cpp"`` those ask :func:`cpp_device`
 instead (installed by :func:`_adapt_inductor`, listed in _compat.py):
-scheduler nodes' ``is_cpu`` (CPU loop-reordering is off: "does not work for
+``utils.get_current_backend`` ("cpp" for the graph's kernel language, where
+Inductor says "triton" for devices it does not know), scheduler nodes' ``is_cpu`` (CPU loop-reordering is off: "does not work for
 CPU codegen"), ``ir.is_cpu`` (realization heuristics tuned for C++ loops),
-the two-step variance threshold of ``var_mean`` lowering (CPU's), and the
-FX graph cache's thread count for graphs that may generate C++ (the
+and the FX graph cache's thread count for graphs that may generate C++ (the
 generated loops bake OpenMP's thread count in).
 
 The generator in use is part of Inductor's FX graph cache key (a custom
@@ -239,6 +239,19 @@ def _adapt_inductor() -> None:
     def node_is_cpu_or_cpp(self) -> bool:
         return node_is_cpu(self) or cpp_device(self.get_device())
     scheduler.BaseSchedulerNode.is_cpu = node_is_cpu_or_cpp
+
+    # Which kernel language a graph's device has ("cpp", "triton", "mps"):
+    # Inductor answers "triton" for any device it does not know, and the C++
+    # generator's dtype propagation (among others) asks it.
+    backend_of = _I.utils.get_current_backend
+
+    def get_current_backend(device_type=None) -> str:
+        kind = device_type or _I.V.graph.get_current_device_or_throw().type
+        if kind == DEVICE:
+            return "cpp" if generator() == "cpp" else "mps"
+        return backend_of(device_type)
+    for module in _I.imports_of(backend_of):
+        module.get_current_backend = get_current_backend
 
     hash_details = codecache.FxGraphHashDetails
     may_generate_cpp = hash_details._may_generate_cpu_cpp_code.__func__

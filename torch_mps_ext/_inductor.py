@@ -54,7 +54,6 @@ _I = inductor()
 lowering, runtime_utils = _I.lowering, _I.runtime_utils
 
 DEVICE = "mps_ext"
-GENERATORS = ("cpp", "metal")
 # On a Mac with real MPS, Metal kernels belong to the GPU: Inductor is not
 # registered for mps_ext there.
 SUPPORTED = not torch.backends.mps.is_available()

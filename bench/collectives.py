@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGETS = {"all_reduce_64MB": 1.2}
 
 _PROGRAM = r"""
-import json, os, statistics, time
+import json, os, statistics, sys, time
 import torch, torch.distributed as dist
 import torch_mps_ext  # noqa: F401
 
@@ -42,7 +42,7 @@ def timed(device, inner):
 for device in tensors:  # warm-up: connections, pages, gloo's buffers
     timed(device, 2)
 times, ratios = {"cpu": [], "mps_ext": []}, []
-for r in range(int(os.environ["BENCH_ROUNDS"])):
+for r in range(int(sys.argv[1])):  # rounds
     for device in (("cpu", "mps_ext") if r % 2 == 0 else ("mps_ext", "cpu")):
         times[device].append(timed(device, 3))
     ratios.append(times["mps_ext"][-1] / times["cpu"][-1])
@@ -55,15 +55,15 @@ dist.destroy_process_group()
 
 
 def rows(rounds: int = 7) -> list[dict]:
-    env = dict(os.environ, TORCH_MPS_EXT_DEVICE_COUNT="2", BENCH_ROUNDS=str(rounds),
+    env = dict(os.environ, TORCH_MPS_EXT_DEVICE_COUNT="2",
                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     with tempfile.TemporaryDirectory() as tmp:
         script = os.path.join(tmp, "all_reduce.py")
         with open(script, "w") as f:
             f.write(_PROGRAM)
         proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                               "--nproc-per-node=2", script], env=env, capture_output=True,
-                              text=True)
+                               "--nproc-per-node=2", script, str(rounds)],
+                              env=env, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("BENCH ")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"all_reduce_64MB failed:\n{proc.stdout}\n{proc.stderr[-3000:]}")

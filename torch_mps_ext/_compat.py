@@ -15,13 +15,13 @@ private API                                            used by / for
 ``torch._utils.classproperty``                         storage: the legacy storage classes' dtype
 ``torch.storage._LegacyStorage``,                      storage: ``torch.mps_ext.FloatStorage`` &c.
 ``_dtype_to_storage_type_map``, ``_warn_typed_storage_removal``
-``torch._C._distributed_c10d`` (ProcessGroup,         distributed: the ``"mps_ext"`` c10d backend
-ProcessGroupGloo; ``ProcessGroup._register_backend``,  (a group with gloo for CPU tensors, handed to
-``boxed``/``unbox``), ``dist.Backend._plugins``        the C++ side as a TorchScript custom-class value)
-``torch.distributed.device_mesh.init_device_mesh``'s   distributed: ``init_device_mesh("mps_ext", ...)``
-letters-only device-type check (``str.isalpha``),       (``adapt_distributed_checks``), and the
-``DeviceMesh._device_type``; ``monitored_barrier``'s    group's ``monitored_barrier`` for mps_ext groups
-gloo-only check (``get_backend(group) != "gloo"``)
+``torch._C._distributed_c10d`` (ProcessGroup,          distributed: the ``"mps_ext"`` c10d backend
+ProcessGroupGloo, ``ProcessGroup._register_backend``,  (a group with gloo for CPU tensors, handed
+``boxed``/``unbox``), ``dist.Backend._plugins``        to the C++ side as a custom-class value)
+``device_mesh.init_device_mesh``'s letters-only        distributed (``adapt_distributed_checks``):
+device-type check (``str.isalpha``),                   ``init_device_mesh("mps_ext", ...)``, and
+``DeviceMesh._device_type``; ``monitored_barrier``'s   ``dist.monitored_barrier`` on mps_ext groups
+gloo-only check (``get_backend(group)``)
 ``torchgen/packaged/ATen/native/                       fidelity: which operators have an MPS kernel
 native_functions.yaml`` (the operator table torch     (``native_functions_yaml()``, parsed by
 ships; its layout: ``- func:`` entries, ``dispatch:``  fidelity/_optable.py)
@@ -55,6 +55,11 @@ C++ (csrc/, reviewed by reading each file named):
   (aten/Ops.cpp, HostView.cpp).
 * Kineto's ``PrivateUse1ProfilerRegistry`` and the autograd profiler's legacy device hooks
   (core/ProfilerKineto.cpp, ProfilerStubs.cpp); ``c10d::Logger`` timers (core/DdpTimer.cpp).
+* c10d's C++ interfaces: ``c10d::Backend`` and ``c10d::Work`` (every virtual the mps_ext backend
+  overrides or forwards), ``c10d::ProcessGroup``'s ``setBackend``/``setDefaultBackend``/
+  ``getBackend``/``getStore``/``getBackendName``, and the TorchScript custom class
+  ``c10d.ProcessGroup`` in an operator schema (distributed/ProcessGroupMpsExt.cpp,
+  python/Distributed.cpp).
 * ``caffe2::GetBuildOptions()["COMMIT_SHA"]``, which MPS's NotImplementedError names
   (aten/Fidelity.cpp); ``c10::Warning`` with ``verbatim`` (aten/Fidelity.cpp).
 * ``torch/csrc/autograd/python_variable.h`` (``THPVariable_Unpack``) and

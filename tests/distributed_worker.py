@@ -148,8 +148,13 @@ check("all_reduce_max", t, torch.tensor([world - 1.0, 0.0]))
 
 t = torch.arange(4, device=dev) * (rank + 1)  # int64
 work = dist.all_reduce(t, async_op=True)
+future = work.get_future()
 work.wait()
 check("all_reduce_async_int", t, torch.arange(4) * sum(range(1, world + 1)))
+# The work reports the device tensor (gloo's result is its host alias).
+for got in (future.wait()[0], work.result()[0]):
+    assert got.device == dev and got.data_ptr() == t.data_ptr(), got
+checked.append("work_results_on_device")
 
 # A strided view: whatever gloo does with one on CPU (it reads and writes
 # numel() elements from the view's first one), it does on mps_ext.

@@ -47,7 +47,8 @@ def test_two_processes_collectives_sharding_and_a_restart(tmp_path):
     # that loads the FSDP2 checkpoint the first saved and trains on.
     ckpt = tmp_path / "ckpt"
     lines = torchrun(ckpt)
-    names = ("all_reduce all_reduce_max all_reduce_async_int strided_view broadcast "
+    names = ("all_reduce all_reduce_max all_reduce_async_int work_results_on_device "
+             "strided_view broadcast "
              "all_gather all_gather_single reduce_scatter_single all_to_all_single scatter "
              "all_gather_object after_stream_work cpu_tensor ddp_timings sync_batch_norm "
              "barriers funcol_all_reduce funcol_all_gather funcol_reduce_scatter "
@@ -100,3 +101,13 @@ except RuntimeError as e:
     assert "cpu mesh cpu\n" in proc.stdout, proc.stdout + proc.stderr
     assert "RuntimeError: No backend type associated with device type mps_ext" in proc.stdout, \
         proc.stdout + proc.stderr
+
+
+def test_process_group_operator_refuses_a_group_without_its_cpu_backend():
+    # torch_mps_ext.distributed builds the "mps_ext" group from a group with
+    # gloo for CPU tensors; anything else is refused with a clear error.
+    from torch._C._distributed_c10d import HashStore, ProcessGroup
+    plain = ProcessGroup(HashStore(), 0, 1)
+    with pytest.raises(RuntimeError, match="mps_ext process group: expected a group with one "
+                                           "backend, for CPU tensors"):
+        torch.ops.mps_ext._process_group(plain.boxed())

@@ -109,7 +109,11 @@ class MpsExtWork final : public c10d::Work {
   std::vector<at::Tensor> result() override { return aliases_->device(engine_->result()); }
   void synchronize() override { engine_->synchronize(); }
   bool wait(std::chrono::milliseconds timeout) override { return engine_->wait(timeout); }
+  void blockCurrentStream() override { engine_->blockCurrentStream(); }
   void abort() override { engine_->abort(); }
+  c10::intrusive_ptr<c10::ivalue::Future> getFutureResult() override {
+    return engine_->getFutureResult();  // success or failure, no tensors
+  }
   float getDuration() const override { return engine_->getDuration(); }
   uint64_t getSequencenumber() const override { return engine_->getSequencenumber(); }
 

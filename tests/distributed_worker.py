@@ -333,6 +333,16 @@ close("dtensor_redistribute", c.full_tensor(), a @ b)
 r = (da.relu() * 2 + 1).sum(dim=0)  # pointwise and a reduction across shards
 assert isinstance(r, DTensor) and r.to_local().device == dev
 close("dtensor_ops", r.full_tensor(), (a.relu() * 2 + 1).sum(dim=0))
+# Random DTensors (torch's RNG tracker over the device's Philox generator):
+# one tensor, every shard its own part of it, the same on every rank.
+import torch.distributed.tensor as dtensor  # noqa: E402
+
+rand = dtensor.randn(8, 4, device_mesh=mesh, placements=[Shard(0)]).full_tensor().cpu()
+everyone = [None] * world
+dist.all_gather_object(everyone, rand)
+assert all(torch.equal(e, rand) for e in everyone), everyone
+assert not torch.equal(rand[:4], rand[4:]) and rand.std() > 0.5, rand
+checked.append("dtensor_random")
 
 # Tensor parallelism: a Linear pair split column-wise then row-wise over the
 # "tp" dimension of a 2-D mesh (1 x world: sharded; world x 1: whole), equal

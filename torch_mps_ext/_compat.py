@@ -99,9 +99,9 @@ def gloo():
 
 def gloo_process_group(store, rank: int, size: int, timeout):
     """A c10d ProcessGroup whose CPU tensors go to a new gloo backend."""
-    from torch._C._distributed_c10d import ProcessGroup, ProcessGroupGloo
+    from torch._C._distributed_c10d import ProcessGroup
 
-    gloo_backend = ProcessGroupGloo(store, rank, size, timeout)
+    gloo_backend = gloo().ProcessGroupGloo(store, rank, size, timeout)
     group = ProcessGroup(store, rank, size)
     group._register_backend(torch.device("cpu"), ProcessGroup.BackendType.GLOO, gloo_backend)
     return group

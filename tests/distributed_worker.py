@@ -379,6 +379,14 @@ train(model, opt, range(4), sharded=True)
 for got, want in zip(full_params(model), reference(range(4)), strict=True):
     close("fsdp2", got, want)
 
+# fully_shard without a mesh makes one over the default group with
+# init_device_mesh (the adapted one, as FSDP imports it by name).
+from torch.distributed.fsdp import fully_shard  # noqa: E402
+
+lone = fully_shard(torch.nn.Linear(8, 4).to(dev))
+assert lone.weight.device_mesh.device_type == "mps_ext" and lone.weight.device_mesh.size() == world
+checked.append("fsdp2_default_mesh")
+
 # ... saved with torch.distributed.checkpoint (loaded by the restart).
 import torch.distributed.checkpoint as dcp  # noqa: E402
 

@@ -54,7 +54,7 @@ def test_two_processes_collectives_sharding_and_a_restart(tmp_path):
              "barriers funcol_all_reduce funcol_all_gather funcol_reduce_scatter "
              "funcol_all_to_all device_mesh device_mesh_2d device_mesh_errors dtensor_shard "
              "dtensor_matmul dtensor_redistribute dtensor_ops dtensor_random tensor_parallel "
-             "tensor_parallel_grads fsdp2 dcp_save fsdp2_bf16").split()
+             "tensor_parallel_grads fsdp2 fsdp2_default_mesh dcp_save fsdp2_bf16").split()
     for rank, checked in lines.items():
         assert set(names) <= set(checked), (rank, sorted(set(names) - set(checked)))
     assert "reduce" in lines["0"] and "gather" in lines["0"]

@@ -17,7 +17,10 @@ private API                                            used by / for
 ``_dtype_to_storage_type_map``, ``_warn_typed_storage_removal``
 ``torch._C._distributed_c10d`` (ProcessGroup,          distributed: the ``"mps_ext"`` c10d backend
 ProcessGroupGloo, ``ProcessGroup._register_backend``,  (a group with gloo for CPU tensors, handed
-``boxed``/``unbox``), ``dist.Backend._plugins``        to the C++ side as a custom-class value)
+``boxed``/``unbox``; gloo's ``options``,               to the C++ side as a custom-class value)
+``_set_sequence_number_for_group``),
+``_DistributedBackendOptions``' fields,
+``dist.Backend._plugins``
 ``device_mesh.init_device_mesh``'s letters-only        distributed (``adapt_distributed_checks``):
 device-type check (``str.isalpha``),                   ``init_device_mesh("mps_ext", ...)``, and
 ``DeviceMesh._device_type``; ``monitored_barrier``'s   ``dist.monitored_barrier`` on mps_ext groups
@@ -97,11 +100,18 @@ def gloo():
     return SimpleNamespace(ProcessGroupGloo=ProcessGroupGloo)
 
 
-def gloo_process_group(store, rank: int, size: int, timeout):
-    """A c10d ProcessGroup whose CPU tensors go to a new gloo backend."""
+def gloo_process_group(opts):
+    """A c10d ProcessGroup whose CPU tensors go to a new gloo backend, made
+    from c10d's ``_DistributedBackendOptions`` as torch makes its gloo groups
+    (group name and global ranks in the backend's options, the group's
+    sequence number agreed through the store)."""
     from torch._C._distributed_c10d import ProcessGroup
 
-    gloo_backend = gloo().ProcessGroupGloo(store, rank, size, timeout)
+    store, rank, size = opts.store, opts.group_rank, opts.group_size
+    gloo_backend = gloo().ProcessGroupGloo(store, rank, size, opts.timeout)
+    gloo_backend.options.global_ranks_in_group = opts.global_ranks_in_group
+    gloo_backend.options.group_name = opts.group_id
+    gloo_backend._set_sequence_number_for_group()
     group = ProcessGroup(store, rank, size)
     group._register_backend(torch.device("cpu"), ProcessGroup.BackendType.GLOO, gloo_backend)
     return group

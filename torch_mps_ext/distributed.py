@@ -40,16 +40,19 @@ def is_available() -> bool:
 if is_available():
     from . import _compat
 
-    def _create(store, rank: int, size: int, timeout):
-        """c10d's creator for the "mps_ext" backend: a process group whose
-        CPU tensors go to a gloo backend and whose mps_ext tensors go to the
-        mps_ext backend over that same gloo backend (csrc/distributed)."""
-        plain = _compat.gloo_process_group(store, rank, size, timeout)
+    def _create(opts, backend_options=None):
+        """c10d's creator for the "mps_ext" backend (its extended form: `opts`
+        has the store, rank, size, timeout, group name and global ranks): a
+        process group whose CPU tensors go to a gloo backend and whose
+        mps_ext tensors go to the mps_ext backend over that same gloo backend
+        (csrc/distributed)."""
+        plain = _compat.gloo_process_group(opts)
         return _compat.process_group_through(torch.ops.mps_ext._process_group, plain)
 
     def _register() -> None:
         if BACKEND.upper() not in _compat.distributed_backend_plugins():
-            dist.Backend.register_backend(BACKEND, _create, devices=["cpu", BACKEND])
+            dist.Backend.register_backend(BACKEND, _create, extended_api=True,
+                                          devices=["cpu", BACKEND])
         _compat.adapt_distributed_checks(BACKEND)
 
 else:  # pragma: no cover - torch without distributed/gloo

@@ -293,9 +293,10 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh  # noqa: 
 
 mesh = init_device_mesh("mps_ext", (world,))
 mesh_2d = init_device_mesh("mps_ext", (world, 1), mesh_dim_names=("dp", "tp"))
+by_name = init_device_mesh(device_type="mps_ext", mesh_shape=(world,))
 built = DeviceMesh("mps_ext", list(range(world)))
 built_2d = DeviceMesh("mps_ext", [[r] for r in range(world)], mesh_dim_names=("dp", "tp"))
-for m in (mesh, mesh_2d, built, built_2d):
+for m in (mesh, mesh_2d, by_name, built, built_2d):
     assert type(m.device_type) is str and m.device_type == "mps_ext", m.device_type
     assert m.get_coordinate()[0] == rank, (m, m.get_coordinate())
 for m, dim in ((mesh, 0), (mesh_2d, "dp"), (built, 0), (built_2d, "dp")):

@@ -159,12 +159,18 @@ def adapt_distributed_checks(device_type: str) -> None:
     torch_init = device_mesh.init_device_mesh
     if not getattr(torch_init, "_mps_ext_adapted", False):
         @functools.wraps(torch_init)
-        def init_device_mesh(device_type_arg, *args, **kwargs):
-            if isinstance(device_type_arg, str) and device_type_arg == device_type:
-                mesh = torch_init(_DeviceTypeName(device_type), *args, **kwargs)
-                mesh._device_type = device_type
-                return mesh
-            return torch_init(device_type_arg, *args, **kwargs)
+        def init_device_mesh(*args, **kwargs):
+            # device_type: torch's first parameter, by position or by name
+            given = args[0] if args else kwargs.get("device_type")
+            if not (isinstance(given, str) and given == device_type):
+                return torch_init(*args, **kwargs)
+            if args:
+                args = (_DeviceTypeName(device_type), *args[1:])
+            else:
+                kwargs["device_type"] = _DeviceTypeName(device_type)
+            mesh = torch_init(*args, **kwargs)
+            mesh._device_type = device_type
+            return mesh
 
         init_device_mesh._mps_ext_adapted = True
         for name, module in list(sys.modules.items()):

@@ -250,6 +250,9 @@ def test_matmul():
     _same_on_both(lambda x, y: torch.mv(x, y), s, torch.randn(4))
     _same_on_both(lambda x, y: x @ y, s.to_dense().to_sparse_csr(), d)
     _same_on_both(lambda x, y: y @ x, s, torch.randn(5, 3))  # dense @ sparse
+    mask = (torch.rand(3, 5) > 0.5).float().to_sparse_csr()
+    _same_on_both(lambda m, a, b: torch.sparse.sampled_addmm(m, a, b, beta=0.5),
+                  mask, torch.randn(3, 4), d)
 
 
 # --- gradients -------------------------------------------------------------

@@ -20,10 +20,10 @@
 #include "runtime/Device.h"
 #include "runtime/Stream.h"
 
+#include <ATen/NestedTensorImpl.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/op_registration/op_registration.h>
 #include <c10/core/DeviceGuard.h>
-#include <c10/core/GradMode.h>
 #include <c10/util/SmallVector.h>
 #include <torch/library.h>
 
@@ -51,7 +51,6 @@ struct Context {
   // are in `aliased` (SparseFallback.h).
   c10::SmallVector<std::pair<at::Tensor, at::Tensor>, 2> sparse;
   bool any_nested = false;  // a nested tensor among the arguments
-  bool needs_grad = false;  // an argument requires grad
 
   [[noreturn]] void mismatch(const std::string& what, at::Device other) const {
     TORCH_CHECK(false,
@@ -69,7 +68,6 @@ struct Context {
   }
 
   at::Tensor toHost(const at::Tensor& t) {
-    needs_grad = needs_grad || t.requires_grad();
     for (auto& a : aliased) {
       if (a.device.unsafeGetTensorImpl() == t.unsafeGetTensorImpl()) return a.host;
     }
@@ -114,6 +112,10 @@ void scanDevices(Context& ctx, const c10::FunctionSchema& schema,
   std::optional<std::pair<std::string, at::Device>> host_tensor;
   std::optional<at::Device> host_out;
   std::optional<at::Device> index_device;  // device of index-list tensors only
+  // Nested tensors' metadata (sizes, strides, offsets) are CPU int64 tensors
+  // on every device: the _nested_* operators take them so (autograd's
+  // backward of nested ops passes them), as CUDA's kernels do.
+  const bool nested_op = schema.name().rfind("aten::_nested_", 0) == 0;
   for (std::size_t i = 0; i < schema.arguments().size(); ++i) {
     const c10::IValue& v = stack[begin + i];
     const c10::Argument& arg = schema.arguments()[i];
@@ -129,6 +131,8 @@ void scanDevices(Context& ctx, const c10::FunctionSchema& schema,
         ctx.noteDevice(t.device(), "argument " + name);
       } else if (arg.is_out()) {
         if (!host_out) host_out = t.device();
+      } else if (nested_op && !written && t.scalar_type() == at::kLong && !t.is_nested()) {
+        // nested metadata: stays on the host
       } else if (!index_list && (written || !isScalarLike(t)) && !host_tensor) {
         host_tensor.emplace(name, t.device());
       }
@@ -280,6 +284,7 @@ struct Adopter {
     for (auto& a : ctx.aliased) {
       if (a.host.unsafeGetTensorImpl() == r.unsafeGetTensorImpl()) return a.device;
     }
+    if (ctx.any_nested && isNestedMetadata(r)) return r;
     if (sparse::isSparse(r)) return sparseResult(r, stack, ret_begin);
     if (r.is_nested()) return nested(r);
     TORCH_CHECK(r.layout() == c10::kStrided, ctx.op.schema().name(),
@@ -299,6 +304,28 @@ struct Adopter {
       return deviceTensor(storage, r);
     }
     return copyToDevice(r, device);
+  }
+
+  // A nested tensor's metadata (sizes, strides, offsets) are CPU tensors on
+  // every device, shared by the device tensor and its host view: returned
+  // as they are (_nested_tensor_size, which autograd saves for backward), as
+  // on CUDA. Adopting their memory would leave the nested argument's
+  // metadata without data.
+  bool isNestedMetadata(const at::Tensor& r) const {
+    if (!r.has_storage()) return false;
+    const c10::StorageImpl* s = r.storage().unsafeGetStorageImpl();
+    auto same = [s](const at::Tensor& m) {
+      return m.defined() && m.storage().unsafeGetStorageImpl() == s;
+    };
+    for (auto& a : ctx.aliased) {
+      if (!a.host.is_nested()) continue;
+      const at::native::NestedTensorImpl* nt = at::native::get_nested_tensor_impl(a.host);
+      if (same(nt->get_nested_sizes()) || same(nt->get_nested_strides()) ||
+          same(nt->get_storage_offsets())) {
+        return true;
+      }
+    }
+    return false;
   }
 
   // A nested CPU result as a nested device tensor: its buffer adopted when
@@ -459,12 +486,6 @@ void fallbackAt(const c10::OperatorHandle& op, torch::jit::Stack* stack,
   // reuse a block a queued copy still reads included).
   runtime::awaitCurrentStream(device);
   toHostArgs(ctx, schema, *stack, begin);
-  // Nested tensors serve inference here (torch's fast paths take them only
-  // then); their autograd is not wired through host views.
-  TORCH_CHECK(!(ctx.any_nested && ctx.needs_grad && c10::GradMode::is_enabled()),
-              "mps_ext: nested tensors are supported for inference only (", schema.name(),
-              " with an argument that requires grad); run it under torch.no_grad() or "
-              "torch.inference_mode()");
   {
     LendScope lend(device);
     if (const Redirect* r = redirectFor(op)) {

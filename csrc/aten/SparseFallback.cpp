@@ -209,6 +209,8 @@ TORCH_LIBRARY_IMPL(_, SparseCsrPrivateUse1, m) {
 }
 
 // Metadata and construction: torch's device-generic kernels, no host views.
+// Registered on the sparse keys only: sparse operators are outside MPS
+// fidelity mode (docs/fidelity.md), whose operator table is the dense one.
 TORCH_LIBRARY_IMPL(aten, SparsePrivateUse1, m) {
   m.impl("_sparse_coo_tensor_with_dims_and_tensors",
          TORCH_FN(at::native::new_with_dims_and_tensor_sparse_symint));
@@ -218,8 +220,6 @@ TORCH_LIBRARY_IMPL(aten, SparsePrivateUse1, m) {
   m.impl("values", TORCH_FN(at::native::values_sparse));
   m.impl("sparse_dim", TORCH_FN(at::native::sparse_dim_sparse));
   m.impl("dense_dim", TORCH_FN(at::native::dense_dim_sparse));
-  m.impl("_dimI", TORCH_FN(at::native::sparse_dim_sparse));
-  m.impl("_dimV", TORCH_FN(at::native::dense_dim_sparse));
   m.impl("_nnz", TORCH_FN(at::native::_nnz_sparse));
   m.impl("is_coalesced", TORCH_FN(at::native::is_coalesced_sparse));
   m.impl("_coalesced_", TORCH_FN(at::native::_coalesced_sparse_));

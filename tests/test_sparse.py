@@ -9,6 +9,7 @@ import io
 import pytest
 import torch
 import torch.nn as nn
+from conftest import run_python
 
 DEV = "mps_ext"
 pytestmark = pytest.mark.filterwarnings(
@@ -164,6 +165,25 @@ def test_dtypes(dtype):
     _same_on_both(lambda s: s.to_dense(), _coo(dtype), exact=True)
 
 
+def test_second_device():
+    out = run_python("""
+        import warnings
+        import torch, torch_mps_ext
+        warnings.simplefilter("ignore")
+        i, v = torch.tensor([[0, 1, 1], [2, 0, 2]]), torch.tensor([3.0, 4.0, 5.0])
+        cpu = torch.sparse_coo_tensor(i, v, (2, 3))
+        made = torch.sparse_coo_tensor(i, v, (2, 3), device="mps_ext:1")
+        moved = cpu.to("mps_ext:1")
+        for t in (made, moved, moved * 2, moved.coalesce(), moved.to_sparse_csr()):
+            members = (t._values(),) if t.is_sparse else (t.crow_indices(), t.values())
+            print(t.device, *[m.device for m in members])
+        print((moved * 2).to_dense().cpu().tolist())
+    """, env={"TORCH_MPS_EXT_DEVICE_COUNT": "2"}).stdout.split("\n")
+    for line in out[:5]:
+        assert set(line.split()) == {"mps_ext:1"}, out
+    assert out[5] == str((torch.tensor([[0, 0, 3.0], [4, 0, 5]]) * 2).tolist())
+
+
 # --- elementwise, promotion, reductions, matmul -------------------------
 
 def test_elementwise_ops():
@@ -186,6 +206,17 @@ def test_elementwise_ops():
     csr = d.to_sparse_csr()
     _same_on_both(lambda x: x * 3, csr)
     _same_on_both(lambda x, y: x + y, csr, csr)
+
+
+def test_sparse_resize():
+    _same_on_both(lambda s: s.clone().sparse_resize_((5, 6), 2, 0), _coo(), exact=True)
+    _same_on_both(lambda s: s.clone().sparse_resize_and_clear_((4, 4, 2), 2, 1), _coo(),
+                  exact=True)
+    _same_on_both(lambda s: torch.zeros_like(s), _coo(), exact=True)
+    _same_on_both(lambda s: s.t().coalesce(), _coo(), exact=True)
+    _same_on_both(lambda s: s.index_select(1, torch.tensor([3, 1]).to(s.device)), _coo(),
+                  exact=True)
+    _same_on_both(lambda s: torch.cat([s, s], dim=1), _coo(), exact=True)
 
 
 def test_in_place_ops_write_the_callers_tensor():

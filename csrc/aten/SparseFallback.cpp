@@ -208,12 +208,30 @@ TORCH_LIBRARY_IMPL(_, SparseCsrPrivateUse1, m) {
   m.fallback(torch::CppFunction::makeFromBoxedFunction<&sparseCompressedBackendFallback>());
 }
 
+namespace {
+
+// torch's constructor, on the device of the members (the placeholder members
+// it starts from are made on the current device), as a CUDA kernel runs
+// under its device guard.
+at::Tensor newCoo(int64_t sparse_dim, int64_t dense_dim, c10::SymIntArrayRef size,
+                  const at::Tensor& indices, const at::Tensor& values,
+                  std::optional<at::ScalarType> dtype, std::optional<at::Layout> layout,
+                  std::optional<at::Device> device, std::optional<bool> pin_memory,
+                  std::optional<bool> is_coalesced) {
+  c10::OptionalDeviceGuard guard;
+  if (values.defined() && values.device().type() == kDev) guard.reset_device(values.device());
+  return at::native::new_with_dims_and_tensor_sparse_symint(
+      sparse_dim, dense_dim, size, indices, values, dtype, layout, device, pin_memory,
+      is_coalesced);
+}
+
+} // namespace
+
 // Metadata and construction: torch's device-generic kernels, no host views.
 // Registered on the sparse keys only: sparse operators are outside MPS
 // fidelity mode (docs/fidelity.md), whose operator table is the dense one.
 TORCH_LIBRARY_IMPL(aten, SparsePrivateUse1, m) {
-  m.impl("_sparse_coo_tensor_with_dims_and_tensors",
-         TORCH_FN(at::native::new_with_dims_and_tensor_sparse_symint));
+  m.impl("_sparse_coo_tensor_with_dims_and_tensors", TORCH_FN(newCoo));
   m.impl("_indices", TORCH_FN(at::native::_indices_sparse));
   m.impl("_values", TORCH_FN(at::native::_values_sparse));
   m.impl("indices", TORCH_FN(at::native::indices_sparse));

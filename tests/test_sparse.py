@@ -360,6 +360,29 @@ def test_save_and_load_round_trip(make):
     assert on_cpu.device.type == "cpu" and on_cpu.layout == ref.layout
 
 
+def test_load_onto_the_device_and_modules_with_sparse_buffers():
+    ref = _coo().coalesce()
+    buf = io.BytesIO()
+    torch.save(ref, buf)
+    buf.seek(0)
+    _check_same(torch.load(buf, map_location=DEV), ref, exact=True)
+
+    class Graph(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("adj", ref.clone())
+            self.w = nn.Parameter(torch.arange(8.0).reshape(4, 2))
+
+        def forward(self):
+            return torch.sparse.mm(self.adj, self.w)
+
+    cpu = Graph()
+    dev = copy.deepcopy(cpu).to(DEV)
+    _check_same(dev.adj, cpu.adj, exact=True)
+    _check_same(dev(), cpu())
+    _check_same(dev.state_dict()["adj"], cpu.state_dict()["adj"], exact=True)
+
+
 def test_repr_and_deepcopy():
     dev = _coo().to(DEV)
     text = repr(dev)

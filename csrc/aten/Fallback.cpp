@@ -112,10 +112,6 @@ void scanDevices(Context& ctx, const c10::FunctionSchema& schema,
   std::optional<std::pair<std::string, at::Device>> host_tensor;
   std::optional<at::Device> host_out;
   std::optional<at::Device> index_device;  // device of index-list tensors only
-  // Nested tensors' metadata (sizes, strides, offsets) are CPU int64 tensors
-  // on every device: the _nested_* operators take them so (autograd's
-  // backward of nested ops passes them), as CUDA's kernels do.
-  const bool nested_op = schema.name().rfind("aten::_nested_", 0) == 0;
   for (std::size_t i = 0; i < schema.arguments().size(); ++i) {
     const c10::IValue& v = stack[begin + i];
     const c10::Argument& arg = schema.arguments()[i];
@@ -131,8 +127,11 @@ void scanDevices(Context& ctx, const c10::FunctionSchema& schema,
         ctx.noteDevice(t.device(), "argument " + name);
       } else if (arg.is_out()) {
         if (!host_out) host_out = t.device();
-      } else if (nested_op && !written && t.scalar_type() == at::kLong && !t.is_nested()) {
-        // nested metadata: stays on the host
+      } else if (!written && t.scalar_type() == at::kLong && !t.is_nested() &&
+                 schema.name().rfind("aten::_nested_", 0) == 0) {
+        // Nested tensors' metadata (sizes, strides, offsets) are CPU int64
+        // tensors on every device: the _nested_* operators take them so
+        // (autograd's backward of nested ops passes them), as CUDA's do.
       } else if (!index_list && (written || !isScalarLike(t)) && !host_tensor) {
         host_tensor.emplace(name, t.device());
       }

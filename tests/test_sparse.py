@@ -434,3 +434,9 @@ def test_invalid_construction_is_refused_as_on_cpu():
         torch.sparse_coo_tensor(i, v, (3,), check_invariants=True)
     with pytest.raises(RuntimeError, match=msg):
         torch.sparse_coo_tensor(i.to(DEV), v.to(DEV), (3,), check_invariants=True)
+    crow, col, val = torch.tensor([0, 2, 1]), torch.tensor([0, 1]), torch.tensor([1.0, 2.0])
+    for device in ("cpu", DEV):
+        with pytest.raises(RuntimeError, match=r"`crow_indices\[\.\.\., -1\] == nnz` is not "
+                                               "satisfied"):
+            torch.sparse_csr_tensor(crow, col, val, (2, 2), check_invariants=True,
+                                    device=device)

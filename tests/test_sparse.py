@@ -152,6 +152,12 @@ def test_coalesce_and_members():
     assert dev.coalesce()._nnz() == cpu.coalesce()._nnz() == 4
     with pytest.raises(RuntimeError, match="Cannot get indices on an uncoalesced tensor"):
         dev.indices()
+    # A kernel's result over an argument's members keeps them (unsqueeze
+    # shares the values, as on CPU).
+    for x in (cpu.coalesce(), dev.coalesce()):
+        u = x.unsqueeze(0)
+        assert u._values().data_ptr() == x._values().data_ptr(), x.device
+        assert u.device == x.device
     # Members are views: writing one shows in the tensor, as on CPU.
     c = dev.coalesce()
     c.values().mul_(2)

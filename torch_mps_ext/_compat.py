@@ -52,6 +52,10 @@ C++ (csrc/, reviewed by reading each file named):
   (core/ProfilerKineto.cpp, ProfilerStubs.cpp); ``c10d::Logger`` timers (core/DdpTimer.cpp).
 * ``caffe2::GetBuildOptions()["COMMIT_SHA"]``, which MPS's NotImplementedError names
   (aten/Fidelity.cpp); ``c10::Warning`` with ``verbatim`` (aten/Fidelity.cpp).
+* ``torch::CapturedTraceback::gather`` and ``torch::symbolize``
+  (``torch/csrc/profiler/combined_traceback.h``: the stacks of memory history, whose Python
+  unwinder torch installs at import), ``c10::CachingDeviceAllocator::RecordContext`` /
+  ``CreateContextFn`` (python/Memory.cpp, core/Allocator.cpp).
 * ``torch/csrc/autograd/python_variable.h`` (``THPVariable_Unpack``) and
   ``torch/csrc/Generator.h`` in the bindings (python/Shaders.cpp, Random.cpp).
 """

@@ -162,6 +162,31 @@ def test_growing_in_place_stays_under_the_memory_fraction(history):
     assert _trace()[-1]["action"] == "oom"
 
 
+def test_block_used_by_another_stream_is_pending_free_until_it_passes(history):
+    memory._record_memory_history(stacks="python")
+    side = torch.mps_ext.Stream()
+    work = torch.mps_ext.Stream()
+    with torch.mps_ext.stream(work):
+        x = torch.empty(1000, device=DEV)
+        addr = x.data_ptr()
+        torch.mps_ext._sleep(300_000_000, side)  # 300 ms: side stays busy
+        x.record_stream(side)
+        del x
+        (block,) = [b for s in memory._snapshot()["segments"] for b in s["blocks"]
+                    if b["address"] == addr]
+        assert block["state"] == "active_pending_free"
+        assert block["requested_size"] == 4000
+        assert [e["action"] for e in _events_at(_trace(), addr)
+                if not e["action"].startswith("segment")] == ["alloc", "free_requested"]
+        (seg,) = [s for s in memory._snapshot()["segments"]
+                  if s["address"] <= addr < s["address"] + s["total_size"]]
+        assert seg["stream"] == work.stream_id and seg["active_size"] >= 4096
+        side.synchronize()
+        torch.empty(1000, device=DEV)  # the allocator looks at waiting blocks again
+    done = [e for e in _events_at(_trace(), addr) if e["action"] == "free_completed"]
+    assert done and done[0]["stream"] == work.stream_id
+
+
 # --- stacks ------------------------------------------------------------------
 
 def test_stacks_name_the_line_that_allocated(history):
@@ -234,7 +259,8 @@ def test_max_entries_keeps_the_newest(history):
 def test_state_only_and_stopping(history):
     memory._record_memory_history(enabled="state", stacks="python")
     ts = [torch.empty(10, device=DEV) for _ in range(5)]
-    assert len(_trace()) <= 1  # "state": no history (CUDA keeps the last entry)
+    # "state": no history, but for its last entry (as on CUDA)
+    assert [(e["action"], e["addr"]) for e in _trace()] == [("alloc", ts[-1].data_ptr())]
     (block,) = [b for s in memory._snapshot()["segments"] for b in s["blocks"]
                 if b["address"] == ts[0].data_ptr()]
     assert block["frames"]

@@ -262,8 +262,8 @@ def _snapshot(device: _device_t = None) -> dict[str, Any]:
                              "size", "stream", "time_us", "frames"}, ...]
                            for each device]}
 
-    Segments of every device are included (as on CUDA, ``device`` only
-    selects nothing; it is checked). Block sizes add up to each segment's
+    Every device is included, as on CUDA (``device`` is only checked).
+    Block sizes add up to each segment's
     ``total_size``; the segments' to :func:`memory_reserved`, the
     ``active_allocated`` blocks' to :func:`memory_allocated`.
     """

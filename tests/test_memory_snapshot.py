@@ -210,6 +210,19 @@ def test_stacks_name_the_line_that_allocated(history):
     assert _my_frames(block["frames"])[0] == (keep_line, "test_stacks_name_the_line_that_allocated")
 
 
+def test_augment_with_fx_traces_keeps_the_eager_frames(history, tmp_path):
+    memory._record_memory_history(stacks="python")
+    line = _here() + 1
+    t = torch.empty(5, device=DEV)
+    snap = memory._snapshot(augment_with_fx_traces=True)
+    (block,) = [b for s in snap["segments"] for b in s["blocks"] if b["address"] == t.data_ptr()]
+    assert _my_frames(block["frames"])[0] == (
+        line, "test_augment_with_fx_traces_keeps_the_eager_frames")
+    memory._dump_snapshot(str(tmp_path / "s.pickle"), augment_with_fx_traces=True)
+    with open(tmp_path / "s.pickle", "rb") as f:
+        assert pickle.load(f)["device_traces"][0]
+
+
 def test_context_levels(history):
     def run():
         t = torch.empty(999, device=DEV)

@@ -29,6 +29,8 @@ register_interface_for_device); ``torch._inductor``    (imported on first compil
 codegen.common/mps/mps_device_op_overrides/wrapper/
 wrapper_fxir, lowering.unsupported_input_tensor,
 runtime.runtime_utils.compile_mps_shader
+``torch._utils._augment_memory_snapshot_stack_traces``  memory._snapshot(augment_with_fx_traces=True):
+                                                       FX source lines in a snapshot's frames
 =====================================================  ===========================================
 
 C++ (csrc/, reviewed by reading each file named):
@@ -96,6 +98,15 @@ def gloo():
     return SimpleNamespace(ProcessGroupGloo=ProcessGroupGloo, AllgatherOptions=AllgatherOptions,
                            AllToAllOptions=AllToAllOptions,
                            ReduceScatterOptions=ReduceScatterOptions)
+
+
+def augment_memory_snapshot_stack_traces():
+    """Adds FX graphs' original source lines to a memory snapshot's frames
+    (what torch.cuda.memory._snapshot(augment_with_fx_traces=True) calls;
+    device-agnostic)."""
+    from torch._utils import _augment_memory_snapshot_stack_traces
+
+    return _augment_memory_snapshot_stack_traces
 
 
 def native_functions_yaml() -> str:

@@ -5,7 +5,7 @@ import pickle
 import sys
 from typing import Any
 
-from . import _C, _private_files
+from . import _C, _compat, _private_files
 from ._utils import _device_t, _get_device_index
 
 
@@ -246,7 +246,7 @@ def _record_memory_history(enabled: str | None = "all", context: str | None = "a
                               entries, bool(clear_history), mask)
 
 
-def _snapshot(device: _device_t = None) -> dict[str, Any]:
+def _snapshot(device: _device_t = None, augment_with_fx_traces: bool = False) -> dict[str, Any]:
     r"""The allocator's state and recorded history, in torch.cuda's snapshot
     format (:func:`torch.cuda.memory._snapshot`)::
 
@@ -266,17 +266,24 @@ def _snapshot(device: _device_t = None) -> dict[str, Any]:
     Block sizes add up to each segment's
     ``total_size``; the segments' to :func:`memory_reserved`, the
     ``active_allocated`` blocks' to :func:`memory_allocated`.
+    ``augment_with_fx_traces=True`` adds the original source lines of
+    frames in FX-generated code (torch.compile), as torch.cuda does.
     """
     if device is not None:
         _get_device_index(device, optional=True)
-    return _C._memory_snapshot(True)
+    snapshot = _C._memory_snapshot(True)
+    if augment_with_fx_traces:
+        snapshot = _compat.augment_memory_snapshot_stack_traces()(snapshot)
+    return snapshot
 
 
-def _dump_snapshot(filename: str = "dump_snapshot.pickle") -> None:
+def _dump_snapshot(filename: str = "dump_snapshot.pickle",
+                   augment_with_fx_traces: bool = False) -> None:
     r"""Pickles :func:`_snapshot` into ``filename`` (written to a fresh name
     and renamed into place, mode 0600), for ``python -m torch.cuda._memory_viz``
     and https://pytorch.org/memory_viz."""
-    _private_files.write_file(filename, pickle.dumps(_snapshot()))
+    snapshot = _snapshot(augment_with_fx_traces=augment_with_fx_traces)
+    _private_files.write_file(filename, pickle.dumps(snapshot))
 
 
 def memory_snapshot(mempool_id=None, include_traces: bool = True) -> list[dict[str, Any]]:

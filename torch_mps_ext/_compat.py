@@ -37,8 +37,8 @@ register_interface_for_device); ``torch._inductor``    (imported on first compil
 codegen.common/mps/mps_device_op_overrides/wrapper/
 wrapper_fxir, lowering.unsupported_input_tensor,
 runtime.runtime_utils.compile_mps_shader
-``torch._utils._augment_memory_snapshot_stack_traces``  memory._snapshot(augment_with_fx_traces=True):
-                                                       FX source lines in a snapshot's frames
+``torch._utils.`` ``_augment_memory_snapshot_``       memory._snapshot(augment_with_fx_traces=True):
+``stack_traces``                                       FX source lines in a snapshot's frames
 =====================================================  ===========================================
 
 C++ (csrc/, reviewed by reading each file named):

@@ -37,6 +37,8 @@ register_interface_for_device); ``torch._inductor``    (imported on first compil
 codegen.common/mps/mps_device_op_overrides/wrapper/
 wrapper_fxir, lowering.unsupported_input_tensor,
 runtime.runtime_utils.compile_mps_shader
+``torch._utils.`` ``_augment_memory_snapshot_``       memory._snapshot(augment_with_fx_traces=True):
+``stack_traces``                                       FX source lines in a snapshot's frames
 =====================================================  ===========================================
 
 C++ (csrc/, reviewed by reading each file named):
@@ -65,6 +67,10 @@ C++ (csrc/, reviewed by reading each file named):
   python/Distributed.cpp).
 * ``caffe2::GetBuildOptions()["COMMIT_SHA"]``, which MPS's NotImplementedError names
   (aten/Fidelity.cpp); ``c10::Warning`` with ``verbatim`` (aten/Fidelity.cpp).
+* ``torch::CapturedTraceback::gather`` and ``torch::symbolize``
+  (``torch/csrc/profiler/combined_traceback.h``: the stacks of memory history, whose Python
+  unwinder torch installs at import), ``c10::CachingDeviceAllocator::RecordContext`` /
+  ``CreateContextFn`` (python/Memory.cpp, core/Allocator.cpp).
 * ``torch/csrc/autograd/python_variable.h`` (``THPVariable_Unpack``) and
   ``torch/csrc/Generator.h`` in the bindings (python/Shaders.cpp, Random.cpp).
 """
@@ -199,6 +205,15 @@ def adapt_distributed_checks(device_type: str) -> None:
         monitored_barrier._mps_ext_adapted = True
         c10d.monitored_barrier = monitored_barrier
         _dist.monitored_barrier = monitored_barrier
+
+
+def augment_memory_snapshot_stack_traces():
+    """Adds FX graphs' original source lines to a memory snapshot's frames
+    (what torch.cuda.memory._snapshot(augment_with_fx_traces=True) calls;
+    device-agnostic)."""
+    from torch._utils import _augment_memory_snapshot_stack_traces
+
+    return _augment_memory_snapshot_stack_traces
 
 
 def native_functions_yaml() -> str:

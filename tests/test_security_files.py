@@ -118,7 +118,7 @@ def test_umask_000_cache_is_private(victim, tmp_path, default_location):
     for d in created:
         assert mode(d) == 0o700, d
     files = list(created[-1].iterdir())
-    assert {p.suffix for p in files} == {".so", ".sha256", ".cpp"}, files  # no temp or build leftovers
+    assert {p.suffix for p in files} == {".so", ".sha256", ".cpp", ".frames"}, files  # no temp or build leftovers
     for p in files:
         assert stat.S_ISREG(os.lstat(p).st_mode) and mode(p) == 0o600, p
 

@@ -62,7 +62,7 @@ conformance: build
 ASAN_TREE  := build/asan
 ASAN_TESTS ?= tests/test_device.py tests/test_memory.py tests/test_streams.py \
 	tests/test_random.py tests/test_ops.py tests/test_fallback_conformance.py \
-	tests/test_fallback_properties.py tests/test_stress.py
+	tests/test_fallback_properties.py tests/test_stress.py tests/test_shader.py
 ASAN_PRELOAD = $(shell $(CXX) -print-file-name=libasan.so) $(shell $(CXX) -print-file-name=libstdc++.so)
 asan: $(VENV)/.test-deps
 	rm -rf $(ASAN_TREE)/torch_mps_ext $(ASAN_TREE)/tests

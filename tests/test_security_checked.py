@@ -300,3 +300,28 @@ def test_correct_kernels_are_bit_equal_in_both_modes(monkeypatch):
     assert with_checks == plain
     bins = torch.frombuffer(bytearray(plain[2]), dtype=torch.int32)
     assert bins[1:].tolist() == [10, 10, 10] and bins[0].view(torch.float32).item() == 30.0
+
+
+def test_source_that_cannot_be_instrumented_runs_unchecked_with_a_warning(checked):
+    # `device float *a, *b;`: the second declarator stays a raw pointer, and a checked pointer
+    # does not convert to one implicitly -- the source is compiled unchecked, with a warning
+    src = """
+        kernel void two(device float* out, uint i [[thread_position_in_grid]]) {
+          device float *a = out, *b = out;
+          a[i] = 1.0f; b[i] += 1.0f;
+        }
+    """
+    with pytest.warns(UserWarning, match=r"^TORCH_MPS_EXT_SHADER_CHECKED: this shader cannot be instrumented "
+                      r"with bounds checks; running it unchecked\."):
+        lib = compile_src(src)
+    assert not lib._checked
+    out = torch.zeros(4, device=DEV)
+    lib.two(out)
+    sync()
+    assert out.cpu().tolist() == [2.0] * 4
+
+
+def test_source_with_an_error_is_a_syntax_error_without_the_warning(checked, recwarn):
+    with pytest.raises(SyntaxError, match=r"Failed to compile shader"):
+        compile_src("kernel void bad(device float* out, uint i [[thread_position_in_grid]]) { out[i] = nope; }")
+    assert not [w for w in recwarn if "cannot be instrumented" in str(w.message)]

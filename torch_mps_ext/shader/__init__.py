@@ -6,8 +6,9 @@ model, the cache and the checked mode).  Environment variables:
 
 * ``TORCH_MPS_EXT_SHADER_CACHE``   -- cache directory (default ``~/.cache/torch_mps_ext/shaders``);
   it must be writable by this user alone (docs/security.md)
-* ``TORCH_MPS_EXT_SHADER_CHECKED`` -- ``1``: bounds-check device buffer accesses and report
-  out-of-bounds accesses (kernel and argument named) at the next ``synchronize()``
+* ``TORCH_MPS_EXT_SHADER_CHECKED`` -- ``1``: bounds-check every device-pointer access
+  (through pointer arithmetic and helper functions too) and report an out-of-bounds access
+  (kernel, argument and element) at the next ``synchronize()``
 * ``TORCH_MPS_EXT_SHADER_CCACHE``  -- ``0``: do not use ccache even if it is installed
 * ``TORCH_MPS_EXT_SHADER_ARCH_FLAGS`` -- replaces ``-march=native``
 * ``TORCH_MPS_EXT_SHADER_COMPILE_TIMEOUT_S`` -- CPU-time limit of a compiler run (wall clock:

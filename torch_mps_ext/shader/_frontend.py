@@ -17,8 +17,8 @@ The pipeline (see docs/shaders.md):
 4. ``rewrite`` edits the preprocessed text: ``threadgroup`` storage declarations become
    per-OS-thread storage shared by the fibers of a threadgroup, ``1.0h`` literals become
    half, program-scope variables are constant-initialized, the shader's declarations get
-   hidden visibility, and (checked mode) device pointer parameters become bounds-checked
-   pointers.
+   hidden visibility, and (checked mode) every ``device T*`` -- parameters of kernels and
+   helpers, locals, members, return types, casts -- becomes a bounds-checked pointer.
 5. ``generate`` appends one ``extern "C"`` entry point per kernel that unpacks the argument
    block and runs threadgroups ``[begin, end)`` either as a plain loop or with fibers.
 """

@@ -84,7 +84,7 @@ WORKLOADS = [
 
 TARGETS = {"add_1k": 1.3, "add_16M_fresh": 0.35, "add_16M_out": 1.05, "mm_1024": 1.05,
            "conv2d_8x64x56x56": 1.05, "softmax_4096": 1.05, "mlp_step": 1.0,
-           "cnn_step": 1.0, "alloc_fill_64MB": 0.4, "rand_16M": 1.0, **shaders.TARGETS,
+           "cnn_step": 1.0, "alloc_fill_64MB": 0.4, "rand_16M": 1.0, **shaders.TARGETS, **compiled.TARGETS,
            "cpu_only": 1.05, "import_torch": 1.05}
 
 

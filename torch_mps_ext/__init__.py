@@ -125,9 +125,11 @@ _INDUCTOR_CODEGEN = ("Scheduling", "PythonWrapperCodegen", "CppWrapperCodegen",
 
 def __getattr__(name):
     # Inductor asks torch.mps_ext for its code generators when it first
-    # compiles for the device: torch.compile runs Inductor's Metal backend,
-    # its kernels built by compile_shader (_inductor.py). Imported on demand
-    # so that importing torch_mps_ext does not import Inductor.
+    # compiles for the device; importing _inductor registers mps_ext with
+    # Inductor (C++ code generator by default, Metal with
+    # TORCH_MPS_EXT_INDUCTOR=metal or in MPS fidelity mode; docs/compile.md).
+    # Imported on demand so that importing torch_mps_ext does not import
+    # Inductor.
     if name in _INDUCTOR_CODEGEN:
         from ._inductor import CODEGEN
 

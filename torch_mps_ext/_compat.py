@@ -33,10 +33,24 @@ keys, ``structured_delegate``, ``autogen``)
 (their ``device.type == "mps"`` branches, by file and  takes another branch on MPS (by file:function)
 function name)
 ``torch._dynamo.device_interface`` (MpsInterface,      _inductor: torch.compile on mps_ext
-register_interface_for_device); ``torch._inductor``    (imported on first compile, ``inductor()``)
-codegen.common/mps/mps_device_op_overrides/wrapper/
-wrapper_fxir, lowering.unsupported_input_tensor,
-runtime.runtime_utils.compile_mps_shader
+register_interface_for_device); ``torch._inductor``    (imported on first compile, ``inductor()``):
+codegen.common (register_backend_for_device,           the device registration: C++ or Metal
+register_device_op_overrides, DeviceOpOverrides),      generator, Python wrapper calling C++
+codegen.cpp.CppScheduling, codegen.mps.MetalScheduling kernels on mps_ext, cache-key pass
+codegen.wrapper (PythonWrapperCodegen and its
+``_generate_kernel_call_helper``/``write_header``/
+``create``, SubgraphPythonWrapperCodegen),
+wrapper_fxir, custom_graph_pass.CustomGraphModulePass,
+virtualized.V, runtime.runtime_utils.compile_mps_shader
+Inductor's ``device.type == "cpu"`` decisions,         _inductor._adapt_inductor: the C++
+wrapped to include mps_ext under the C++ generator:    generator gets CPU's answers on mps_ext
+``utils.get_current_backend`` (and the modules that
+import it by name: codegen.common, scheduler,
+kernel.mm_common), ``ir.is_cpu``,
+``scheduler.BaseSchedulerNode.is_cpu``,
+``codecache.FxGraphHashDetails.
+_may_generate_cpu_cpp_code``;
+``lowering.unsupported_input_tensor`` (Metal: float64)
 ``torch._utils.`` ``_augment_memory_snapshot_``       memory._snapshot(augment_with_fx_traces=True):
 ``stack_traces``                                       FX source lines in a snapshot's frames
 =====================================================  ===========================================
@@ -233,17 +247,40 @@ def inductor():
     """Dynamo's and Inductor's internals used by torch.compile on mps_ext
     (imported on the first compile: Inductor is heavy)."""
     from torch._dynamo.device_interface import MpsInterface, register_interface_for_device
-    from torch._inductor import lowering
-    from torch._inductor.codegen.common import register_device_op_overrides
+    from torch._inductor import codecache, config, ir, lowering, scheduler
+    from torch._inductor.codegen.common import (
+        DeviceOpOverrides,
+        register_backend_for_device,
+        register_device_op_overrides,
+    )
+    from torch._inductor.codegen.cpp import CppScheduling
     from torch._inductor.codegen.mps import MetalScheduling
-    from torch._inductor.codegen.mps_device_op_overrides import MPSDeviceOpOverrides
-    from torch._inductor.codegen.wrapper import PythonWrapperCodegen
+    from torch._inductor.codegen.wrapper import (
+        PythonWrapperCodegen,
+        SubgraphPythonWrapperCodegen,
+    )
     from torch._inductor.codegen.wrapper_fxir import WrapperFxCodegen
+    from torch._inductor.custom_graph_pass import CustomGraphModulePass
     from torch._inductor.runtime import runtime_utils
+    from torch._inductor.virtualized import V
+
+    import sys
+
+    from torch._inductor import utils
+    from torch._inductor.kernel import mm_common  # noqa: F401  (imports get_current_backend)
+
+    def imports_of(function):
+        """The Inductor modules holding ``function`` under its own name."""
+        name = function.__name__
+        return [m for k, m in list(sys.modules.items())
+                if k.startswith("torch._inductor") and getattr(m, name, None) is function]
 
     return SimpleNamespace(
-        MpsInterface=MpsInterface, register_interface_for_device=register_interface_for_device,
-        lowering=lowering, register_device_op_overrides=register_device_op_overrides,
-        MetalScheduling=MetalScheduling, MPSDeviceOpOverrides=MPSDeviceOpOverrides,
-        PythonWrapperCodegen=PythonWrapperCodegen, WrapperFxCodegen=WrapperFxCodegen,
-        runtime_utils=runtime_utils)
+        utils=utils, imports_of=imports_of, MpsInterface=MpsInterface, register_interface_for_device=register_interface_for_device,
+        codecache=codecache, config=config, ir=ir, lowering=lowering, scheduler=scheduler,
+        DeviceOpOverrides=DeviceOpOverrides, register_backend_for_device=register_backend_for_device,
+        register_device_op_overrides=register_device_op_overrides, CppScheduling=CppScheduling,
+        MetalScheduling=MetalScheduling, PythonWrapperCodegen=PythonWrapperCodegen,
+        SubgraphPythonWrapperCodegen=SubgraphPythonWrapperCodegen,
+        WrapperFxCodegen=WrapperFxCodegen, CustomGraphModulePass=CustomGraphModulePass,
+        runtime_utils=runtime_utils, V=V)

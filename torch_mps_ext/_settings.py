@@ -112,6 +112,10 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting("PYTORCH_MPS_EXT_LOG_PROFILE_INFO", f"a bit mask between 0 and {_LOG_ALL}", "0",
             "import", False, _int_in(0, _LOG_ALL)),
     Setting("MTL_CAPTURE_ENABLED", "0 or 1", "unset (0)", "use", False, _flag),
+    # torch.compile's code generator on mps_ext, read at each compile
+    # (torch_mps_ext/_inductor.py, docs/compile.md).
+    Setting("TORCH_MPS_EXT_INDUCTOR", "cpp or metal", "cpp (metal in MPS fidelity mode)", "use",
+            False, _choice("cpp", "metal")),
     # MPS fidelity mode (torch_mps_ext/fidelity, docs/fidelity.md).
     Setting("TORCH_MPS_EXT_FIDELITY", "off or mps", "off", "import", False,
             _choice("off", "mps")),

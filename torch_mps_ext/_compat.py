@@ -125,3 +125,28 @@ def inductor():
         MetalScheduling=MetalScheduling, MPSDeviceOpOverrides=MPSDeviceOpOverrides,
         PythonWrapperCodegen=PythonWrapperCodegen, WrapperFxCodegen=WrapperFxCodegen,
         runtime_utils=runtime_utils)
+
+
+def testing_internals(macos_version: float):
+    """PyTorch's test framework as ``python -m torch_mps_ext.fidelity
+    test-mps`` needs it (torch_mps_ext/fidelity/_testmps.py): common_utils
+    and common_device_type with their MPS switches set as on a Mac of
+    ``macos_version`` (read at their import: TEST_MPS, MACOS_VERSION), and
+    common_mps imported after them so that it defines its expectation lists
+    (it does only ``if torch.backends.mps.is_available()``, at import)."""
+    import importlib
+    import sys
+
+    from torch.testing._internal import common_utils
+
+    common_utils.TEST_MPS = True
+    common_utils.MACOS_VERSION = macos_version
+    from torch.testing._internal import common_device_type
+
+    common_device_type.TEST_MPS = True
+    if "torch.testing._internal.common_mps" in sys.modules:
+        common_mps = importlib.reload(sys.modules["torch.testing._internal.common_mps"])
+    else:
+        from torch.testing._internal import common_mps
+    return SimpleNamespace(common_utils=common_utils, common_device_type=common_device_type,
+                           common_mps=common_mps, MPSTestBase=common_device_type.MPSTestBase)

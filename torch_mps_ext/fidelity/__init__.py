@@ -115,6 +115,10 @@ def _excused() -> bool:
     """The native core asks this before refusing a float64/complex128: true
     when the Python code computing it is a torch branch listed in the
     override file (on a Mac that code computes in float32)."""
+    from . import _devicebranches as branches
+
+    if branches.excusing():
+        return True
     frame = sys._getframe(1)  # the Python code that called into torch
     if frame is None or _branches is None:
         return False
@@ -164,8 +168,13 @@ def set_fidelity(mode: str) -> None:
     ``"off"`` (the default: accept everything a CPU accepts)."""
     if not isinstance(mode, str) or mode not in MODES:
         raise ValueError(f"fidelity mode must be 'off' or 'mps', got {mode!r}")
+    from . import _devicebranches as branches
+
     if mode == "mps":
         _push_table()
+        branches.install()
+    else:
+        branches.uninstall()
     _C._fidelity_set_mode(mode == "mps")
 
 

@@ -738,3 +738,167 @@ def test_native_kernels_of_operators_mps_lacks_ask_the_mode():
             torch.batch_norm_stats(torch.randn(2, 3, 4, device=DEV), 1e-5)
         finally:
             torch.mps_ext.set_fidelity("off")
+
+
+# ---------------------------------------------------------------- PyTorch's test_mps.py (issue 23)
+
+def test_test_mps_rewrite_keeps_the_frameworks_device_type():
+    from torch_mps_ext.fidelity import _testmps
+
+    source = textwrap.dedent('''
+        import torch.mps
+        from torch.mps import synchronize
+        x = torch.ones(2, device="mps").to("mps:0").mps()
+        y = torch.device(f"mps:{0}")
+        assert x.is_mps and self.device_type == "mps"
+        torch.mps.synchronize(); torch.backends.mps.is_available()
+        ops(mps_ops_modifier(op_db, device_type="mps"))
+        DecorateInfo(skip, device_type="mps"); torch.autocast(device_type="mps")
+        instantiate_device_type_tests(T, globals(), allow_mps=True, only_for="mps")
+        s = "MPS mps tensor"
+    ''')
+    tree, count = _testmps.rewrite(source)
+    out = __import__("ast").unparse(tree)
+    assert "torch.ones(2, device='mps_ext').to('mps_ext:0').mps_ext()" in out
+    assert "torch.device(f'mps_ext:{0}')" in out
+    assert "x.is_mps_ext and self.device_type == 'mps'" in out
+    assert "torch.mps_ext.synchronize()" in out and "torch.backends.mps.is_available()" in out
+    assert "mps_ops_modifier(op_db, device_type='mps')" in out
+    assert "DecorateInfo(skip, device_type='mps')" in out
+    assert "torch.autocast(device_type='mps_ext')" in out
+    assert "only_for='mps'" in out and "'MPS mps tensor'" in out
+    assert "from torch_mps_ext import synchronize" in out and "import torch_mps_ext as" in out
+    assert count["'mps'"] == 4 and count["torch.mps"] == 1 and count["t.mps()"] == 1
+
+
+STAND_IN = '''\
+# A test_mps.py-shaped file: PyTorch's framework, op_db and common_mps.
+import unittest
+import torch
+from torch.testing._internal.common_utils import TestCase, run_tests, MACOS_VERSION, NoTest
+from torch.testing._internal.common_device_type import instantiate_device_type_tests, ops
+from torch.testing._internal.common_methods_invocations import op_db
+from torch.testing._internal.common_mps import mps_ops_modifier
+import torch.backends.mps
+
+if not torch.backends.mps.is_available():
+    TestCase = NoTest
+
+
+class TestDevice(TestCase):
+    def test_strings(self):
+        x = torch.ones(3, device="mps")
+        self.assertTrue(x.is_mps)
+        self.assertEqual(x.device, torch.device("mps:0"))
+        torch.mps.synchronize()
+        self.assertEqual(str(torch.ones(2).mps().device), f"mps:{0}")
+        self.assertEqual(MACOS_VERSION, 14.4)
+        self.assertTrue(torch.backends.mps.is_macos_or_newer(14, 4))
+        self.assertFalse(torch.backends.mps.is_macos_or_newer(15, 0))
+
+    @unittest.expectedFailure
+    def test_float64(self):
+        torch.ones(2, dtype=torch.float64, device="mps")
+
+    @unittest.expectedFailure
+    def test_lenient(self):
+        torch.ones(2, device="mps").add_(1)
+
+
+class TestMetalLibrary(TestCase):
+    def test_load_precompiled_metallib(self):
+        torch.mps.load_metallib(b"MTLB" + bytes(60))
+
+
+class TestConsistency(TestCase):
+    @ops(mps_ops_modifier([op for op in op_db if op.name in ("linalg.eig", "abs")]),
+         allowed_dtypes=[torch.float32])
+    def test_output_match(self, device, dtype, op):
+        self.assertEqual(device, "mps:0")
+        for sample in op.sample_inputs(device, dtype):
+            out = op(sample.input, *sample.args, **sample.kwargs)
+            cpu = sample.transform(lambda t: t.detach().cpu() if isinstance(t, torch.Tensor) else t)
+            self.assertEqual(out, op(cpu.input, *cpu.args, **cpu.kwargs))
+
+
+instantiate_device_type_tests(TestConsistency, globals(), allow_mps=True, only_for="mps")
+
+if __name__ == "__main__":
+    run_tests()
+'''
+
+
+def test_test_mps_runner_judges_each_test_against_a_mac(tmp_path):
+    path = tmp_path / "test_mps.py"
+    path.write_text(STAND_IN)
+    report = tmp_path / "r.json"
+    proc = run_report(["test-mps", "--macos", "14.4", "--report", str(report), str(path),
+                       "-q", "-p", "no:randomly"], cwd=str(tmp_path), timeout=600)
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # it found differences
+    data = json.loads(report.read_text())
+    classes = data["classes"]
+    assert classes["TestDevice"]["counts"] == {"as on a Mac": 1, "MPS failure reproduced": 1,
+                                               "passes where a Mac fails": 1}
+    assert classes["TestDevice"]["differences"] == [
+        {"test": "TestDevice::test_lenient", "outcome": "passes where a Mac fails",
+         "reason": "unexpected success"}]
+    metal = classes["TestMetalLibrary"]["differences"]
+    assert len(metal) == 1 and metal[0]["reason"].startswith("[metal-only] loads Apple's binary .metallib")
+    # common_mps's lists, applied as test_mps.py applies them: linalg.eig is
+    # unimplemented on MPS (expected failure; refused here too), abs runs.
+    consistency = classes["TestConsistencyMPS"]["counts"]
+    assert consistency == {"as on a Mac": 1, "MPS failure reproduced": 1}, classes
+    assert data["rewritten"]["'mps'"] >= 6 and data["rewritten"]["torch.mps"] == 2
+    # the per-class table on stderr
+    assert re.search(r"TestConsistencyMPS\s+1\s+1\s+0\s+0", proc.stderr), proc.stderr
+    assert "[metal-only]" in proc.stderr and "passes where a Mac fails: unexpected success" in proc.stderr
+    # nothing of the user's file changed on disk, no rewritten bytecode left behind
+    assert path.read_text() == STAND_IN
+    assert not (tmp_path / "__pycache__").exists() or not any(
+        p.name.startswith("test_mps") for p in (tmp_path / "__pycache__").iterdir())
+
+
+@pytest.mark.parametrize("args,text", [
+    ([], "error: no test file given"),
+    (["/nonexistent/test_mps.py"], "error: /nonexistent/test_mps.py: no such file"),
+    (["--macos", "fifteen", "x.py"], "error: --macos must be a version like 15.0, got 'fifteen'"),
+    (["-k", "x", "x.py"], "error: unknown option -k (pytest's options go after the file)"),
+])
+def test_test_mps_runner_usage_errors(tmp_path, args, text):
+    proc = run_report(["test-mps", *args], cwd=str(tmp_path))
+    assert proc.returncode == 2
+    assert text in proc.stderr
+
+
+def test_expectations_file_is_well_formed():
+    from torch_mps_ext.fidelity import _testmps
+
+    rows = _testmps.read_expectations()
+    assert rows and all(r.category in _testmps.CATEGORIES and r.reason for r in rows)
+    bad = os.path.join(os.path.dirname(_testmps.__file__), "x")
+    with pytest.raises(FileNotFoundError):
+        _testmps.read_expectations(bad)
+
+
+def test_torch_mps_names_have_mps_ext_counterparts():
+    # What code written for MPS (test_mps.py among it) reaches through
+    # torch.mps, rewritten to torch.mps_ext (issue 23, item 5).
+    import types
+
+    def public(mod):
+        return {n for n in dir(mod) if not n.startswith("_")
+                and not isinstance(getattr(mod, n), type(torch))  # modules checked below
+                and n not in ("Tensor", "torch")}  # typing re-exports
+
+    assert public(torch.mps) - set(dir(torch.mps_ext)) == set()
+    for sub in ("event", "profiler"):
+        assert isinstance(getattr(torch.mps_ext, sub), types.ModuleType), sub
+    assert torch.mps_ext.event.Event is torch.mps_ext.Event
+    e = torch.mps_ext.event.Event(enable_timing=True)
+    x = torch.ones(1000, device=DEV)
+    e.record()
+    (x * 2).sum()
+    e.synchronize()
+    assert e.query()
+    assert {n for n in dir(torch.mps.profiler) if not n.startswith("_")} - set(
+        dir(torch.mps_ext.profiler)) <= {"Iterator", "Literal", "ProfilerMode"}  # typing only

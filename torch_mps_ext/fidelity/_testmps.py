@@ -302,8 +302,16 @@ def _first_line(text: str) -> str:
 class Collector:
     """A pytest plugin: installs the import hook, judges every test."""
 
-    def __init__(self, path: str, expectations: list[Expectation] | None = None):
+    # The report is rewritten every this many tests, so that a run of
+    # thousands (hours on a small host) leaves its results if stopped.
+    DUMP_EVERY = 100
+
+    def __init__(self, path: str, expectations: list[Expectation] | None = None,
+                 report: str | None = None, meta: dict | None = None):
         self.path = os.path.realpath(path)
+        self.report = report
+        self.meta = dict(meta or {})
+        self._seen = 0
         self.finder = _Finder(self.path)
         self.expectations = read_expectations() if expectations is None else expectations
         self.classes: dict[str, ClassTally] = defaultdict(ClassTally)
@@ -347,6 +355,18 @@ class Collector:
                     outcome, why = FAILS_HERE, _first_line(text)
                 tally.counts[outcome] += 1
                 tally.differences.append((test, outcome, self._reason(test, why)))
+            self._seen += 1
+            if self.report and self._seen % self.DUMP_EVERY == 0:
+                self.dump(finished=False)
+
+    def dump(self, finished: bool = True, **extra) -> None:
+        """Writes the JSON report (atomically: a reader never sees half)."""
+        data = {**self.meta, **extra, "finished": finished, **self.as_json()}
+        tmp = f"{self.report}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, self.report)
 
     # results
     def totals(self) -> Counter:
@@ -440,16 +460,13 @@ def main(argv: list[str]) -> int:
     import pytest
 
     prepare(macos)
-    collector = Collector(path)
+    collector = Collector(path, report=report, meta={"macos": macos})
     status = pytest.main([path, "--assert=plain", "-p", "no:cacheprovider", *rest],
                          plugins=[collector])
     sys.stdout.flush()
     print(collector.table(), file=sys.stderr)
     if report:
-        with open(report, "w", encoding="utf-8") as f:
-            json.dump({"macos": macos, "pytest_status": int(status), **collector.as_json()},
-                      f, indent=2)
-            f.write("\n")
+        collector.dump(finished=True, pytest_status=int(status))
         print(f"torch_mps_ext.fidelity test-mps: report written to {report}", file=sys.stderr)
     total = collector.totals()
     if int(status) not in (0, 1):  # interrupted, internal or usage error, nothing collected

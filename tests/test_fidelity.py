@@ -902,3 +902,62 @@ def test_torch_mps_names_have_mps_ext_counterparts():
     assert e.query()
     assert {n for n in dir(torch.mps.profiler) if not n.startswith("_")} - set(
         dir(torch.mps_ext.profiler)) <= {"Iterator", "Literal", "ProfilerMode"}  # typing only
+
+
+# ---------------------------------------------------------------- torch's device-type branches (issue 23)
+
+def test_tolerances_of_matrix_rank_and_pinv_are_float32_as_on_mps(mps_mode):
+    a = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
+    d = a.to(DEV)
+    # pinv: on a Mac its tolerances are float32 and its linalg_svd runs on
+    # the CPU with MPS's warning; before issue 23 this raised the float64
+    # TypeError here.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for fn in (torch.linalg.pinv, torch.pinverse, torch.Tensor.pinverse):
+            torch.testing.assert_close(fn(d).cpu(), torch.linalg.pinv(a), atol=1e-5, rtol=1e-5)
+    assert fallback_warning("aten::linalg_svd") in {str(w.message) for w in caught}
+    # matrix_rank: common_mps expects it to fail on MPS at _linalg_svd
+    raises_exactly(NotImplementedError, not_implemented("aten::_linalg_svd"),
+                   lambda: torch.linalg.matrix_rank(d))
+    # a float64 input is still MPS's TypeError
+    raises_exactly(TypeError, DOUBLE_NEW, lambda: torch.linalg.pinv(a.double().to(DEV)))
+    # complex128: a Mac names ComplexDouble at the first computation; here the
+    # float64 tolerances come first (docs/fidelity.md: the one text that differs)
+    raises_exactly(TypeError, DOUBLE_NEW, lambda: torch.linalg.pinv(a.to(torch.complex128).to(DEV)))
+
+
+def test_device_branches_are_removed_when_the_mode_goes_off():
+    originals = (torch.linalg.pinv, torch.linalg.matrix_rank, torch.pinverse,
+                 torch.nn.SyncBatchNorm.forward)
+    torch.mps_ext.set_fidelity("mps")
+    try:
+        assert torch.linalg.pinv is not originals[0]
+    finally:
+        torch.mps_ext.set_fidelity("off")
+    assert (torch.linalg.pinv, torch.linalg.matrix_rank, torch.pinverse,
+            torch.nn.SyncBatchNorm.forward) == originals
+    assert "pinverse" not in vars(torch.Tensor)  # inherited again
+    # default mode: float64 tolerances as on CPU, no refusal
+    assert torch.linalg.matrix_rank(torch.eye(3, device=DEV)).item() == 3
+
+
+def test_sync_batch_norm_raises_a_macs_value_error(mps_mode, tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1),
+                            rank=0, world_size=1)
+    try:
+        m = torch.nn.SyncBatchNorm(3).to(DEV)
+        x = torch.randn(2, 3, 4, device=DEV)
+        raises_exactly(ValueError, "SyncBatchNorm expected input tensor to be on GPU or XPU or "
+                       "privateuseone", lambda: m(x))
+        assert m.num_batches_tracked.item() == 1  # updated before the refusal, as on a Mac
+        raises_exactly(ValueError, "expected at least 2D input (got 1D input)",
+                       lambda: m(torch.randn(3, device=DEV)))
+        m.eval()  # no sync in eval mode: runs
+        torch.testing.assert_close(m(x).cpu(), torch.nn.functional.batch_norm(
+            x.cpu(), m.running_mean.cpu(), m.running_var.cpu(), m.weight.detach().cpu(),
+            m.bias.detach().cpu(), False))
+    finally:
+        dist.destroy_process_group()

@@ -20,7 +20,9 @@ own copy, and the device is rewritten mechanically when pytest imports it
   ``torch.testing._internal.common_mps`` defines its lists and test_mps.py
   applies them to itself as it does on a Mac;
 * the framework's MPS test base keeps its device type ``"mps"`` and hands
-  the tests the device ``"mps_ext:0"``.
+  the tests the device ``"mps_ext:0"``;
+* processes the tests start inherit ``TORCH_MPS_EXT_FIDELITY=mps`` (they
+  import torch, which autoloads mps_ext when it is installed).
 
 Each test's outcome is judged against what a Mac does (the file's own
 expectations: ``expectedFailure`` and skips from common_mps, op_db and the
@@ -236,6 +238,9 @@ def prepare(macos: float = DEFAULT_MACOS) -> None:
     from .. import _compat
 
     torch_mps_ext.set_fidelity("mps")
+    # Processes the tests start (test_mps.py runs `python -c` snippets that
+    # import torch, which autoloads mps_ext) run in mps mode too.
+    os.environ["TORCH_MPS_EXT_FIDELITY"] = "mps"
     major_minor = (int(macos), int(round((macos - int(macos)) * 10)))
     backends_mps.is_available = lambda: True
     backends_mps.is_built = lambda: True

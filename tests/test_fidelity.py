@@ -961,3 +961,38 @@ def test_sync_batch_norm_raises_a_macs_value_error(mps_mode, tmp_path):
             m.bias.detach().cpu(), False))
     finally:
         dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------- MPS numerics in mps mode (issue 23, item 2)
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_grid_sample_half_precision_is_computed_in_float32_in_mps_mode(dims, dtype):
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(dims)
+    spatial = (6,) * dims
+    x = (torch.randn(2, 3, *spatial, generator=g) * 4).to(dtype)
+    grid = (torch.rand(2, *(5,) * dims, dims, generator=g) * 2.2 - 1.1).to(dtype)
+    go = torch.randn(2, 3, *(5,) * dims, generator=g).to(dtype)
+
+    def run(x, grid, go):
+        x = x.detach().requires_grad_()
+        grid = grid.detach().requires_grad_()
+        out = F.grid_sample(x, grid, align_corners=False)
+        out.backward(go)
+        return out.detach().cpu(), x.grad.cpu(), grid.grad.cpu()
+
+    in_half = run(x, grid, go)  # CPU's kernels in half precision
+    in_float = [t.to(dtype) for t in run(x.float(), grid.float(), go.float())]  # as MPS
+    assert any(not torch.equal(a, b) for a, b in zip(in_half, in_float))  # they differ here
+    torch.mps_ext.set_fidelity("mps")
+    try:
+        got = run(x.to(DEV), grid.to(DEV), go.to(DEV))
+    finally:
+        torch.mps_ext.set_fidelity("off")
+    for a, b in zip(got, in_float):
+        assert a.dtype == dtype and torch.equal(a, b)
+    # default mode: CPU's numerics, as before
+    for a, b in zip(run(x.to(DEV), grid.to(DEV), go.to(DEV)), in_half):
+        assert torch.equal(a, b)

@@ -18,9 +18,15 @@
 //     gets the CompositeImplicitAutograd decomposition, which computes in the
 //     tensor's dtype (float16: 2,511 of 4,096 gradients differed from CPU's
 //     float32-opmath kernel). The fallback runs CPU's kernel instead.
+//   - grid_sampler_2d/3d and their backwards in float16/bfloat16, in mps
+//     fidelity mode only: MPS computes them in float32 (opmath) and rounds
+//     the results; CPU's kernels compute in half precision (the difference
+//     grows without bound with the grid's magnitude). Off, CPU's kernels as
+//     before.
 //   - (_sample_dirichlet in float16/bfloat16, which MPS samples and CPU's
 //     kernel does not: RandomCpuDerived.cpp samples them in float32.)
 #include "aten/Fallback.h"
+#include "aten/Fidelity.h"
 #include "aten/HostView.h"
 
 #include <ATen/Dispatch.h>
@@ -142,9 +148,44 @@ at::Tensor weightInt4packMm(const at::Tensor& A, const at::Tensor& B, int64_t qG
   return C;
 }
 
+bool isHalf(const at::Tensor& t) {
+  return t.defined() && (t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16);
+}
+
+// Runs the operator's CPU kernel (the fallback) with its float16/bfloat16
+// tensor arguments in float32 and rounds the results back, as MPS computes
+// these operators. Only in mps mode; otherwise the fallback as it is.
+void inFloat32OnMps(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  const size_t nargs = op.schema().arguments().size();
+  const size_t first = stack->size() - nargs;
+  std::optional<at::ScalarType> half;
+  if (runtime::fidelity::on()) {
+    for (size_t i = first; i < stack->size(); ++i) {
+      auto& v = (*stack)[i];
+      if (v.isTensor() && isHalf(v.toTensor())) {
+        half = v.toTensor().scalar_type();
+        v = v.toTensor().to(at::kFloat);
+      }
+    }
+  }
+  runFallback(op, stack);
+  if (!half) return;
+  const size_t nret = op.schema().returns().size();
+  for (size_t i = stack->size() - nret; i < stack->size(); ++i) {
+    auto& v = (*stack)[i];
+    if (v.isTensor() && v.toTensor().defined() && v.toTensor().scalar_type() == at::kFloat) {
+      v = v.toTensor().to(*half);
+    }
+  }
+}
+
 } // namespace
 
 TORCH_LIBRARY_IMPL(aten, PrivateUse1, m) {
+  for (const char* name : {"grid_sampler_2d", "grid_sampler_3d", "grid_sampler_2d_backward",
+                           "grid_sampler_3d_backward"}) {
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&inFloat32OnMps>());
+  }
   m.impl("_convert_weight_to_int4pack", TORCH_FN(convertWeightToInt4pack));
   m.impl("_weight_int4pack_mm", TORCH_FN(weightInt4packMm));
   m.impl("mish_backward", torch::CppFunction::makeFromBoxedFunction<&runFallback>());

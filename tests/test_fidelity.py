@@ -996,3 +996,57 @@ def test_grid_sample_half_precision_is_computed_in_float32_in_mps_mode(dims, dty
     # default mode: CPU's numerics, as before
     for a, b in zip(run(x.to(DEV), grid.to(DEV), go.to(DEV)), in_half):
         assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------- common_mps's per-dtype lists (issue 23, item 1)
+
+def common_mps_text(op, dtype, key):
+    return (f"The operator '{op}' has no MPS kernel for dtype {dtype} "
+            f"(torch.testing._internal.common_mps: UNIMPLEMENTED_XFAILLIST['{key}'])")
+
+
+def test_common_mps_per_dtype_refusals(mps_mode):
+    import torch.nn.functional as F
+
+    x = torch.ones(1, 2, 4, 4, dtype=torch.int32, device=DEV)
+    raises_exactly(RuntimeError, common_mps_text("aten::avg_pool2d", "Int",
+                                                 "nn.functional.avg_pool2d"),
+                   lambda: F.avg_pool2d(x, 2))
+    assert F.avg_pool2d(x.float(), 2).shape == (1, 2, 2, 2)  # float: MPS's kernel runs it
+    raises_exactly(RuntimeError, common_mps_text("aten::median", "Bool", "median"),
+                   lambda: torch.median(torch.tensor([True, False, True], device=DEV)))
+    assert torch.median(torch.tensor([3, 1, 2], device=DEV)).item() == 2
+    # the dtype judged is the operator's input, not its indices or targets
+    logp = torch.randn(3, 5, device=DEV).log_softmax(1)
+    F.nll_loss(logp, torch.tensor([1, 0, 4], device=DEV))
+    raises_exactly(RuntimeError, common_mps_text("aten::nll_loss_forward", "Long",
+                                                 "nn.functional.nll_loss"),
+                   lambda: F.nll_loss(torch.ones(3, 5, dtype=torch.long, device=DEV),
+                                      torch.tensor([1, 0, 4], device=DEV)))
+
+
+def test_common_mps_per_dtype_refusals_in_the_report(tmp_path):
+    program = tmp_path / "prog.py"
+    program.write_text("import torch, torch_mps_ext\n"
+                       "torch.median(torch.tensor([True, False], device='mps_ext'))\n")
+    proc = run_report(["--report", str(tmp_path / "r.json"), str(program)], cwd=str(tmp_path))
+    assert proc.returncode == 1, proc.stderr
+    rows = json.loads((tmp_path / "r.json").read_text())["incompatibilities"]
+    assert any(r["kind"] == "dtype" and r.get("dtype") == "Bool" and "aten::median" in
+               r.get("operators", []) for r in rows), rows
+
+
+def test_common_mps_dtype_data_is_current_with_the_installed_torch():
+    from torch_mps_ext.fidelity import _commonmps
+
+    listed = _commonmps.read_list()
+    table = fidelity.operator_table()
+    data = _commonmps.read_data()
+    assert len(data) >= 15
+    for op, (dtypes, keys) in data.items():
+        assert table[op].verdict == "mps", op  # an MPS kernel that refuses dtypes
+        assert dtypes <= _commonmps._INTEGRAL, (op, dtypes)
+        for key in keys.split():
+            assert listed[key] and dtypes <= set(listed[key]), (op, key)
+            assert _commonmps._norm_op(op) == _commonmps._norm_key(key)
+    assert set(_commonmps.SCALAR_TYPE_CODES) >= {d for ds, _ in data.values() for d in ds}

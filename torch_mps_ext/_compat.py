@@ -150,3 +150,18 @@ def testing_internals(macos_version: float):
         from torch.testing._internal import common_mps
     return SimpleNamespace(common_utils=common_utils, common_device_type=common_device_type,
                            common_mps=common_mps, MPSTestBase=common_device_type.MPSTestBase)
+
+
+def common_mps_path() -> str:
+    """The installed torch's torch/testing/_internal/common_mps.py (read as
+    text by torch_mps_ext/fidelity/_commonmps.py, not imported)."""
+    import os
+
+    return os.path.join(os.path.dirname(torch.__file__), "testing", "_internal", "common_mps.py")
+
+
+def op_db():
+    """PyTorch's OpInfo database (maintainer tool only: slow to import)."""
+    from torch.testing._internal.common_methods_invocations import op_db as db
+
+    return db

@@ -154,6 +154,12 @@ def _push_table() -> None:
     verdicts = [(name, _NATIVE_VERDICT[v.verdict]) for name, v in operator_table().items()
                 if v.verdict in _NATIVE_VERDICT]
     _C._fidelity_set_verdicts(verdicts)
+    from . import _commonmps
+
+    _C._fidelity_set_dtype_refusals(
+        [(name, [_commonmps.SCALAR_TYPE_CODES[d] for d in sorted(dtypes)],
+          f"UNIMPLEMENTED_XFAILLIST[{keys!r}]")
+         for name, (dtypes, keys) in _commonmps.read_data().items()])
     import torch
 
     _torch_dir = os.path.realpath(os.path.dirname(torch.__file__)) + os.sep

@@ -165,3 +165,25 @@ def op_db():
     from torch.testing._internal.common_methods_invocations import op_db as db
 
     return db
+
+
+def torch_dispatch_mode():
+    """The base class of Python dispatch modes (maintainer tool only)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    return TorchDispatchMode
+
+
+def tree_leaves(tree) -> list:
+    """torch's pytree flattening (maintainer tool only)."""
+    from torch.utils._pytree import tree_leaves as leaves
+
+    return leaves(tree)
+
+
+def sync_batch_norm_input_checks(module, input) -> None:
+    """nn.SyncBatchNorm.forward's input checks (its private methods), run by
+    mps fidelity mode before it raises a Mac's ValueError
+    (torch_mps_ext/fidelity/_devicebranches.py)."""
+    module._check_input_dim(input)
+    module._check_non_zero_input_channels(input)

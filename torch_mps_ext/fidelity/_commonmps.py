@@ -85,9 +85,10 @@ def derive() -> dict[str, tuple[set[str], set[str]]]:
     """Traces common_mps's per-dtype entries to ATen operators (slow: imports
     op_db and runs samples on the CPU)."""
     import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
 
-    from .._compat import op_db
+    from .._compat import op_db, torch_dispatch_mode, tree_leaves
+
+    TorchDispatchMode = torch_dispatch_mode()
 
     class First(TorchDispatchMode):
         def __init__(self, dtype):
@@ -98,7 +99,7 @@ def derive() -> dict[str, tuple[set[str], set[str]]]:
             if self.found is None:
                 # the operator's first tensor argument (its `self`/input):
                 # what mps mode checks, not indices or targets
-                leaves = torch.utils._pytree.tree_leaves((args, kwargs or {}))
+                leaves = tree_leaves((args, kwargs or {}))
                 first = next((t for t in leaves if isinstance(t, torch.Tensor)), None)
                 if first is not None and first.dtype == self.dtype:
                     self.found = func
@@ -129,9 +130,7 @@ def derive() -> dict[str, tuple[set[str], set[str]]]:
                     pass
                 if mode.found is None:
                     continue
-                f = mode.found
-                full = f"aten::{f._schema.name.split('::')[1]}" + (
-                    f".{f._overloadname}" if f._overloadname != "default" else "")
+                full = mode.found.name()  # "aten::relu", "aten::add.Tensor"
                 if not _kept(full, key, name, table):
                     continue
                 entry = out.setdefault(full, (set(), set()))

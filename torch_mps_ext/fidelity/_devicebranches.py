@@ -64,8 +64,9 @@ def _sync_batch_norm_forward(original):
         if (input.device.type == DEVICE and self.training and dist.is_available()
                 and dist.is_initialized()):
             # What the module does before it decides, then a Mac's refusal.
-            self._check_input_dim(input)
-            self._check_non_zero_input_channels(input)
+            from .._compat import sync_batch_norm_input_checks
+
+            sync_batch_norm_input_checks(self, input)
             if self.track_running_stats and self.num_batches_tracked is not None:
                 self.num_batches_tracked.add_(1)
             raise ValueError(SYNC_BATCH_NORM_TEXT)

@@ -1023,6 +1023,15 @@ def test_common_mps_per_dtype_refusals(mps_mode):
                                                  "nn.functional.nll_loss"),
                    lambda: F.nll_loss(torch.ones(3, 5, dtype=torch.long, device=DEV),
                                       torch.tensor([1, 0, 4], device=DEV)))
+    # complex: only for the OpInfos common_mps lists as supported
+    a = torch.randn(3, 3, dtype=torch.complex64, device=DEV)
+    raises_exactly(RuntimeError, "The operator 'aten::linalg_qr' has no MPS kernel for dtype "
+                   "ComplexFloat (torch.testing._internal.common_mps: 'linalg.qr' is not in "
+                   "SUPPORTED_COMPLEX_OPS)", lambda: torch.linalg.qr(a))
+    assert torch.linalg.qr(a.real)[0].shape == (3, 3)
+    # nn.functional.linear is listed: the addmm it reaches is not refused
+    out = F.linear(a, a, torch.ones(3, dtype=torch.complex64, device=DEV))
+    torch.testing.assert_close(out.cpu(), a.cpu() @ a.cpu().T + 1)
 
 
 def test_common_mps_per_dtype_refusals_in_the_report(tmp_path):
@@ -1040,13 +1049,18 @@ def test_common_mps_dtype_data_is_current_with_the_installed_torch():
     from torch_mps_ext.fidelity import _commonmps
 
     listed = _commonmps.read_list()
+    supported = _commonmps.read_set()
     table = fidelity.operator_table()
     data = _commonmps.read_data()
-    assert len(data) >= 15
-    for op, (dtypes, keys) in data.items():
+    sources = {source for _, source, _ in data.values()}
+    assert len(data) >= 15 and sources == {_commonmps.LIST, _commonmps.COMPLEX_SET}
+    for op, (dtypes, source, keys) in data.items():
         assert table[op].verdict == "mps", op  # an MPS kernel that refuses dtypes
-        assert dtypes <= _commonmps._INTEGRAL, (op, dtypes)
         for key in keys.split():
-            assert listed[key] and dtypes <= set(listed[key]), (op, key)
             assert _commonmps._norm_op(op) == _commonmps._norm_key(key)
-    assert set(_commonmps.SCALAR_TYPE_CODES) >= {d for ds, _ in data.values() for d in ds}
+            if source == _commonmps.LIST:
+                assert dtypes <= _commonmps._INTEGRAL, (op, dtypes)
+                assert listed[key] and dtypes <= set(listed[key]), (op, key)
+            else:
+                assert dtypes == {"complex32", "complex64"} and key not in supported, (op, key)
+    assert set(_commonmps.SCALAR_TYPE_CODES) >= {d for ds, _, _ in data.values() for d in ds}

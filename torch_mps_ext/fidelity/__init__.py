@@ -158,8 +158,8 @@ def _push_table() -> None:
 
     _C._fidelity_set_dtype_refusals(
         [(name, [_commonmps.SCALAR_TYPE_CODES[d] for d in sorted(dtypes)],
-          f"UNIMPLEMENTED_XFAILLIST[{keys!r}]")
-         for name, (dtypes, keys) in _commonmps.read_data().items()])
+          _commonmps.reason(source, keys))
+         for name, (dtypes, source, keys) in _commonmps.read_data().items()])
     import torch
 
     _torch_dir = os.path.realpath(os.path.dirname(torch.__file__)) + os.sep

@@ -62,12 +62,12 @@ conformance: build
 ASAN_TREE  := build/asan
 ASAN_TESTS ?= tests/test_device.py tests/test_memory.py tests/test_streams.py \
 	tests/test_random.py tests/test_ops.py tests/test_fallback_conformance.py \
-	tests/test_fallback_properties.py tests/test_stress.py
+	tests/test_fallback_properties.py tests/test_stress.py tests/test_shader.py
 ASAN_PRELOAD = $(shell $(CXX) -print-file-name=libasan.so) $(shell $(CXX) -print-file-name=libstdc++.so)
 asan: $(VENV)/.test-deps
-	rm -rf $(ASAN_TREE)/torch_mps_ext $(ASAN_TREE)/tests
+	rm -rf $(ASAN_TREE)/torch_mps_ext $(ASAN_TREE)/tests $(ASAN_TREE)/examples
 	mkdir -p $(ASAN_TREE)
-	cp -r torch_mps_ext tests torch_mps_ext_autoload.py $(ASAN_TREE)/
+	cp -r torch_mps_ext tests examples torch_mps_ext_autoload.py $(ASAN_TREE)/
 	rm -f $(ASAN_TREE)/torch_mps_ext/*.so
 	TORCH_MPS_EXT_SANITIZE=1 $(PY) setup.py -q build_ext --build-lib $(ASAN_TREE) \
 		--build-temp $(ASAN_TREE)/temp

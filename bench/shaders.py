@@ -55,17 +55,26 @@ kernel void chunk_sum(device float* partial [[buffer(0)]], constant float4* x [[
 """
 
 
-_LIB = None
+_LIBS = {}
 
 
-def _library():
-    global _LIB
-    if _LIB is None:
-        _LIB = compile_shader(SRC)
-    return _LIB
+def _library(checked=False):
+    """The kernels above, compiled plain or in checked mode (TORCH_MPS_EXT_SHADER_CHECKED=1,
+    read at compile time: every device-pointer access bounds-checked)."""
+    if checked not in _LIBS:
+        old = os.environ.get("TORCH_MPS_EXT_SHADER_CHECKED")
+        os.environ["TORCH_MPS_EXT_SHADER_CHECKED"] = "1" if checked else "0"
+        try:
+            _LIBS[checked] = compile_shader(SRC)
+        finally:
+            if old is None:
+                os.environ.pop("TORCH_MPS_EXT_SHADER_CHECKED")
+            else:
+                os.environ["TORCH_MPS_EXT_SHADER_CHECKED"] = old
+    return _LIBS[checked]
 
 
-def axpy(device):
+def axpy(device, checked=False):
     """`out = 0.5 * x + y` over 16M floats: the axpy kernel on mps_ext,
     torch.add(out=) on CPU."""
     g = torch.Generator().manual_seed(0)
@@ -73,7 +82,7 @@ def axpy(device):
     if device == "cpu":
         out_c = torch.empty(N)
         return lambda: torch.add(y, x, alpha=0.5, out=out_c)
-    lib = _library()
+    lib = _library(checked)
     xd, yd = x.to(device), y.to(device)
     out = torch.empty(N, device=device)
     lib.axpy(out, xd, yd, 0.5)
@@ -81,14 +90,14 @@ def axpy(device):
     return lambda: lib.axpy(out, xd, yd, 0.5)
 
 
-def reduction_sum(device):
+def reduction_sum(device, checked=False):
     """Sum of 16M floats: a threadgroup reduction kernel (simd_sum and
     threadgroup memory, 64 partial sums added by torch) on mps_ext,
     torch.sum on CPU."""
     x = torch.randn(N, generator=torch.Generator().manual_seed(0))
     if device == "cpu":
         return lambda: torch.sum(x)
-    lib = _library()
+    lib = _library(checked)
     threads_per_group, groups = 128, 64
     nthreads = threads_per_group * groups
     chunk4 = N // 4 // nthreads
@@ -102,11 +111,24 @@ def reduction_sum(device):
     return run
 
 
+def axpy_checked(device):
+    """axpy compiled in checked mode (docs/shaders.md, "Checked mode"): the cost of the checks."""
+    return axpy(device, checked=True)
+
+
+def reduction_sum_checked(device):
+    """reduction_sum compiled in checked mode."""
+    return reduction_sum(device, checked=True)
+
+
 WORKLOADS = [
     ("shader_axpy_16M", axpy, dict(inner=5)),
     ("shader_reduction_sum_16M", reduction_sum, dict(inner=5)),
+    ("shader_axpy_16M_checked", axpy_checked, dict(inner=5)),
+    ("shader_reduction_sum_16M_checked", reduction_sum_checked, dict(inner=5)),
 ]
 
+# checked mode is a debugging mode: its rows have no target
 TARGETS = {"shader_axpy_16M": 1.5, "shader_reduction_sum_16M": 1.5}
 
 

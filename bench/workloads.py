@@ -39,6 +39,24 @@ def cnn_step(device):
     return step
 
 
+def mlp_step_memory_history(device):
+    """mlp_step with the allocator's history recorded on mps_ext (torch.cuda's
+    defaults: every event, Python and C++ stacks), turned on before and off
+    (dropping what it recorded) after each step."""
+    step = mlp_step(device)
+    if device == "cpu":
+        return step
+    memory = torch.mps_ext.memory
+
+    def recorded():
+        memory._record_memory_history(max_entries=100_000)
+        try:
+            return step()
+        finally:
+            memory._record_memory_history(enabled=None)
+    return recorded
+
+
 def alloc_fill(device):
     n = 64 << 20
     return lambda: torch.empty(n, dtype=torch.uint8, device=device).fill_(1)
@@ -56,6 +74,7 @@ WORKLOADS = [
     ("conv2d_8x64x56x56", conv2d, dict(inner=3)),
     ("softmax_4096", softmax, dict(inner=3)),
     ("mlp_step", mlp_step, dict(inner=10, repeats=31, warmup=10)),
+    ("mlp_step_memory_history", mlp_step_memory_history, dict(inner=10, repeats=31, warmup=10)),
     ("cnn_step", cnn_step, dict(inner=3, repeats=31, warmup=10)),
     ("alloc_fill_64MB", alloc_fill, dict(inner=5)),
     ("rand_16M", rand, dict(inner=3)),

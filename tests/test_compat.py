@@ -15,6 +15,7 @@ def test_private_apis_resolve():
     assert callable(_compat.register_device_module)
     assert isinstance(_compat.distributed_backend_plugins(), dict)
     assert _compat.gloo().ProcessGroupGloo is not None
+    assert callable(_compat.augment_memory_snapshot_stack_traces())
     ns = _compat.inductor()
     assert all(v is not None for v in vars(ns).values())
 

@@ -125,10 +125,11 @@ def test_memory_fraction_refuses_nan_inf_and_out_of_range(bad):
     assert torch.mps_ext.get_per_process_memory_fraction() == before
 
 
-def test_fiber_stack_overflow_is_a_device_error():
-    # 384 KiB of private memory under a barrier: more than a fiber's 256 KiB
-    # stack. The guard page below each used stack turns the overflow into a
-    # device error instead of a write into the neighbouring fiber's stack.
+def test_fiber_stack_is_sized_from_the_kernels_frame():
+    # 384 KiB of private memory under a barrier: more than the default 256 KiB
+    # fiber stack. The compiler's frame sizes (-fstack-usage) size the stacks
+    # of the library's fibers, so the kernel runs; a kernel needing more than
+    # the limit is refused before it is launched, saying what it needs.
     out = _run('''
 big = torch.mps_ext.compile_shader("""
 #include <metal_stdlib>
@@ -139,12 +140,60 @@ kernel void big(device float* out, uint i [[thread_position_in_grid]]) {
   threadgroup_barrier(mem_flags::mem_threadgroup);
   out[i] = a[(i * 7919) % (96 * 1024)];
 }
+kernel void huge(device float* out, uint i [[thread_position_in_grid]]) {
+  float a[1536 * 1024];
+  for (int k = 0; k < 1536 * 1024; ++k) a[k] = float(k + i);
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  out[i] = a[(i * 7919) % (1536 * 1024)];
+}
 """)
 y = torch.zeros(8, device="mps_ext")
 big.big(y, threads=8, group_size=8)
+torch.mps_ext.synchronize()
+print("BIG", y.cpu().tolist() == [float((i * 7919) % (96 * 1024) + i) for i in range(8)])
+y.zero_()
+try:
+    big.huge(y, threads=8, group_size=8)
+except RuntimeError as e:
+    print("ERR", e)
+torch.mps_ext.synchronize()
+print("UNTOUCHED", y.cpu().tolist() == [0.0] * 8)
+still_works()''')
+    assert "BIG True" in out
+    assert ("ERR kernel 'huge' needs 6.0 MiB of stack per thread (its private arrays and the functions "
+            "it calls, as measured by the compiler), more than the 4 MiB limit for a thread of a kernel "
+            "that synchronizes (threadgroup_barrier, simd-group functions); keep large arrays in "
+            "threadgroup or device memory") in out
+    assert "UNTOUCHED True" in out
+
+
+def test_fiber_stack_overflow_is_a_device_error():
+    # Recursion (which Metal forbids, so no frame size bounds it) overflows the
+    # fiber's stack: the guard page below each used stack turns the overflow
+    # into a device error instead of a write into the neighbouring fiber's stack.
+    out = _run('''
+deep = torch.mps_ext.compile_shader("""
+#include <metal_stdlib>
+using namespace metal;
+float down(uint d) {
+  volatile float pad[256];
+  pad[d % 256] = float(d);
+  return d == 0 ? 0.0f : down(d - 1) + pad[d % 256];
+}
+kernel void deep(device float* out, constant uint& depth, uint i [[thread_position_in_grid]]) {
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  out[i] = down(depth);
+}
+""")
+y = torch.zeros(8, device="mps_ext")
+deep.deep(y, 100, threads=8, group_size=8)
+torch.mps_ext.synchronize()
+print("SHALLOW", y.cpu().tolist() == [5050.0] * 8)
+deep.deep(y, 1 << 20, threads=8, group_size=8)
 try:
     torch.mps_ext.synchronize()
 except torch.AcceleratorError as e:
     print("ERR", e)
 still_works()''')
-    assert "ERR kernel 'big' faulted: SIGSEGV (invalid memory access)" in out
+    assert "SHALLOW True" in out
+    assert "ERR kernel 'deep' faulted: SIGSEGV (invalid memory access)" in out

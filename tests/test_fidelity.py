@@ -720,7 +720,9 @@ def test_native_kernels_of_operators_mps_lacks_ask_the_mode():
     aten = os.path.join(ROOT, "csrc", "aten")
     unchecked = []
     for name in sorted(os.listdir(aten)):
-        if not name.endswith(".cpp"):
+        # SparseFallback.cpp registers on the sparse keys only, which the
+        # mode does not model (docs/fidelity.md); the table is the dense one.
+        if not name.endswith(".cpp") or name == "SparseFallback.cpp":
             continue
         source = open(os.path.join(aten, name)).read()
         for op in re.findall(r'm\.impl\("([a-z0-9_.]+)"', source):

@@ -455,6 +455,36 @@ def test_metal_constructs_are_accepted():
     assert x.cpu().tolist() == pytest.approx(expect)
 
 
+PROGRAM_SCOPE_VECTORS = """
+#include <metal_stdlib>
+using namespace metal;
+constant packed_float3 kp = packed_float3(1.0f, 2.0f, 3.0f);
+constant packed_float3 kq = packed_float3(float3(4.0f, 5.0f, 6.0f));
+constant packed_half4 kh = packed_half4(0.5h);
+constant float2x2 km = float2x2(float2(1.0f, 2.0f), float2(3.0f, 4.0f));
+constant float2x2 kd = float2x2(2.0f);
+constant float3x2 ks = float3x2(1.0f, 2.0f, 3.0f, 4.0f, 5.0f, 6.0f);
+kernel void consts(device float* out, uint i [[thread_position_in_grid]]) {
+  float2 v = km * float2(1.0f, 1.0f);
+  float2 d = kd * float2(1.0f, 1.0f);
+  float2 s = ks * float3(0.0f, 1.0f, 0.0f);
+  float3 q = kq;
+  out[0] = kp.x; out[1] = kp.y; out[2] = kp.z; out[3] = v.x; out[4] = v.y; out[5] = d.x; out[6] = d.y;
+  out[7] = q.z; out[8] = float(kh.w); out[9] = s.y; out[10] = float(sizeof(kp));
+}
+"""
+
+
+def test_program_scope_packed_vectors_and_matrices():
+    # Program-scope constants are constant-initialized (nothing of the shader runs at load
+    # time): the shim's packed_vec and matrix constructors are constexpr, so these compile.
+    lib = torch.mps_ext.compile_shader(PROGRAM_SCOPE_VECTORS)
+    x = torch.zeros(11, device=DEV)
+    lib.consts(x, threads=1)
+    torch.mps_ext.synchronize()
+    assert x.cpu().tolist() == [1.0, 2.0, 3.0, 4.0, 6.0, 2.0, 2.0, 6.0, 0.5, 4.0, 12.0]
+
+
 def test_front_end_accepts_torch_metal_headers():
     heads = sorted(p.name for p in (fe.torch_include_dir() / "c10" / "metal").glob("*.h"))
     assert heads

@@ -1155,3 +1155,21 @@ def test_precise_math_is_within_metal_bounds_vectorized():
         exact = ref(x.double())
         ulps = ((out.cpu().double() - exact).abs() / (eps * exact.abs().clamp_min(tiny))).max()
         assert ulps <= 4.0, (name, ulps.item())
+
+
+def test_compiler_does_not_inherit_the_asan_preload(monkeypatch):
+    # Under `make asan` the interpreter runs with the ASan runtime in LD_PRELOAD; the
+    # compiler must not inherit it (it could not reserve its shadow memory under the
+    # compiler's address-space limit, and every compile would fail).
+    cxx = shader._compiler.compiler()[-1]
+    libasan = subprocess.run([cxx, "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    if not os.path.isabs(libasan):
+        pytest.skip("the compiler has no ASan runtime")
+    monkeypatch.setenv("LD_PRELOAD", libasan)
+    monkeypatch.setenv("ASAN_OPTIONS", "detect_leaks=0")
+    lib = torch.mps_ext.compile_shader(
+        "kernel void asan_env(device float* o, uint i [[thread_position_in_grid]]) { o[i] = 2.0f * i; }")
+    out = torch.zeros(4, device=DEV)
+    lib.asan_env(out)
+    sync()
+    assert out.cpu().tolist() == [0.0, 2.0, 4.0, 6.0]

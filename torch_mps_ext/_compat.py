@@ -15,8 +15,16 @@ private API                                            used by / for
 ``torch._utils.classproperty``                         storage: the legacy storage classes' dtype
 ``torch.storage._LegacyStorage``,                      storage: ``torch.mps_ext.FloatStorage`` &c.
 ``_dtype_to_storage_type_map``, ``_warn_typed_storage_removal``
-``torch._C._distributed_c10d`` (ProcessGroupGloo,      distributed: the ``"mps_ext"`` c10d backend
-options classes), ``dist.Backend._plugins``
+``torch._C._distributed_c10d`` (ProcessGroup,          distributed: the ``"mps_ext"`` c10d backend
+ProcessGroupGloo, ``ProcessGroup._register_backend``,  (a group with gloo for CPU tensors, handed
+``boxed``/``unbox``; gloo's ``options``,               to the C++ side as a custom-class value)
+``_set_sequence_number_for_group``),
+``_DistributedBackendOptions``' fields,
+``dist.Backend._plugins``
+``device_mesh.init_device_mesh``'s letters-only        distributed (``adapt_distributed_checks``):
+device-type check (``str.isalpha``),                   ``init_device_mesh("mps_ext", ...)``, and
+``DeviceMesh._device_type``; ``monitored_barrier``'s   ``dist.monitored_barrier`` on mps_ext groups
+gloo-only check (``get_backend(group)``)
 ``torchgen/packaged/ATen/native/                       fidelity: which operators have an MPS kernel
 native_functions.yaml`` (the operator table torch     (``native_functions_yaml()``, parsed by
 ships; its layout: ``- func:`` entries, ``dispatch:``  fidelity/_optable.py)
@@ -29,6 +37,17 @@ register_interface_for_device); ``torch._inductor``    (imported on first compil
 codegen.common/mps/mps_device_op_overrides/wrapper/
 wrapper_fxir, lowering.unsupported_input_tensor,
 runtime.runtime_utils.compile_mps_shader
+``torch._utils.`` ``_augment_memory_snapshot_``       memory._snapshot(augment_with_fx_traces=True):
+``stack_traces``                                       FX source lines in a snapshot's frames
+``torch.testing._internal``: common_utils              fidelity/_testmps.py (``test-mps``): the Mac
+(``TEST_MPS``, ``MACOS_VERSION``), common_device_type  test_mps.py believes in
+(``TEST_MPS``, ``MPSTestBase``), common_mps            (``testing_internals()``)
+``torch/testing/_internal/common_mps.py`` (read as     fidelity/_commonmps.py: common_mps's lists
+text), ``common_methods_invocations.op_db``,           mapped to ATen operators (maintainer tool,
+``torch.utils._python_dispatch.TorchDispatchMode``,    ``--write``)
+``torch.utils._pytree.tree_leaves``
+``nn.SyncBatchNorm._check_input_dim``,                 fidelity/_devicebranches.py: a Mac's
+``_check_non_zero_input_channels``                     SyncBatchNorm ValueError after its checks
 =====================================================  ===========================================
 
 C++ (csrc/, reviewed by reading each file named):
@@ -50,8 +69,17 @@ C++ (csrc/, reviewed by reading each file named):
   (aten/Ops.cpp, HostView.cpp).
 * Kineto's ``PrivateUse1ProfilerRegistry`` and the autograd profiler's legacy device hooks
   (core/ProfilerKineto.cpp, ProfilerStubs.cpp); ``c10d::Logger`` timers (core/DdpTimer.cpp).
+* c10d's C++ interfaces: ``c10d::Backend`` and ``c10d::Work`` (every virtual the mps_ext backend
+  overrides or forwards), ``c10d::ProcessGroup``'s ``setBackend``/``setDefaultBackend``/
+  ``getBackend``/``getStore``/``getBackendName``, and the TorchScript custom class
+  ``c10d.ProcessGroup`` in an operator schema (distributed/ProcessGroupMpsExt.cpp,
+  python/Distributed.cpp).
 * ``caffe2::GetBuildOptions()["COMMIT_SHA"]``, which MPS's NotImplementedError names
   (aten/Fidelity.cpp); ``c10::Warning`` with ``verbatim`` (aten/Fidelity.cpp).
+* ``torch::CapturedTraceback::gather`` and ``torch::symbolize``
+  (``torch/csrc/profiler/combined_traceback.h``: the stacks of memory history, whose Python
+  unwinder torch installs at import), ``c10::CachingDeviceAllocator::RecordContext`` /
+  ``CreateContextFn`` (python/Memory.cpp, core/Allocator.cpp).
 * ``torch/csrc/autograd/python_variable.h`` (``THPVariable_Unpack``) and
   ``torch/csrc/Generator.h`` in the bindings (python/Shaders.cpp, Random.cpp).
 """
@@ -81,17 +109,120 @@ def distributed_backend_plugins() -> dict:
 
 
 def gloo():
-    """gloo's process group and the collective option classes."""
-    from torch._C._distributed_c10d import (
-        AllgatherOptions,
-        AllToAllOptions,
-        ProcessGroupGloo,
-        ReduceScatterOptions,
-    )
+    """gloo's process group (c10d's C++ backend)."""
+    from torch._C._distributed_c10d import ProcessGroupGloo
 
-    return SimpleNamespace(ProcessGroupGloo=ProcessGroupGloo, AllgatherOptions=AllgatherOptions,
-                           AllToAllOptions=AllToAllOptions,
-                           ReduceScatterOptions=ReduceScatterOptions)
+    return SimpleNamespace(ProcessGroupGloo=ProcessGroupGloo)
+
+
+def gloo_process_group(opts):
+    """A c10d ProcessGroup whose CPU tensors go to a new gloo backend, made
+    from c10d's ``_DistributedBackendOptions`` as torch makes its gloo groups
+    (group name and global ranks in the backend's options, the group's
+    sequence number agreed through the store)."""
+    from torch._C._distributed_c10d import ProcessGroup
+
+    store, rank, size = opts.store, opts.group_rank, opts.group_size
+    gloo_backend = gloo().ProcessGroupGloo(store, rank, size, opts.timeout)
+    gloo_backend.options.global_ranks_in_group = opts.global_ranks_in_group
+    gloo_backend.options.group_name = opts.group_id
+    gloo_backend._set_sequence_number_for_group()
+    group = ProcessGroup(store, rank, size)
+    group._register_backend(torch.device("cpu"), ProcessGroup.BackendType.GLOO, gloo_backend)
+    return group
+
+
+def process_group_through(op, group):
+    """``op`` applied to a process group as a TorchScript value: c10d's
+    ProcessGroup crosses to a dispatcher operator (and back) as the custom
+    class ``c10d.ProcessGroup`` (``boxed()``/``unbox()``), without pybind11."""
+    from torch._C._distributed_c10d import ProcessGroup
+
+    return ProcessGroup.unbox(op(group.boxed()))
+
+
+class _DeviceTypeName(str):
+    """A device-type name that ``init_device_mesh``'s check ("device types
+    are letters only", meant to refuse "cuda:0") accepts although it has an
+    underscore: ``mps_ext`` (the name the PrivateUse1 backend was given)."""
+
+    def isalpha(self) -> bool:
+        return self.replace("_", "a").isalpha()
+
+
+def adapt_distributed_checks(device_type: str) -> None:
+    """Lets two torch.distributed entry points accept ``device_type``'s groups
+    and meshes (idempotent):
+
+    * ``init_device_mesh(device_type, ...)``: torch refuses a device type
+      whose name is not all letters ("Device type with index is not
+      supported"); the name is passed through that check as a
+      ``_DeviceTypeName`` and the mesh keeps the plain string. Every loaded
+      module that imported torch's function by name gets the adapted one
+      (torch.distributed, .device_mesh, .tensor, FSDP's init).
+    * ``monitored_barrier(group)``: torch accepts only groups whose backend
+      is named "gloo"; for a group named ``device_type`` (its CPU
+      tensors are gloo's, where c10d's monitored barrier runs) it calls the
+      group's ``monitored_barrier`` as torch does for gloo groups.
+    """
+    import functools
+    import sys
+    from datetime import timedelta
+
+    import torch.distributed.device_mesh as device_mesh
+
+    torch_init = device_mesh.init_device_mesh
+    if not getattr(torch_init, "_mps_ext_adapted", False):
+        @functools.wraps(torch_init)
+        def init_device_mesh(*args, **kwargs):
+            # device_type: torch's first parameter, by position or by name
+            given = args[0] if args else kwargs.get("device_type")
+            if not (isinstance(given, str) and given == device_type):
+                return torch_init(*args, **kwargs)
+            if args:
+                args = (_DeviceTypeName(device_type), *args[1:])
+            else:
+                kwargs["device_type"] = _DeviceTypeName(device_type)
+            mesh = torch_init(*args, **kwargs)
+            mesh._device_type = device_type
+            return mesh
+
+        init_device_mesh._mps_ext_adapted = True
+        for name, module in list(sys.modules.items()):
+            if name.startswith("torch.distributed") and \
+                    getattr(module, "init_device_mesh", None) is torch_init:
+                module.init_device_mesh = init_device_mesh
+
+    c10d = _dist.distributed_c10d
+    torch_barrier = c10d.monitored_barrier
+    if not getattr(torch_barrier, "_mps_ext_adapted", False):
+        @functools.wraps(torch_barrier)
+        def monitored_barrier(group=None, timeout=None, wait_all_ranks=False):
+            pg = group
+            if pg is None and _dist.is_initialized():
+                pg = c10d._get_default_group()
+            # The group's own name: get_backend(group) says "undefined" for
+            # a default group made by init_process_group() without a name.
+            if isinstance(pg, _dist.ProcessGroup) and pg.name() == device_type:
+                if timeout is None:
+                    timeout = _dist.constants.default_pg_timeout
+                elif isinstance(timeout, (int, float)):
+                    timeout = timedelta(seconds=timeout)
+                return pg.monitored_barrier(timeout, wait_all_ranks=wait_all_ranks)
+            return torch_barrier(group, timeout, wait_all_ranks)
+
+        monitored_barrier._mps_ext_adapted = True
+        c10d.monitored_barrier = monitored_barrier
+        _dist.monitored_barrier = monitored_barrier
+
+
+def augment_memory_snapshot_stack_traces():
+    """Adds FX graphs' original source lines to a memory snapshot's frames
+    (what torch.cuda.memory._snapshot(augment_with_fx_traces=True) calls;
+    device-agnostic)."""
+    from torch._utils import _augment_memory_snapshot_stack_traces
+
+    return _augment_memory_snapshot_stack_traces
 
 
 def native_functions_yaml() -> str:

@@ -1,9 +1,11 @@
 """The mps_ext memory API: torch.mps's functions plus torch.cuda's statistics."""
 
 import collections
+import pickle
+import sys
 from typing import Any
 
-from . import _C
+from . import _C, _compat, _private_files
 from ._utils import _device_t, _get_device_index
 
 
@@ -179,3 +181,116 @@ def memory_summary(device: _device_t = None, abbreviated: bool = False) -> str:
         f"{stats.get('num_device_alloc', 0)} / {stats.get('num_device_free', 0)}"))
     out.append(line)
     return "\n".join(out) + "\n"
+
+
+# --- memory history and snapshots (torch.cuda.memory's formats) ---------------
+
+_CONTEXTS = {None: 0, "state": 1, "alloc": 2, "all": 3}  # c10's RecordContext
+# torch.cuda's action names; "snapshot" is accepted in skip_actions (mps_ext
+# records no snapshot events).
+_SKIPPABLE = (*_C._MEMORY_ACTIONS, "segment_unmap", "snapshot")
+
+
+def _record_memory_history(enabled: str | None = "all", context: str | None = "all",
+                           stacks: str = "all", max_entries: int = sys.maxsize,
+                           device: _device_t = None, clear_history: bool = False,
+                           skip_actions: list[str] | None = None) -> None:
+    r"""Start (or stop) recording the caching allocator's history, as
+    :func:`torch.cuda.memory._record_memory_history` does for CUDA.
+
+    While recording, every allocator action on every mps_ext device --
+    ``alloc``, ``free_requested``, ``free_completed``, ``segment_alloc``,
+    ``segment_free``, ``segment_map`` (a segment grown in place) and ``oom`` --
+    goes into a ring of the newest ``max_entries`` entries per device, and
+    live blocks remember the stack that allocated them.
+    :func:`_snapshot` / :func:`_dump_snapshot` return both.
+
+    Args:
+        enabled: ``None`` stops recording and drops the history; ``"state"``
+            keeps stacks of live blocks only (the history keeps just the last
+            entry, as on CUDA); ``"all"`` also keeps the history of actions.
+        context: which entries carry a stack: ``None`` none, ``"state"`` live
+            blocks, ``"alloc"`` + ``alloc`` (and segment, oom) events, ``"all"``
+            + free events.
+        stacks: ``"python"`` (Python frames) or ``"all"`` (+ C++ frames; slower
+            to record and to symbolize).
+        max_entries: history entries kept per device (the newest).
+        device: accepted for torch.cuda's signature; recording covers every
+            mps_ext device.
+        clear_history: drop the history recorded so far.
+        skip_actions: action names not to record (e.g. ``["free_requested"]``).
+
+    Recording off costs one relaxed atomic load per allocation and free.
+    """
+    if isinstance(enabled, bool):
+        raise TypeError("enabled must be 'all', 'state' or None (the legacy boolean form of "
+                        "torch.cuda.memory._record_memory_history is not supported)")
+    if enabled not in (None, "state", "all"):
+        raise RuntimeError("expected state to be 'state', 'all', or None")
+    if context not in _CONTEXTS:
+        raise RuntimeError("expected context to be 'state', 'alloc', 'all', or None")
+    if stacks not in ("python", "all"):
+        raise RuntimeError("expected stacks to be 'python', or 'all'")
+    if isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 1:
+        raise ValueError(f"max_entries must be a positive integer, got {max_entries!r}")
+    if device is not None:
+        _get_device_index(device, optional=True)  # a bad device still raises
+    mask = 0
+    for action in skip_actions or ():
+        if action not in _SKIPPABLE:
+            raise RuntimeError(f"Unknown TraceEntry action: {action}")
+        if action in _C._MEMORY_ACTIONS:
+            mask |= 1 << _C._MEMORY_ACTIONS.index(action)
+    entries = min(max_entries, sys.maxsize) if enabled == "all" else 1
+    _C._memory_record_history(enabled is not None, _CONTEXTS[context], stacks == "all",
+                              entries, bool(clear_history), mask)
+
+
+def _snapshot(device: _device_t = None, augment_with_fx_traces: bool = False) -> dict[str, Any]:
+    r"""The allocator's state and recorded history, in torch.cuda's snapshot
+    format (:func:`torch.cuda.memory._snapshot`)::
+
+        {"segments": [{"device", "address", "total_size", "allocated_size",
+                       "active_size", "requested_size", "stream",
+                       "segment_type": "small" | "large", "segment_pool_id",
+                       "is_expandable", "frames",
+                       "blocks": [{"address", "size", "requested_size",
+                                   "state": "active_allocated" |
+                                            "active_pending_free" | "inactive",
+                                   "frames": [{"filename", "line", "name"}, ...]}]}],
+         "device_traces": [[{"action", "addr" (or "device_free" for "oom"),
+                             "size", "stream", "time_us", "frames"}, ...]
+                           for each device]}
+
+    Every device is included, as on CUDA (``device`` is only checked).
+    Block sizes add up to each segment's
+    ``total_size``; the segments' to :func:`memory_reserved`, the
+    ``active_allocated`` blocks' to :func:`memory_allocated`.
+    ``augment_with_fx_traces=True`` adds the original source lines of
+    frames in FX-generated code (torch.compile), as torch.cuda does.
+    """
+    if device is not None:
+        _get_device_index(device, optional=True)
+    snapshot = _C._memory_snapshot(True)
+    if augment_with_fx_traces:
+        snapshot = _compat.augment_memory_snapshot_stack_traces()(snapshot)
+    return snapshot
+
+
+def _dump_snapshot(filename: str = "dump_snapshot.pickle",
+                   augment_with_fx_traces: bool = False) -> None:
+    r"""Pickles :func:`_snapshot` into ``filename`` (written to a fresh name
+    and renamed into place, mode 0600), for ``python -m torch.cuda._memory_viz``
+    and https://pytorch.org/memory_viz."""
+    snapshot = _snapshot(augment_with_fx_traces=augment_with_fx_traces)
+    _private_files.write_file(filename, pickle.dumps(snapshot))
+
+
+def memory_snapshot(mempool_id=None, include_traces: bool = True) -> list[dict[str, Any]]:
+    r"""The allocator's segments on every mps_ext device (the ``segments`` of
+    :func:`_snapshot`), as :func:`torch.cuda.memory_snapshot`. mps_ext has one
+    pool per device: ``mempool_id`` must be ``None`` or ``(0, 0)``."""
+    if mempool_id is not None and tuple(mempool_id) != (0, 0):
+        raise ValueError(f"mps_ext has no private memory pools: mempool_id must be None or "
+                         f"(0, 0), got {mempool_id!r}")
+    return _C._memory_snapshot(bool(include_traces))["segments"]

@@ -55,7 +55,7 @@ _LOG_ALL = (1 << 7) - 1
 
 _KINDS = ("op", "copy", "command")
 
-_trace = {"mode": None, "wait": False, "start_ns": 0}
+_trace = {"mode": None, "wait": False, "start_ns": 0, "memory0": ()}
 _capture = {"fname": None, "start_ns": 0}
 _trace_count = 0
 
@@ -128,7 +128,12 @@ def start(mode: str = "interval", wait_until_completed: bool = False) -> None:
     if _trace["mode"] is not None:
         raise RuntimeError("The mps_ext profiler is already started; call stop() first")
     _C._profiler_enable(_C._PROFILER_TRACE, bool(wait_until_completed))
-    _trace.update(mode=modes, wait=bool(wait_until_completed), start_ns=_C._profiler_now_ns())
+    start_ns = _C._profiler_now_ns()
+    # The memory counter track starts from each device's usage now.
+    memory0 = [(d, start_ns, _C._current_allocated_memory(d), _C._driver_allocated_memory(d))
+               for d in range(_C._device_count())]
+    _trace.update(mode=modes, wait=bool(wait_until_completed), start_ns=start_ns,
+                  memory0=memory0)
 
 
 def stop() -> str:
@@ -148,10 +153,12 @@ def stop() -> str:
         _C._profiler_disable(_C._PROFILER_TRACE)
         end_ns = _C._profiler_now_ns()
         records = _C._profiler_take(_C._PROFILER_TRACE)
+        memory = _C._profiler_take_memory()
         modes, wait, start_ns = _trace["mode"], _trace["wait"], _trace["start_ns"]
-        _trace.update(mode=None, wait=False, start_ns=0)
+        memory0 = _trace["memory0"]
+        _trace.update(mode=None, wait=False, start_ns=0, memory0=())
 
-        document = _chrome_trace(records, modes, wait, start_ns, end_ns)
+        document = _chrome_trace(records, modes, wait, start_ns, end_ns, memory0, memory)
         path = _settings.get(TRACE_FILE_ENV)
         if path:
             _trace_count += 1
@@ -280,9 +287,18 @@ def _args(text):
         return {"raw": text}
 
 
-def _chrome_trace(records, modes, wait, start_ns, end_ns):
+def _chrome_trace(records, modes, wait, start_ns, end_ns, memory0=(), memory=()):
     events = []
     tracks = set()
+    # Counter track per device: bytes allocated/reserved after each change,
+    # from the usage when the trace started (memory0). A device whose memory
+    # never changed gets no track.
+    changed = {d for d, *_ in memory}
+    for device, t, allocated, reserved in [*memory0, *memory]:
+        if device in changed:
+            events.append({"name": "memory", "cat": "memory", "ph": "C", "pid": device,
+                           "ts": max(0.0, (t - start_ns) / 1e3),
+                           "args": {"allocated": allocated, "reserved": reserved}})
     for (name, kind, device, stream, t0, t1, thread, depth, leaf, args, kernel,
          overload) in sorted(records, key=lambda r: (r[4], r[7])):
         tracks.add((device, stream))
@@ -302,7 +318,7 @@ def _chrome_trace(records, modes, wait, start_ns, end_ns):
         if "event" in modes:
             events.append({**base, "ph": "i", "s": "t", "ts": (t1 - start_ns) / 1e3})
     meta = []
-    for device in sorted({d for d, _ in tracks}):
+    for device in sorted({d for d, _ in tracks} | changed):
         meta.append({"name": "process_name", "ph": "M", "pid": device,
                      "args": {"name": f"mps_ext:{device}"}})
         meta.append({"name": "process_sort_index", "ph": "M", "pid": device,

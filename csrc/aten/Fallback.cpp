@@ -15,14 +15,15 @@
 #include "aten/Fallback.h"
 #include "aten/Fidelity.h"
 #include "aten/HostView.h"
+#include "aten/SparseFallback.h"
 #include "core/Allocator.h"
 #include "runtime/Device.h"
 #include "runtime/Stream.h"
 
+#include <ATen/NestedTensorImpl.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/op_registration/op_registration.h>
 #include <c10/core/DeviceGuard.h>
-#include <c10/core/GradMode.h>
 #include <c10/util/SmallVector.h>
 #include <torch/library.h>
 
@@ -46,8 +47,10 @@ struct Context {
   const c10::OperatorHandle& op;
   std::optional<at::Device> device;  // the op's device, once known
   c10::SmallVector<Aliased, 4> aliased;
+  // Sparse arguments (device tensor, its sparse host tensor): their members
+  // are in `aliased` (SparseFallback.h).
+  c10::SmallVector<std::pair<at::Tensor, at::Tensor>, 2> sparse;
   bool any_nested = false;  // a nested tensor among the arguments
-  bool needs_grad = false;  // an argument requires grad
 
   [[noreturn]] void mismatch(const std::string& what, at::Device other) const {
     TORCH_CHECK(false,
@@ -65,10 +68,10 @@ struct Context {
   }
 
   at::Tensor toHost(const at::Tensor& t) {
-    needs_grad = needs_grad || t.requires_grad();
     for (auto& a : aliased) {
       if (a.device.unsafeGetTensorImpl() == t.unsafeGetTensorImpl()) return a.host;
     }
+    if (sparse::isSparse(t)) return toHostSparse(t);
     if (t.is_nested()) {
       at::Tensor h = hostNestedView(t);
       aliased.push_back({t, h, h.storage().unsafeGetStorageImpl()});
@@ -86,6 +89,15 @@ struct Context {
     }
     if (!h.defined()) h = hostView(t);
     aliased.push_back({t, h, h.storage().unsafeGetStorageImpl()});
+    return h;
+  }
+
+  at::Tensor toHostSparse(const at::Tensor& t) {
+    for (auto& [d, h] : sparse) {
+      if (d.is_same(t)) return h;
+    }
+    at::Tensor h = sparse::hostSparse(t, [this](const at::Tensor& m) { return toHost(m); });
+    sparse.emplace_back(t, h);
     return h;
   }
 };
@@ -115,6 +127,11 @@ void scanDevices(Context& ctx, const c10::FunctionSchema& schema,
         ctx.noteDevice(t.device(), "argument " + name);
       } else if (arg.is_out()) {
         if (!host_out) host_out = t.device();
+      } else if (!written && t.scalar_type() == at::kLong && !t.is_nested() &&
+                 schema.name().rfind("aten::_nested_", 0) == 0) {
+        // Nested tensors' metadata (sizes, strides, offsets) are CPU int64
+        // tensors on every device: the _nested_* operators take them so
+        // (autograd's backward of nested ops passes them), as CUDA's do.
       } else if (!index_list && (written || !isScalarLike(t)) && !host_tensor) {
         host_tensor.emplace(name, t.device());
       }
@@ -266,6 +283,8 @@ struct Adopter {
     for (auto& a : ctx.aliased) {
       if (a.host.unsafeGetTensorImpl() == r.unsafeGetTensorImpl()) return a.device;
     }
+    if (ctx.any_nested && isNestedMetadata(r)) return r;
+    if (sparse::isSparse(r)) return sparseResult(r, stack, ret_begin);
     if (r.is_nested()) return nested(r);
     TORCH_CHECK(r.layout() == c10::kStrided, ctx.op.schema().name(),
                 " returned a ", r.layout(),
@@ -284,6 +303,28 @@ struct Adopter {
       return deviceTensor(storage, r);
     }
     return copyToDevice(r, device);
+  }
+
+  // A nested tensor's metadata (sizes, strides, offsets) are CPU tensors on
+  // every device, shared by the device tensor and its host view: returned
+  // as they are (_nested_tensor_size, which autograd saves for backward), as
+  // on CUDA. Adopting their memory would leave the nested argument's
+  // metadata without data.
+  bool isNestedMetadata(const at::Tensor& r) const {
+    if (!r.has_storage()) return false;
+    const c10::StorageImpl* s = r.storage().unsafeGetStorageImpl();
+    auto same = [s](const at::Tensor& m) {
+      return m.defined() && m.storage().unsafeGetStorageImpl() == s;
+    };
+    for (auto& a : ctx.aliased) {
+      if (!a.host.is_nested()) continue;
+      const at::native::NestedTensorImpl* nt = at::native::get_nested_tensor_impl(a.host);
+      if (same(nt->get_nested_sizes()) || same(nt->get_nested_strides()) ||
+          same(nt->get_storage_offsets())) {
+        return true;
+      }
+    }
+    return false;
   }
 
   // A nested CPU result as a nested device tensor: its buffer adopted when
@@ -305,22 +346,44 @@ struct Adopter {
     return deviceNested(std::move(storage), r);
   }
 
-  // References to storage `s` held by the results on the stack.
-  static std::size_t countRefs(c10::StorageImpl* s, torch::jit::Stack& stack,
-                               std::size_t begin) {
-    std::size_t n = 0;
+  // A sparse CPU result: the sparse argument it is (in-place, out=), or a
+  // sparse device tensor over its members, adopted as results are.
+  at::Tensor sparseResult(const at::Tensor& r, torch::jit::Stack& stack, std::size_t ret_begin) {
+    for (auto& [d, h] : ctx.sparse) {
+      if (h.is_same(r)) return d;
+    }
+    return sparse::deviceSparse(
+        r, device, [&](const at::Tensor& m) { return (*this)(m, stack, ret_begin); });
+  }
+
+  // References to storage `s` held by the results on the stack (and by the
+  // members of sparse results and of sparse arguments' host tensors): the
+  // distinct tensors over it.
+  std::size_t countRefs(c10::StorageImpl* s, torch::jit::Stack& stack, std::size_t begin) {
+    c10::SmallVector<c10::TensorImpl*, 4> seen;
     auto count = [&](const at::Tensor& t) {
-      if (t.defined() && t.has_storage() && t.storage().unsafeGetStorageImpl() == s) ++n;
+      if (t.defined() && t.has_storage() && t.storage().unsafeGetStorageImpl() == s &&
+          std::find(seen.begin(), seen.end(), t.unsafeGetTensorImpl()) == seen.end()) {
+        seen.push_back(t.unsafeGetTensorImpl());
+      }
+    };
+    auto visit = [&](const at::Tensor& t) {
+      if (sparse::isSparse(t)) {
+        sparse::forEachMember(t, count);
+      } else {
+        count(t);
+      }
     };
     for (std::size_t i = begin; i < stack.size(); ++i) {
       const c10::IValue& v = stack[i];
       if (v.isTensor()) {
-        count(v.toTensor());
+        visit(v.toTensor());
       } else if (v.isTensorList()) {
-        for (const at::Tensor& t : v.toTensorList()) count(t);
+        for (const at::Tensor& t : v.toTensorList()) visit(t);
       }
     }
-    return n;
+    for (auto& [d, h] : ctx.sparse) visit(h);
+    return seen.size();
   }
 };
 
@@ -369,9 +432,13 @@ void checkFidelity(const c10::OperatorHandle& op, const c10::FunctionSchema& sch
   // Nested tensors reach mps_ext only through the inference fast paths of
   // nn.TransformerEncoder / MultiheadAttention, which torch takes for
   // PrivateUse1 devices and not for MPS: a Mac never runs these calls.
+  // Sparse tensors are not modelled (docs/fidelity.md).
   for (std::size_t i = 0; i < schema.arguments().size(); ++i) {
     const c10::IValue& v = stack[begin + i];
-    if (v.isTensor() && v.toTensor().defined() && v.toTensor().is_nested()) return;
+    if (v.isTensor() && v.toTensor().defined() &&
+        (v.toTensor().is_nested() || sparse::isSparse(v.toTensor()))) {
+      return;
+    }
   }
   if (fidelity::checkOperator(op) != fidelity::Verdict::Accept) return;
   for (std::size_t i = 0; i < schema.arguments().size(); ++i) {  // per-dtype refusals: `self`
@@ -408,12 +475,16 @@ void checkFidelity(const c10::OperatorHandle& op, const c10::FunctionSchema& sch
   }
 }
 
-void fallback(const c10::OperatorHandle& op, c10::DispatchKeySet /*ks*/,
-              torch::jit::Stack* stack) {
+// cpu_key: the CPU kernel to run when it is not the arguments' (SparseCPU for
+// a sparse factory); else CPU's, NestedTensorCPU's or a sparse key's by the
+// arguments.
+void fallbackAt(const c10::OperatorHandle& op, torch::jit::Stack* stack,
+                std::optional<c10::DispatchKey> cpu_key) {
   const c10::FunctionSchema& schema = op.schema();
   const std::size_t nargs = schema.arguments().size();
   const std::size_t begin = stack->size() - nargs;
-  if (C10_UNLIKELY(fidelity::on())) checkFidelity(op, schema, *stack, begin);
+  // Sparse operators are not modelled (docs/fidelity.md).
+  if (C10_UNLIKELY(fidelity::on()) && !cpu_key) checkFidelity(op, schema, *stack, begin);
   Context ctx{op, std::nullopt, {}};
   scanDevices(ctx, schema, *stack, begin);
   int device = ctx.device ? ctx.device->index() : runtime::currentDevice();
@@ -421,17 +492,19 @@ void fallback(const c10::OperatorHandle& op, c10::DispatchKeySet /*ks*/,
   // reuse a block a queued copy still reads included).
   runtime::awaitCurrentStream(device);
   toHostArgs(ctx, schema, *stack, begin);
-  // Nested tensors serve inference here (torch's fast paths take them only
-  // then); their autograd is not wired through host views.
-  TORCH_CHECK(!(ctx.any_nested && ctx.needs_grad && c10::GradMode::is_enabled()),
-              "mps_ext: nested tensors are supported for inference only (", schema.name(),
-              " with an argument that requires grad); run it under torch.no_grad() or "
-              "torch.inference_mode()");
   {
     LendScope lend(device);
     if (const Redirect* r = redirectFor(op)) {
       if (r->adapt) r->adapt(*stack, begin);
       r->target.redispatchBoxed(c10::DispatchKeySet(c10::DispatchKey::CPU), stack);
+    } else if (cpu_key) {
+      op.redispatchBoxed(c10::DispatchKeySet(*cpu_key), stack);
+    } else if (!ctx.sparse.empty()) {
+      const at::Tensor& s = ctx.sparse.front().second;
+      op.redispatchBoxed(c10::DispatchKeySet(s.layout() == c10::kSparse
+                                                 ? c10::DispatchKey::SparseCPU
+                                                 : c10::DispatchKey::SparseCsrCPU),
+                         stack);
     } else if (ctx.any_nested) {
       // Nested host views: CPU's nested kernels.
       op.redispatchBoxed(c10::DispatchKeySet(c10::DispatchKey::NestedTensorCPU), stack);
@@ -443,6 +516,10 @@ void fallback(const c10::OperatorHandle& op, c10::DispatchKeySet /*ks*/,
   const std::size_t nret = schema.returns().size();
   const std::size_t ret_begin = stack->size() - nret;
   Adopter adopt{ctx, device, {}};
+  for (auto& [d, h] : ctx.sparse) {
+    sparse::writeBackSparse(
+        d, h, [&](const at::Tensor& m) { return adopt(m, *stack, ret_begin); });
+  }
   for (std::size_t i = ret_begin; i < stack->size(); ++i) {
     c10::IValue& v = (*stack)[i];
     if (v.isTensor()) {
@@ -457,10 +534,20 @@ void fallback(const c10::OperatorHandle& op, c10::DispatchKeySet /*ks*/,
   }
 }
 
+void fallback(const c10::OperatorHandle& op, c10::DispatchKeySet /*ks*/,
+              torch::jit::Stack* stack) {
+  fallbackAt(op, stack, std::nullopt);
+}
+
 } // namespace
 
 void runFallback(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
-  fallback(op, c10::DispatchKeySet(c10::DispatchKey::PrivateUse1), stack);
+  fallbackAt(op, stack, std::nullopt);
+}
+
+void runFallbackAt(const c10::OperatorHandle& op, torch::jit::Stack* stack,
+                   c10::DispatchKey cpu_key) {
+  fallbackAt(op, stack, cpu_key);
 }
 
 void preferCpuKernels() {
@@ -504,7 +591,8 @@ void preferCpuKernels() {
   // nested kernel it is, on nested host views.
   static torch::Library* nested = new torch::Library(
       torch::Library::IMPL, "aten", c10::DispatchKey::NestedTensorPrivateUse1, __FILE__, __LINE__);
-  // One pass over the operators for both registrations.
+  // One pass over the operators for all registrations (sparse ones:
+  // SparseFallback.h).
   for (const c10::OperatorName& name : d.getAllOpNames()) {
     if (name.name.rfind("aten::", 0) != 0) continue;
     auto op = d.findOp(name);
@@ -516,10 +604,13 @@ void preferCpuKernels() {
         !op->hasKernelForDispatchKey(c10::DispatchKey::PrivateUse1) &&
         (op->hasKernelForDispatchKey(c10::DispatchKey::CompositeExplicitAutograd) ||
          op->hasKernelForDispatchKey(c10::DispatchKey::CompositeExplicitAutogradNonFunctional));
-    if (!nested_cpu && !prefer_cpu) continue;
+    bool sparse_cpu = op->hasKernelForDispatchKey(c10::DispatchKey::SparseCPU) ||
+                      op->hasKernelForDispatchKey(c10::DispatchKey::SparseCsrCPU);
+    if (!nested_cpu && !prefer_cpu && !sparse_cpu) continue;
     std::string n = name.name.substr(6);
     if (!name.overload_name.empty()) n += "." + name.overload_name;
     if (nested_cpu) nested->impl(n.c_str(), torch::CppFunction::makeFromBoxedFunction<&fallback>());
+    if (sparse_cpu) sparse::registerSparseFallbackFor(*op, n);
     if (prefer_cpu) lib->impl(n.c_str(), torch::CppFunction::makeFromBoxedFunction<&fallback>());
   }
 }

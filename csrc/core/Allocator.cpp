@@ -1,4 +1,5 @@
 #include "core/Allocator.h"
+#include "core/Profiler.h"
 #include "core/ThreadState.h"
 #include "runtime/Fidelity.h"
 #include "runtime/Settings.h"
@@ -6,6 +7,7 @@
 #include "runtime/Device.h"
 #include "runtime/Stream.h"
 
+#include <c10/core/Allocator.h>
 #include <c10/util/Exception.h>
 #include <c10/util/flat_hash_map.h>
 
@@ -26,6 +28,9 @@ constexpr bool kPoison = true;
 constexpr bool kPoison = false;
 #endif
 
+#include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cinttypes>
 #include <cstdio>
 #include <cstdlib>
@@ -33,6 +38,7 @@ constexpr bool kPoison = false;
 #include <mutex>
 #include <set>
 #include <stdexcept>
+#include <unordered_set>
 #include <vector>
 
 namespace torch_mps_ext {
@@ -42,6 +48,8 @@ using c10::CachingAllocator::Stat;
 using c10::CachingAllocator::StatArray;
 using c10::CachingAllocator::StatType;
 using c10::CachingDeviceAllocator::DeviceStats;
+using c10::CachingDeviceAllocator::RecordContext;
+using Context = std::shared_ptr<c10::GatheredContext>;
 
 constexpr std::size_t kMinBlockSize = 512;
 constexpr std::size_t kSmallSize = 512u << 10;     // largest small-pool request
@@ -94,6 +102,8 @@ struct Block {
   Block* next = nullptr;
   // Streams that used the block besides its own (record_stream).
   std::vector<std::int64_t> stream_uses;
+  // Where it was allocated, while memory history records stacks.
+  Context context;
   bool isSplit() const { return prev != nullptr || next != nullptr; }
 };
 
@@ -111,6 +121,18 @@ struct Deferred {
   Block* block;
   std::vector<std::pair<std::int64_t, std::uint64_t>> marks;
 };
+
+// The bounded history of one device: the newest max_entries entries.
+struct TraceRing {
+  std::vector<MemoryTraceEntry> entries;
+  std::size_t next = 0;  // oldest entry once full
+};
+
+std::int64_t nowUs() {
+  return std::chrono::duration_cast<std::chrono::microseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
 
 struct DeviceState {
   std::set<Block*, BlockLess> small_free;
@@ -154,10 +176,19 @@ class CachingAllocator final : public c10::DeviceAllocator {
   bool initialized() override { return true; }
 
   void emptyCache(c10::MempoolId_t /*mempool_id*/ = {0, 0}) override {
-    std::lock_guard<std::mutex> lock(mu_);
-    for (int d = 0; d < runtime::deviceCount(); ++d) {
-      processDeferred(d, /*wait=*/true);
-      releaseCached(d);
+    std::vector<Usage> usage;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      for (int d = 0; d < runtime::deviceCount(); ++d) {
+        processDeferred(d, /*wait=*/true);
+        releaseCached(d);
+        usage.push_back(usageOf(states_[d]));
+      }
+    }
+    for (std::size_t d = 0; d < usage.size(); ++d) {
+      if (usage[d].trace) {
+        profiler::recordMemoryUsage(static_cast<int>(d), usage[d].allocated, usage[d].reserved);
+      }
     }
   }
 
@@ -220,15 +251,20 @@ class CachingAllocator final : public c10::DeviceAllocator {
     std::int64_t stream = runtime::currentStreamId(device);
     std::size_t size = nbytes < kMinBlockSize ? kMinBlockSize
                                               : roundUp(nbytes, kMinBlockSize);
-    std::lock_guard<std::mutex> lock(mu_);
+    // The stack is gathered before the mutex: it takes the GIL.
+    Context ctx;
+    if (C10_UNLIKELY(recording_.load(std::memory_order_relaxed))) {
+      ctx = gatherContext(RecordContext::STATE);
+    }
+    std::unique_lock<std::mutex> lock(mu_);
     DeviceState& st = state(device);
     if (!st.deferred.empty()) processDeferred(device, /*wait=*/false);
     bool small = size <= kSmallSize;
     auto& pool = small ? st.small_free : st.large_free;
     Block* block = takeFree(pool, stream, size);
-    if (block == nullptr && !small) block = growTail(device, st, stream, size);
+    if (block == nullptr && !small) block = growTail(device, st, stream, size, ctx);
     if (block == nullptr) {
-      block = newSegment(device, st, stream, size, nbytes, small);
+      block = newSegment(device, st, stream, size, nbytes, small, ctx);
     }
     if constexpr (kPoison) {
       if (runtime::queryStream(device, stream)) {
@@ -261,7 +297,19 @@ class CachingAllocator final : public c10::DeviceAllocator {
     updateStat(st.stats.active, small, 1, true);
     updateStat(st.stats.active_bytes, small, block->size, true);
     updateStat(st.stats.requested_bytes, small, nbytes, true);
-    return c10::DataPtr(block->ptr, block->ptr, &CachingAllocator::deleter, dev);
+    if (C10_UNLIKELY(recording_.load(std::memory_order_relaxed))) {
+      record(device, MemoryAction::kAlloc, addrOf(block->ptr), nbytes, stream,
+             contextFor(RecordContext::ALLOC, ctx));
+      block->context = std::move(ctx);
+    }
+    c10::DataPtr out(block->ptr, block->ptr, &CachingAllocator::deleter, dev);
+    Usage usage = usageOf(st);
+    if (C10_UNLIKELY(usage.wanted())) {
+      std::int64_t bsize = static_cast<std::int64_t>(block->size);
+      lock.unlock();
+      report(usage, out.get(), bsize, device);
+    }
+    return out;
   }
 
   bool lookup(const void* ptr, int* device) {
@@ -332,8 +380,164 @@ class CachingAllocator final : public c10::DeviceAllocator {
     }
   }
 
+  // --- memory history -------------------------------------------------------
+
+  void recordHistory(bool enabled, c10::CachingDeviceAllocator::CreateContextFn fn,
+                     std::size_t max_entries, RecordContext when, bool clear_history,
+                     unsigned skip_mask) {
+    std::vector<MemoryTraceEntry> dropped;  // contexts die outside the lock
+    std::lock_guard<std::mutex> lock(mu_);
+    max_entries_ = std::max<std::size_t>(1, max_entries);
+    skip_mask_ = skip_mask;
+    context_fn_.store(enabled ? fn : nullptr, std::memory_order_relaxed);
+    when_.store(static_cast<int>(enabled && fn ? when : RecordContext::NEVER),
+                std::memory_order_relaxed);
+    recording_.store(enabled, std::memory_order_relaxed);
+    for (auto& ring : rings_) {
+      if (!enabled || clear_history) {
+        for (auto& e : ring.entries) dropped.push_back(std::move(e));
+        ring.entries.clear();
+        ring.next = 0;
+      } else {
+        // Oldest first from index 0, at most the newest max_entries_.
+        auto ordered = orderedEntries(ring);
+        std::size_t keep = std::min(ordered.size(), max_entries_);
+        for (std::size_t i = 0; i + keep < ordered.size(); ++i) {
+          dropped.push_back(std::move(ordered[i]));
+        }
+        ring.entries.assign(
+            std::make_move_iterator(ordered.end() - static_cast<std::ptrdiff_t>(keep)),
+            std::make_move_iterator(ordered.end()));
+        ring.next = 0;
+      }
+    }
+  }
+
+  bool recording() const {
+    return recording_.load(std::memory_order_relaxed);
+  }
+
+  MemorySnapshot snapshot(bool include_traces) {
+    std::lock_guard<std::mutex> lock(mu_);
+    MemorySnapshot out;
+    std::vector<Block*> heads;
+    std::unordered_set<const Block*> awaiting;
+    auto consider = [&heads](Block* b) {
+      if (b->prev == nullptr) heads.push_back(b);
+    };
+    for (auto& [p, b] : live_) consider(b);
+    int devices = runtime::deviceCount();
+    for (int d = 0; d < devices; ++d) {
+      DeviceState& st = states_[d];
+      for (Block* b : st.small_free) consider(b);
+      for (Block* b : st.large_free) consider(b);
+      for (auto& def : st.deferred) {
+        awaiting.insert(def.block);
+        consider(def.block);
+      }
+    }
+    std::sort(heads.begin(), heads.end(), [](const Block* a, const Block* b) {
+      return a->device != b->device ? a->device < b->device
+                                    : addrOf(a->ptr) < addrOf(b->ptr);
+    });
+    for (Block* h : heads) {
+      MemorySegmentInfo seg{h->device, addrOf(h->ptr), 0, 0, 0, 0, h->stream, h->small,
+                            !h->small, {}};
+      for (Block* b = h; b != nullptr; b = b->next) {
+        MemoryBlockState state = b->allocated ? MemoryBlockState::kAllocated
+            : awaiting.count(b) ? MemoryBlockState::kAwaitingFree
+                                : MemoryBlockState::kInactive;
+        std::size_t requested = state == MemoryBlockState::kInactive ? 0 : b->requested;
+        seg.blocks.push_back({addrOf(b->ptr), b->size, requested, state, b->context});
+        seg.total_size += b->size;
+        if (state == MemoryBlockState::kAllocated) {
+          seg.allocated_size += b->size;
+          seg.requested_size += b->requested;
+        }
+        if (state != MemoryBlockState::kInactive) seg.active_size += b->size;
+      }
+      out.segments.push_back(std::move(seg));
+    }
+    out.device_traces.resize(static_cast<std::size_t>(devices));
+    if (include_traces) {
+      for (int d = 0; d < devices; ++d) out.device_traces[d] = orderedEntries(rings_[d]);
+    }
+    return out;
+  }
+
  private:
   static void deleter(void* ptr);
+
+  // Who wants to hear of a change of device memory: torch.profiler
+  // (profile_memory=True, on this thread) and the device trace's counter
+  // track. Taken under mu_, reported after it.
+  struct Usage {
+    bool profiler = false;
+    bool trace = false;
+    std::size_t allocated = 0;
+    std::size_t reserved = 0;
+    bool wanted() const { return profiler || trace; }
+  };
+
+  static Usage usageOf(const DeviceState& st) {
+    Usage u;
+    u.profiler = c10::memoryProfilingEnabled();
+    u.trace = profiler::isEnabled(profiler::kTrace);
+    if (u.profiler || u.trace) {
+      u.allocated = static_cast<std::size_t>(st.stats.allocated_bytes[0].current);
+      u.reserved = reservedOf(st);
+    }
+    return u;
+  }
+
+  static void report(const Usage& u, void* ptr, std::int64_t delta, int device) {
+    if (u.profiler) {
+      c10::reportMemoryUsageToProfiler(
+          ptr, delta, u.allocated, u.reserved,
+          c10::Device(c10::DeviceType::PrivateUse1, static_cast<c10::DeviceIndex>(device)));
+    }
+    if (u.trace) profiler::recordMemoryUsage(device, u.allocated, u.reserved);
+  }
+
+  static std::uintptr_t addrOf(const void* p) {
+    return reinterpret_cast<std::uintptr_t>(p);
+  }
+
+  // A stack for an event that keeps one at level `need` or above, or null.
+  Context gatherContext(RecordContext need) {
+    if (when_.load(std::memory_order_relaxed) < static_cast<int>(need)) return nullptr;
+    auto fn = context_fn_.load(std::memory_order_relaxed);
+    return fn ? fn() : nullptr;
+  }
+
+  // The gathered context if events of this level keep one.
+  Context contextFor(RecordContext need, const Context& ctx) const {
+    return when_.load(std::memory_order_relaxed) >= static_cast<int>(need) ? ctx : nullptr;
+  }
+
+  // Appends to the device's ring (under mu_).
+  void record(int device, MemoryAction action, std::uintptr_t addr, std::size_t size,
+              std::int64_t stream, Context ctx) {
+    if (skip_mask_ & (1u << static_cast<unsigned>(action))) return;
+    TraceRing& ring = rings_[device];
+    MemoryTraceEntry e{action, addr, size, stream, nowUs(), std::move(ctx)};
+    if (ring.entries.size() < max_entries_) {
+      ring.entries.push_back(std::move(e));
+    } else {
+      std::swap(ring.entries[ring.next], e);  // the old entry dies with `e`
+      ring.next = (ring.next + 1) % ring.entries.size();
+    }
+  }
+
+  static std::vector<MemoryTraceEntry> orderedEntries(const TraceRing& ring) {
+    std::vector<MemoryTraceEntry> out;
+    out.reserve(ring.entries.size());
+    out.insert(out.end(), ring.entries.begin() + static_cast<std::ptrdiff_t>(ring.next),
+               ring.entries.end());
+    out.insert(out.end(), ring.entries.begin(),
+               ring.entries.begin() + static_cast<std::ptrdiff_t>(ring.next));
+    return out;
+  }
 
   DeviceState& state(int device) {
     runtime::checkDevice(device);
@@ -395,7 +599,7 @@ class CachingAllocator final : public c10::DeviceAllocator {
   // block needs the least growth. Only below the low watermark: above it,
   // newSegment first gives cached segments back.
   Block* growTail(int device, DeviceState& st, std::int64_t stream,
-                  std::size_t size) {
+                  std::size_t size, const Context& ctx) {
     Block* best = nullptr;
     for (Block* b : st.large_free) {
       if (b->stream != stream || b->next != nullptr) continue;
@@ -409,9 +613,17 @@ class CachingAllocator final : public c10::DeviceAllocator {
       head = head->prev;
       seg += head->size;
     }
-    std::size_t cap = limitBytes(st.low_fraction > 0.0 ? st.low_fraction : st.fraction);
+    // Below both watermarks: a fraction set under the low watermark
+    // (set_per_process_memory_fraction) caps growth too.
+    std::size_t cap = limitBytes(st.fraction);
+    std::size_t low = limitBytes(st.low_fraction);
+    if (low && (!cap || low < cap)) cap = low;
     if (cap && reservedOf(st) + grow > cap) return nullptr;
     if (!runtime::growSegment(head->ptr, seg, seg + grow)) return nullptr;
+    if (C10_UNLIKELY(recording_.load(std::memory_order_relaxed))) {
+      record(device, MemoryAction::kSegmentMap, addrOf(head->ptr + seg), grow, stream,
+             contextFor(RecordContext::ALLOC, ctx));
+    }
     st.large_free.erase(best);
     noteTaken(best);
     best->size += grow;
@@ -420,7 +632,7 @@ class CachingAllocator final : public c10::DeviceAllocator {
   }
 
   Block* newSegment(int device, DeviceState& st, std::int64_t stream,
-                    std::size_t size, std::size_t nbytes, bool small) {
+                    std::size_t size, std::size_t nbytes, bool small, const Context& ctx) {
     std::size_t seg = small ? kSmallBuffer : largeSegment(size);
     std::size_t limit = limitBytes(st.fraction);
     std::size_t low = limitBytes(st.low_fraction);
@@ -444,6 +656,13 @@ class CachingAllocator final : public c10::DeviceAllocator {
     }
     if (ptr == nullptr) {
       st.stats.num_ooms += 1;
+      if (C10_UNLIKELY(recording_.load(std::memory_order_relaxed))) {
+        // addr: what is still free, under the limit (or of the device).
+        std::size_t cap = limit ? limit : runtime::deviceMemoryBytes();
+        std::size_t free = cap > reserved() ? cap - reserved() : 0;
+        record(device, MemoryAction::kOom, free, nbytes, stream,
+               contextFor(RecordContext::ALLOC, ctx));
+      }
       if (runtime::fidelity::on()) mpsOutOfMemory(limit, reserved(), size);
       std::size_t allocated =
           static_cast<std::size_t>(st.stats.allocated_bytes[0].current);
@@ -465,6 +684,10 @@ class CachingAllocator final : public c10::DeviceAllocator {
     st.stats.num_device_alloc += 1;
     updateStat(st.stats.segment, small, 1, true);
     updateStat(st.stats.reserved_bytes, small, seg, true);
+    if (C10_UNLIKELY(recording_.load(std::memory_order_relaxed))) {
+      record(device, MemoryAction::kSegmentAlloc, addrOf(ptr), seg, stream,
+             contextFor(RecordContext::ALLOC, ctx));
+    }
     return new Block{device, stream, seg, 0, ptr, small};
   }
 
@@ -519,6 +742,9 @@ class CachingAllocator final : public c10::DeviceAllocator {
           runtime::freeGrowableSegment(b->ptr, b->size);
         }
         st.stats.num_device_free += 1;
+        if (C10_UNLIKELY(recording_.load(std::memory_order_relaxed))) {
+          record(device, MemoryAction::kSegmentFree, addrOf(b->ptr), b->size, b->stream, nullptr);
+        }
         updateStat(st.stats.segment, b->small, 1, false);
         updateStat(st.stats.reserved_bytes, b->small, b->size, false);
         delete b;
@@ -532,7 +758,11 @@ class CachingAllocator final : public c10::DeviceAllocator {
   }
 
   bool releaseIfLive(void* ptr) {
-    std::lock_guard<std::mutex> lock(mu_);
+    Context ctx;
+    if (C10_UNLIKELY(recording_.load(std::memory_order_relaxed))) {
+      ctx = gatherContext(RecordContext::ALL);
+    }
+    std::unique_lock<std::mutex> lock(mu_);
     auto it = live_.find(ptr);
     if (it == live_.end()) return false;
     Block* b = it->second;
@@ -542,6 +772,25 @@ class CachingAllocator final : public c10::DeviceAllocator {
     updateStat(st.stats.allocated_bytes, b->small, b->size, false);
     updateStat(st.stats.requested_bytes, b->small, b->requested, false);
     b->allocated = false;
+    if (C10_UNLIKELY(recording_.load(std::memory_order_relaxed))) {
+      record(b->device, MemoryAction::kFreeRequested, addrOf(b->ptr), b->requested, b->stream, ctx);
+    }
+    int device = b->device;
+    std::int64_t bsize = static_cast<std::int64_t>(b->size);
+    finishRelease(b, ctx);
+    Usage usage = usageOf(st);
+    if (C10_UNLIKELY(usage.wanted())) {
+      lock.unlock();
+      report(usage, ptr, -bsize, device);
+    }
+    return true;
+  }
+
+ private:
+  // The rest of a release, under mu_: the block waits for the streams that
+  // used it, or is free now.
+  void finishRelease(Block* b, const Context& ctx) {
+    DeviceState& st = states_[b->device];
     if (!b->stream_uses.empty()) {
       Deferred d{b, {}};
       for (auto s : b->stream_uses) {
@@ -550,13 +799,11 @@ class CachingAllocator final : public c10::DeviceAllocator {
       b->stream_uses.clear();
       st.deferred.push_back(std::move(d));
       processDeferred(b->device, /*wait=*/false);
-      return true;
+      return;
     }
-    freeBlock(b);
-    return true;
+    freeBlock(b, ctx);
   }
 
- private:
   // Returns deferred blocks whose streams have all passed their marks.
   void processDeferred(int device, bool wait) {
     DeviceState& st = states_[device];
@@ -582,8 +829,12 @@ class CachingAllocator final : public c10::DeviceAllocator {
     st.deferred.swap(still);
   }
 
-  void freeBlock(Block* b) {
+  void freeBlock(Block* b, const Context& ctx = nullptr) {
     DeviceState& st = states_[b->device];
+    if (C10_UNLIKELY(recording_.load(std::memory_order_relaxed))) {
+      record(b->device, MemoryAction::kFreeCompleted, addrOf(b->ptr), b->requested, b->stream, ctx);
+    }
+    b->context.reset();
     updateStat(st.stats.active, b->small, 1, false);
     updateStat(st.stats.active_bytes, b->small, b->size, false);
     auto& pool = b->small ? st.small_free : st.large_free;
@@ -622,6 +873,14 @@ class CachingAllocator final : public c10::DeviceAllocator {
       {kDefaultHighWatermark, kDefaultLowWatermark},
       {kDefaultHighWatermark, kDefaultLowWatermark}};
   ska::flat_hash_map<void*, Block*> live_;
+  // Memory history: the flags are read without the mutex (relaxed: a
+  // toggle may miss an event in flight); the rings and max_entries_ under it.
+  std::atomic<bool> recording_{false};
+  std::atomic<int> when_{0};  // RecordContext
+  std::atomic<c10::CachingDeviceAllocator::CreateContextFn> context_fn_{nullptr};
+  std::size_t max_entries_ = 1;
+  unsigned skip_mask_ = 0;
+  TraceRing rings_[runtime::kMaxDevices];
 };
 
 namespace {
@@ -677,6 +936,33 @@ void applyFidelityWatermarks(bool mps) {
 
 c10::CachingDeviceAllocator::DeviceStats deviceStats(int device) {
   return impl().getDeviceStats(static_cast<c10::DeviceIndex>(device));
+}
+
+const char* memoryActionName(MemoryAction a) {
+  switch (a) {
+    case MemoryAction::kAlloc: return "alloc";
+    case MemoryAction::kFreeRequested: return "free_requested";
+    case MemoryAction::kFreeCompleted: return "free_completed";
+    case MemoryAction::kSegmentAlloc: return "segment_alloc";
+    case MemoryAction::kSegmentFree: return "segment_free";
+    case MemoryAction::kSegmentMap: return "segment_map";
+    case MemoryAction::kOom: return "oom";
+  }
+  return "unknown";
+}
+
+void recordMemoryHistory(bool enabled, c10::CachingDeviceAllocator::CreateContextFn context_fn,
+                         std::size_t max_entries, RecordContext when, bool clear_history,
+                         unsigned skip_mask) {
+  impl().recordHistory(enabled, context_fn, max_entries, when, clear_history, skip_mask);
+}
+
+bool memoryHistoryEnabled() {
+  return impl().recording();
+}
+
+MemorySnapshot memorySnapshot(bool include_traces) {
+  return impl().snapshot(include_traces);
 }
 
 } // namespace torch_mps_ext

@@ -13,7 +13,9 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <string>
+#include <vector>
 
 namespace torch_mps_ext {
 
@@ -53,5 +55,78 @@ void applyFidelityWatermarks(bool mps);
 // A human-readable memory report in the style of torch.cuda.memory_summary.
 // (Formatting lives in Python; this exposes the raw stats.)
 c10::CachingDeviceAllocator::DeviceStats deviceStats(int device);
+
+// --- Memory history and snapshots (torch.cuda.memory's formats) -------------
+//
+// While history is recorded, every allocator action is appended to a bounded
+// ring per device (under the allocator's mutex), and live blocks keep the
+// context (a stack, gathered by `context_fn` before the mutex is taken) of
+// their allocation. With recording off the only cost is one relaxed atomic
+// load per allocation and per free.
+
+// torch.cuda's TraceEntry actions, with their snapshot names.
+enum class MemoryAction : std::uint8_t {
+  kAlloc,          // "alloc": a block handed out (size: bytes requested)
+  kFreeRequested,  // "free_requested": the client released it
+  kFreeCompleted,  // "free_completed": it is reusable (later with record_stream)
+  kSegmentAlloc,   // "segment_alloc": a segment taken from the system
+  kSegmentFree,    // "segment_free": a segment given back
+  kSegmentMap,     // "segment_map": a growable segment grown in place (addr: the new part)
+  kOom,            // "oom": allocation refused (addr: bytes still free under the limit)
+};
+const char* memoryActionName(MemoryAction a);
+
+struct MemoryTraceEntry {
+  MemoryAction action;
+  std::uintptr_t addr;  // device_free for kOom
+  std::size_t size;
+  std::int64_t stream;
+  std::int64_t time_us;  // CLOCK_REALTIME
+  std::shared_ptr<c10::GatheredContext> context;
+};
+
+enum class MemoryBlockState : std::uint8_t { kAllocated, kAwaitingFree, kInactive };
+
+struct MemoryBlockInfo {
+  std::uintptr_t address;
+  std::size_t size;
+  std::size_t requested_size;
+  MemoryBlockState state;
+  std::shared_ptr<c10::GatheredContext> context;  // of its allocation, if recorded
+};
+
+struct MemorySegmentInfo {
+  int device;
+  std::uintptr_t address;
+  std::size_t total_size;
+  std::size_t allocated_size;   // active_allocated blocks
+  std::size_t active_size;      // allocated + awaiting free
+  std::size_t requested_size;   // bytes requested by the allocated blocks
+  std::int64_t stream;
+  bool small;                   // small pool ("small") or large ("large")
+  bool expandable;              // large segments grow in place
+  std::vector<MemoryBlockInfo> blocks;  // in address order, covering the segment
+};
+
+struct MemorySnapshot {
+  std::vector<MemorySegmentInfo> segments;              // by device, then address
+  std::vector<std::vector<MemoryTraceEntry>> device_traces;  // oldest first
+};
+
+// enabled=false stops recording and clears the history. `when` says which
+// events keep a context (c10's RecordContext: NEVER, STATE = live blocks,
+// ALLOC = + alloc events, ALL = + free events); `context_fn` gathers one
+// (may be null when `when` is NEVER). max_entries bounds each device's ring
+// (at least 1). clear_history empties the rings. skip_mask: bit
+// (1 << MemoryAction) set = that action is not recorded.
+void recordMemoryHistory(bool enabled, c10::CachingDeviceAllocator::CreateContextFn context_fn,
+                         std::size_t max_entries,
+                         c10::CachingDeviceAllocator::RecordContext when, bool clear_history,
+                         unsigned skip_mask);
+bool memoryHistoryEnabled();
+
+// Every device's segments and blocks from the allocator's own structures,
+// and (include_traces) the recorded history.
+MemorySnapshot memorySnapshot(bool include_traces);
 
 } // namespace torch_mps_ext

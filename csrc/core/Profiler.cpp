@@ -30,6 +30,7 @@ struct State {
   std::mutex mu;
   at::CallbackHandle handle = 0;
   std::vector<Record> trace, capture, kineto;
+  std::vector<MemorySample> memory;  // kTrace's counter track
   std::map<std::pair<int, std::string>, Stat> stats;
 };
 
@@ -378,6 +379,7 @@ void enable(unsigned consumers, bool wait_until_completed) {
   if (consumers & kTrace) {
     g_wait.store(wait_until_completed);
     s.trace.clear();
+    s.memory.clear();
   }
   if (consumers & kCapture) s.capture.clear();
   if (consumers & kKineto) s.kineto.clear();
@@ -487,6 +489,21 @@ void recordCommand(const std::string& name, int device, std::int64_t stream,
                    IssueToken issued) {
   if (!g_consumers.load(std::memory_order_relaxed)) return;
   recordCommandImpl(name, device, stream, start_ns, end_ns, std::move(attrs), &issued);
+}
+
+void recordMemoryUsage(int device, std::size_t allocated, std::size_t reserved) {
+  MemorySample m{device, c10::getTime(), allocated, reserved};
+  auto& s = state();
+  std::lock_guard<std::mutex> lock(s.mu);
+  if (g_consumers.load(std::memory_order_relaxed) & kTrace) s.memory.push_back(m);
+}
+
+std::vector<MemorySample> takeMemorySamples() {
+  auto& s = state();
+  std::lock_guard<std::mutex> lock(s.mu);
+  std::vector<MemorySample> out;
+  out.swap(s.memory);
+  return out;
 }
 
 void pushCorrelation(std::uint64_t id) {

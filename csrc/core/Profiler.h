@@ -18,6 +18,7 @@
 // Each consumer has its own buffer; take() drains one.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -103,6 +104,17 @@ void recordCommand(const std::string& name, int device, std::int64_t stream,
 void recordCommand(const std::string& name, int device, std::int64_t stream,
                    std::int64_t start_ns, std::int64_t end_ns, std::string attrs,
                    IssueToken issued);
+
+// Device memory after an allocator change, for the trace's allocated/reserved
+// counter track (kTrace only). The caller checks isEnabled(kTrace) first.
+struct MemorySample {
+  int device = 0;
+  std::int64_t time_ns = 0;
+  std::size_t allocated = 0;
+  std::size_t reserved = 0;
+};
+void recordMemoryUsage(int device, std::size_t allocated, std::size_t reserved);
+std::vector<MemorySample> takeMemorySamples();
 
 // Kineto session hooks (ProfilerKineto.cpp).
 void pushCorrelation(std::uint64_t id);

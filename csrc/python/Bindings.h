@@ -16,6 +16,7 @@ void initProfilerBindings(pybind11::module_& m);  // Profiler.cpp
 void initShaderBindings(pybind11::module_& m);    // Shaders.cpp
 void initTestingBindings(pybind11::module_& m);   // Testing.cpp (_C._testing)
 void initFidelityBindings(pybind11::module_& m);  // Fidelity.cpp
+void initMemoryBindings(pybind11::module_& m);    // Memory.cpp (history, snapshots)
 // Areas added later declare theirs here and are called from Module.cpp.
 
 } // namespace torch_mps_ext::python

@@ -101,4 +101,5 @@ PYBIND11_MODULE(_C, m) {
   torch_mps_ext::python::initShaderBindings(m);
   torch_mps_ext::python::initTestingBindings(m);
   torch_mps_ext::python::initFidelityBindings(m);
+  torch_mps_ext::python::initMemoryBindings(m);
 }

@@ -33,6 +33,14 @@ void initProfilerBindings(py::module_& m) {
     }
     return out;
   });
+  // (device, time_ns, allocated, reserved): the trace's memory counter track
+  m.def("_profiler_take_memory", [] {
+    py::list out;
+    for (auto& s : p::takeMemorySamples()) {
+      out.append(py::make_tuple(s.device, s.time_ns, s.allocated, s.reserved));
+    }
+    return out;
+  });
   // (name, kind, count, total_ns, min_ns, max_ns)
   m.def("_profiler_stats", [] {
     py::list out;

@@ -6,8 +6,9 @@ model, the cache and the checked mode).  Environment variables:
 
 * ``TORCH_MPS_EXT_SHADER_CACHE``   -- cache directory (default ``~/.cache/torch_mps_ext/shaders``);
   it must be writable by this user alone (docs/security.md)
-* ``TORCH_MPS_EXT_SHADER_CHECKED`` -- ``1``: bounds-check device buffer accesses and report
-  out-of-bounds accesses (kernel and argument named) at the next ``synchronize()``
+* ``TORCH_MPS_EXT_SHADER_CHECKED`` -- ``1``: bounds-check every device-pointer access
+  (through pointer arithmetic and helper functions too) and report an out-of-bounds access
+  (kernel, argument and element) at the next ``synchronize()``
 * ``TORCH_MPS_EXT_SHADER_CCACHE``  -- ``0``: do not use ccache even if it is installed
 * ``TORCH_MPS_EXT_SHADER_ARCH_FLAGS`` -- replaces ``-march=native``
 * ``TORCH_MPS_EXT_SHADER_COMPILE_TIMEOUT_S`` -- CPU-time limit of a compiler run (wall clock:
@@ -66,16 +67,17 @@ def compile_shader(source: str, *, include_dirs: str | os.PathLike | Sequence[st
             stats["cache_hits"] += 1
         return lib
     with _compiler.compile_library(source) as entry:
-        lib = _open(entry.path, entry.from_cache, entry.ident, entry.load_path)
+        lib = _open(entry.path, entry.from_cache, entry.ident, entry.load_path, entry.frames)
     _by_key[memo] = lib
     return lib
 
 
-def _open(path: Path, from_cache: bool, ident: tuple[int, int], load_path: str) -> ShaderLibrary:
+def _open(path: Path, from_cache: bool, ident: tuple[int, int], load_path: str,
+          frames: dict | None = None) -> ShaderLibrary:
     with _lock:
         lib = _loaded.get(ident)
         if lib is None:
-            lib = ShaderLibrary(path, from_cache, load_path=load_path)
+            lib = ShaderLibrary(path, from_cache, load_path=load_path, frames=frames)
             _loaded[ident] = lib
     return lib
 
@@ -124,7 +126,7 @@ def load_metallib(source: bytes | str | os.PathLike) -> ShaderLibrary:
             if fd is None:
                 raise _digest_mismatch(path)
             with _compiler.LibraryFile(d, path.name, fd, True) as entry:
-                return _open(entry.path, True, entry.ident, entry.load_path)
+                return _open(entry.path, True, entry.ident, entry.load_path, entry.frames)
         data = path.read_bytes()
         digest_file = path.with_name(path.name + _compiler.DIGEST_SUFFIX)
         if digest_file.is_file():

@@ -18,6 +18,7 @@ import ctypes.util
 import errno
 import functools
 import hashlib
+import json
 import os
 import platform
 import re
@@ -128,6 +129,7 @@ COMMON_FLAGS = [
 CODEGEN_FLAGS = [
     "-O2", "-ftree-vectorize", "-fvect-cost-model=dynamic", "-fno-math-errno", "-fno-trapping-math",
     "-fsingle-precision-constant", "-fPIC", "-shared", "-w", "-fvisibility=hidden", "-fopenmp",
+    "-fstack-usage",  # frame sizes: the fiber stacks of kernels that synchronize (fiber_frames)
 ]
 
 
@@ -248,6 +250,26 @@ class CompilerLimitError(RuntimeError):
     """The host compiler was stopped by one of its limits (CPU time, memory, timeout)."""
 
 
+_SANITIZER_RUNTIME = re.compile(r"^lib(asan|ubsan|tsan|lsan|hwasan|clang_rt\.[a-z_]*san)[-.\w]*\.so")
+
+
+def compiler_env() -> dict[str, str]:
+    """The compiler's environment: ours without a sanitizer runtime in LD_PRELOAD (under
+    `make asan` the interpreter has ASan preloaded; in the compiler it could not reserve its
+    shadow memory under RLIMIT_AS, and every compile would fail) and without ASAN_OPTIONS."""
+    env = dict(os.environ)
+    preload = env.get("LD_PRELOAD")
+    if preload is not None:
+        keep = [p for p in re.split(r"[\s:]+", preload)
+                if p and not _SANITIZER_RUNTIME.match(os.path.basename(p))]
+        if keep:
+            env["LD_PRELOAD"] = " ".join(keep)
+        else:
+            env.pop("LD_PRELOAD")
+    env.pop("ASAN_OPTIONS", None)
+    return env
+
+
 def run_compiler(cmd: list[str], *, input: str | None = None, cwd_fd: int | None = None,
                  what: str = "compile") -> subprocess.CompletedProcess:
     """Run the host compiler under resource limits: RLIMIT_CPU, RLIMIT_AS (and no core
@@ -270,12 +292,13 @@ def run_compiler(cmd: list[str], *, input: str | None = None, cwd_fd: int | None
         if cwd_fd is not None:
             fchdir(cwd_fd)
 
+    env = compiler_env()
     mem_error = (f"shader {what}: the host compiler ran out of memory under its limit of {mem} bytes "
                  f"(TORCH_MPS_EXT_SHADER_COMPILE_MEMORY_BYTES)")
     try:
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                preexec_fn=limit_child, start_new_session=True)
+                                preexec_fn=limit_child, start_new_session=True, env=env)
     except OSError as e:
         if e.errno == errno.ENOMEM:
             raise CompilerLimitError(f"{mem_error}: {e.strerror}") from None
@@ -352,12 +375,75 @@ def build_source(source: str, checked: bool) -> tuple[str, list[fe.Kernel]]:
     return cpp, kernels
 
 
+# ---------------------------------------------------------------- fiber stacks
+# A kernel that synchronizes runs each thread on a fiber with its own stack; the stack must hold
+# the kernel's frame (its private arrays) and those of the functions it calls.  The compiler
+# measures them (-fstack-usage writes a .su file: one line per function,
+# "file:line:col:name<TAB>bytes<TAB>static|dynamic[,bounded]"); <key>.frames, beside the
+# library, keeps each such kernel's need in bytes (null: not bounded, e.g. a variable-length
+# array), and the library's fibers get stacks of that size (mpsx_fiber_stack_size).
+FRAMES_SUFFIX = ".frames"
+_SU_LINE = re.compile(r"^(.*?):(\d+):(\d+):(.*)\t(\d+)\t(\S+)\s*$")
+_ENTRY_NAME = re.compile(r"\bmpsx_k\d+\(")
+
+
+def fiber_frames(su_text: str, kernels: list[fe.Kernel]) -> dict[str, int | None]:
+    """Stack bytes a fiber of each synchronizing kernel needs: the frames of its fiber body
+    (the kernel inlined into it) plus every frame of the library that belongs to no kernel's
+    entry point (helpers that were not inlined, the runtime's) -- an upper bound, as Metal
+    has no recursion (a recursive helper is caught by the guard page below each stack)."""
+    rows = []
+    for line in su_text.splitlines():
+        m = _SU_LINE.match(line)
+        if m:
+            rows.append((m.group(4), int(m.group(5)), m.group(6)))
+    shared = [(size, kind) for name, size, kind in rows
+              if not _ENTRY_NAME.search(name) and "mpsx_finish" not in name]
+    out: dict[str, int | None] = {}
+    for k in kernels:
+        if not k.sync:
+            continue
+        own = [(size, kind) for name, size, kind in rows
+               if f"{k.symbol}(" in name and not name.startswith(f"void {k.symbol}(")]
+        frames = own + shared
+        out[k.symbol] = None if any(kind == "dynamic" for _, kind in frames) else sum(s for s, _ in frames)
+    return out
+
+
+def _read_frames(build_fd: int, kernels: list[fe.Kernel]) -> dict[str, int | None]:
+    text = []
+    for name in os.listdir(build_fd):
+        if name.endswith(".su"):
+            fd = os.open(name, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | os.O_CLOEXEC, dir_fd=build_fd)
+            try:
+                text.append(os.read(fd, 1 << 22).decode("utf-8", "replace"))
+            finally:
+                os.close(fd)
+    return fiber_frames("\n".join(text), kernels) if text else {}
+
+
+def stored_frames(d: _private_files.PrivateDir, name: str) -> dict[str, int | None]:
+    """The frame sizes stored beside library ``name`` ({} when missing or malformed: the
+    library's fibers then get the default stack)."""
+    raw = d.read_small(name + FRAMES_SUFFIX, 1 << 16)
+    try:
+        data = json.loads(raw) if raw else {}
+    except ValueError:
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {k: v for k, v in data.items()
+            if isinstance(k, str) and (v is None or (isinstance(v, int) and 0 <= v < 1 << 40))}
+
+
 class LibraryFile:
     """A library file in the cache, verified and open: load it through ``load_path`` (the
     verified directory's descriptor), then ``close()``."""
 
-    def __init__(self, directory: _private_files.PrivateDir, name: str, fd: int, from_cache: bool):
+    def __init__(self, directory: _private_files.PrivateDir, name: str, fd: int, from_cache: bool,
+                 frames: dict[str, int | None] | None = None):
         self.directory, self.name, self.fd, self.from_cache = directory, name, fd, from_cache
+        self.frames = frames if frames is not None else stored_frames(directory, name)
         st = os.fstat(fd)
         self.ident = (st.st_dev, st.st_ino)  # a loaded library's file stays mapped: never reused
 
@@ -439,19 +525,25 @@ def compile_library(source: str) -> LibraryFile:
             stats["compiler_runs"] += 1
         r = run_compiler(cmd, cwd_fd=build_fd)
         if r.returncode != 0 and checked:
-            # Instrumented pointers can break code that needs raw device pointers (templates
-            # deducing T from `device T*`, reinterpret_cast, atomics): fall back, with a warning.
-            import warnings
-
-            warnings.warn("TORCH_MPS_EXT_SHADER_CHECKED: this shader cannot be instrumented with bounds "
-                          "checks; running it unchecked.\n" + _format_diagnostics(r.stderr)[0][:2000])
+            # Instrumented pointers can break code that needs raw device pointers (a pointer
+            # stored in a raw `T*` that is not spelled `device T*`, a second declarator of
+            # `device T *a, *b`): fall back, with a warning -- unless the source does not
+            # compile unchecked either (then its errors are the user's, without a warning).
+            checked_diagnostics = r.stderr
             cpp, _kernels = build_source(source, False)
             _private_files.write_at(build_fd, "shader.cpp", cpp.encode(), 0o600)
             with _lock:
                 stats["compiler_runs"] += 1
             r = run_compiler(cmd, cwd_fd=build_fd)
+            if r.returncode == 0:
+                import warnings
+
+                warnings.warn("TORCH_MPS_EXT_SHADER_CHECKED: this shader cannot be instrumented with "
+                              "bounds checks; running it unchecked.\n"
+                              + _format_diagnostics(checked_diagnostics)[0][:2000])
         if r.returncode != 0:
             raise _syntax_error("Failed to compile shader", r.stderr, source)
+        frames = _read_frames(build_fd, _kernels)
         out_fd = os.open("lib.so", os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | os.O_CLOEXEC, dir_fd=build_fd)
         try:
             data = b"".join(iter(lambda: os.read(out_fd, 1 << 20), b""))
@@ -460,6 +552,7 @@ def compile_library(source: str) -> LibraryFile:
     finally:
         d.remove_subdir(build_name, build_fd)
     d.write(f"{key}.cpp", cpp)
+    d.write(name + FRAMES_SUFFIX, json.dumps(frames))
     digest = store_entry(d, name, data)
     # Load what is on disk, verified again: ours, or an identical library a concurrent
     # compiler of the same source renamed over it (then checked against its own digest).
@@ -468,7 +561,7 @@ def compile_library(source: str) -> LibraryFile:
         if fd is None:
             fd = open_entry(d, name)
         if fd is not None:
-            return LibraryFile(d, name, fd, False)
+            return LibraryFile(d, name, fd, False, frames)
         time.sleep(0.02)
     raise RuntimeError(f"shader library {d.path / name} changed on disk as it was written "
                        "(another process is writing the shader cache); try again")

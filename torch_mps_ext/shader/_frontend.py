@@ -17,8 +17,8 @@ The pipeline (see docs/shaders.md):
 4. ``rewrite`` edits the preprocessed text: ``threadgroup`` storage declarations become
    per-OS-thread storage shared by the fibers of a threadgroup, ``1.0h`` literals become
    half, program-scope variables are constant-initialized, the shader's declarations get
-   hidden visibility, and (checked mode) device pointer parameters become bounds-checked
-   pointers.
+   hidden visibility, and (checked mode) every ``device T*`` -- parameters of kernels and
+   helpers, locals, members, return types, casts -- becomes a bounds-checked pointer.
 5. ``generate`` appends one ``extern "C"`` entry point per kernel that unpacks the argument
    block and runs threadgroups ``[begin, end)`` either as a plain loop or with fibers.
 """
@@ -1940,39 +1940,125 @@ _HALF_LIT = re.compile(r"^((?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)[hH]$")
 _SWZ_RE = re.compile(r"\.\s*([xyzw]{2,4}|[rgba]{2,4})\b")
 
 
-def _checked_rewrites(d: KDecl) -> list[tuple[int, int, str]]:
-    edits = []
-    for prm in d.params:
-        if prm.space != "device":
+_CV = ("const", "volatile")
+_PTR_QUALS = ("const", "volatile", "__restrict", "__restrict__", "restrict")
+_CASTS = ("reinterpret_cast", "static_cast", "const_cast")
+# after `&name[...]`: a postfix operator binds to the element, not to the address
+_POSTFIX = (".", "->", "[", "(", "++", "--")
+# before `&`: it is the binary operator, not address-of
+_OPERAND_END = (")", "]")
+
+
+def _checked_rewrites(p: Parsed) -> tuple[list[tuple[int, int, str]], set[int]]:
+    """Checked mode: every `device T*` of the source -- kernel and helper parameters, locals,
+    members, return types, C-style and named casts -- becomes ``::mpsx::checked_ptr<T>``
+    (cv-qualifiers of T dropped, so that templates deducing T from `device const T*` accept
+    a `device T*`), and `&p[i]` on such a pointer becomes `(p + (i))`, which keeps the bounds.
+    Returns the edits and the token indices of the rewritten `device` keywords."""
+    toks = p.toks
+    n = len(toks)
+    edits: list[tuple[int, int, str]] = []
+    devices: set[int] = set()
+    names: set[str] = set()
+    for i, t in enumerate(toks):
+        if t.kind != "id" or t.text != "device":
             continue
-        tt = [t for t in prm.type_toks]
-        texts = [t.text for t in tt]
-        if texts.count("*") != 1 or "&" in texts:
+        # element type: identifiers, `::` and template arguments up to the `*`
+        j = i + 1
+        elem: list[Tok] = []
+        while j < n:
+            tx = toks[j].text
+            if tx == "<" and elem:
+                try:
+                    e = _match_angle(toks, j)
+                except ShaderSyntaxError:
+                    break
+                elem.extend(toks[j : e + 1])
+                j = e + 1
+                continue
+            if toks[j].kind == "id" or tx == "::":
+                elem.append(toks[j])
+                j += 1
+                continue
+            break
+        if j >= n or toks[j].text != "*":
             continue
-        star = texts.index("*")
-        if any(x not in ("const", "volatile") for x in texts[star + 1 :]):
+        star = j
+        j += 1
+        post: list[str] = []
+        while j < n and toks[j].text in _PTR_QUALS:
+            post.append(toks[j].text)
+            j += 1
+        ref = j < n and toks[j].text in ("&", "&&")
+        if ref:
+            j += 1
+        nxt = toks[j].text if j < n else ""
+        if nxt in ("*", "device", "constant", "thread", "threadgroup"):
+            continue  # pointer to pointer (an argument buffer): not an access of a buffer
+        core = [tk.text for tk in elem if tk.text not in _CV]
+        if not core or core in (["void"], ["auto"]) or "decltype" in core:
             continue
-        elem = [t for t in tt[:star] if t.text not in ADDRESS_SPACES]
-        et = [t.text for t in elem]
-        if not elem or et == ["void"] or et in (["const", "void"], ["void", "const"]) or any("atomic" in x for x in et):
+        first = i
+        while first > 0 and toks[first - 1].text in _CV:
+            first -= 1
+        k0 = first - 1
+        if k0 >= 1 and toks[k0].text == "(" and toks[k0 - 1].text in ("sizeof", "alignof", "__alignof__"):
+            continue  # sizeof(device T*) keeps the size of a pointer
+        cv_elem = _join([tk for tk in elem if tk.text not in _CV])
+        ctype = f"::mpsx::checked_ptr<{cv_elem}>"
+        if nxt == ">" and k0 >= 1 and toks[k0].text == "<" and toks[k0 - 1].text in _CASTS and not post and not ref:
+            # reinterpret_cast<device T*>(x) -> ::mpsx::dev_cast<T>(x)
+            edits.append((toks[k0 - 1].start, toks[j].end, f"::mpsx::dev_cast<{cv_elem}>"))
+            devices.add(i)
             continue
-        edits.append((tt[0].start, tt[-1].end, f"::mpsx::checked_ptr<{_join(elem)}>"))
-    return edits
+        if nxt == ">":
+            continue  # a template argument (array<device T*, N>): left raw
+        top_const = "const " if "const" in post else ""
+        # replaced: [cv] device T [cv] * [cv/restrict]; a `&` after it stays
+        edits.append((toks[first].start, toks[star + len(post)].end, f"{top_const}{ctype}"))
+        devices.add(i)
+        if j < n and toks[j].kind == "id":
+            names.add(toks[j].text)
+    # other reinterpret_casts may take a checked pointer (reinterpret_cast<ulong>(p))
+    cast_edits = {e[0] for e in edits}
+    for t in toks:
+        if t.kind == "id" and t.text == "reinterpret_cast" and t.start not in cast_edits:
+            edits.append((t.start, t.end, "::mpsx::reinterpret_as"))
+    # &name[expr] -> (name + (expr)) for the rewritten names
+    for i, t in enumerate(toks):
+        if t.text != "&" or i + 2 >= n or toks[i + 1].text not in names or toks[i + 2].text != "[":
+            continue
+        prev = toks[i - 1] if i > 0 else None
+        if prev is not None and (prev.kind in ("id", "num", "str") and prev.text not in ("return", "case")
+                                 or prev.text in _OPERAND_END):
+            continue
+        if i + 3 < n and toks[i + 3].text == "[":
+            continue  # [[ attribute
+        try:
+            close = _match(toks, i + 2, "[", "]")
+        except ShaderSyntaxError:
+            continue
+        if close + 1 < n and toks[close + 1].text in _POSTFIX:
+            continue
+        edits.append((t.start, toks[i + 2].end, f"({toks[i + 1].text} + ("))
+        edits.append((toks[close].start, toks[close].end, "))"))
+    return edits, devices
 
 
 _SPACE_ONLY = {"device", "thread", "threadgroup", "threadgroup_imageblock", "ray_data", "object_data"}
 
 
-def _address_space_duplicates(p: Parsed) -> list[tuple[int, int, str]]:
+def _address_space_duplicates(p: Parsed, checked_devices: set[int] = frozenset()) -> list[tuple[int, int, str]]:
     """MSL can overload a function on the address space of a pointer (device T* vs threadgroup T*);
-    on the host both are T*, which would be a redefinition.  Keep the first definition."""
+    on the host both are T*, which would be a redefinition.  Keep the first definition.  (In
+    checked mode a `device T*` becomes a checked pointer, a distinct type: such overloads stay.)"""
     toks = p.toks
     seen: dict[tuple, tuple[str, ...]] = {}
     edits = []
     for f in p.funcs:
         if f.head < 0:
             continue
-        head = [t.text for t in toks[f.head : f.body[0]]]
+        head = ["device*" if k in checked_devices else toks[k].text for k in range(f.head, f.body[0])]
         if not any(h in _SPACE_ONLY or h == "constant" for h in head):
             continue
         norm = tuple("const" if h == "constant" else h for h in head if h not in _SPACE_ONLY)
@@ -1988,7 +2074,9 @@ def _address_space_duplicates(p: Parsed) -> list[tuple[int, int, str]]:
 
 def rewrite(p: Parsed, checked: bool) -> tuple[str, set[str]]:
     """Apply the source edits; returns (text, swizzle names used)."""
-    edits: list[tuple[int, int, str]] = _address_space_duplicates(p) + list(p.sec_edits)
+    checked_edits, checked_devices = _checked_rewrites(p) if checked else ([], set())
+    edits: list[tuple[int, int, str]] = (_address_space_duplicates(p, checked_devices) + list(p.sec_edits)
+                                         + checked_edits)
     toks = p.toks
     for k, end, _fi in p.tg_decls:
         edits.append((toks[k].start, toks[k].end, "static thread_local"))
@@ -2015,8 +2103,6 @@ def rewrite(p: Parsed, checked: bool) -> tuple[str, set[str]]:
         # explicit instantiations cannot carry `inline`
         t = toks[d.kidx]
         edits.append((t.start, t.end, "" if d.kind == "inst" else "inline __attribute__((always_inline))"))
-        if checked:
-            edits.extend(_checked_rewrites(d))
     edits.sort(key=lambda e: (e[0], e[1]))
     out = []
     pos = 0
@@ -2061,10 +2147,7 @@ def generate(kernels: list[Kernel], checked: bool) -> str:
             P = f"S_::arg<{idx}>"
             if role == "buffer":
                 if checked:
-                    args.append(
-                        f"::mpsx::slot_cast_checked<{P}>(a{val}_, ::mpsx::arg_lo(ab_, {val}), "
-                        f"::mpsx::arg_hi(ab_, {val}), {json.dumps(k.name)}, {json.dumps(k.param_names[idx])})"
-                    )
+                    args.append(f"::mpsx::slot_cast_checked<{P}>(a{val}_, ab_, {val})")
                 else:
                     args.append(f"::mpsx::slot_cast<{P}>(a{val}_)")
             elif role == "attr":
@@ -2074,12 +2157,23 @@ def generate(kernels: list[Kernel], checked: bool) -> str:
         nb = k.nbuffers
         loads = "".join(f"  void* a{b}_ = ::mpsx::arg(ab_, {b});\n" for b in range(nb))
         runner = "run_fibers" if k.sync else "run_loop"
+        scope = ""
+        if checked:
+            # the launch in progress, for checked pointers: names of the buffer slots
+            slot_names = [""] * nb
+            for idx, (role, val) in enumerate(k.roles):
+                if role == "buffer" and isinstance(val, int) and 0 <= val < nb:
+                    slot_names[val] = k.param_names[idx]
+            names = ", ".join(json.dumps(x) for x in slot_names) or '""'
+            scope = (f"  static const char* const names_[] = {{{names}}};\n"
+                     f"  const ::mpsx::launch_ctx lctx_{{ab_, {json.dumps(k.name)}, names_, {nb}}};\n"
+                     f"  ::mpsx::launch_scope lscope_(&lctx_);\n")
         out.append(
             f"{opens}\n"
             f"extern \"C\" __attribute__((visibility(\"default\"))) void {k.symbol}(const void* ab_, "
             f"const uint32_t* grid_, const uint32_t* group_, uint64_t gbegin_, uint64_t gend_) {{\n"
             f"  using S_ = ::mpsx::fsig<decltype(&{k.expr})>;\n"
-            f"{loads}"
+            f"{loads}{scope}"
             f"  auto body_ = [&](const ::mpsx::tinfo& t_) __attribute__((always_inline)) {{\n"
             f"    (void)t_;\n    {k.expr}({', '.join(args)});\n  }};\n"
             f"  ::mpsx::{runner}(grid_, group_, gbegin_, gend_, body_);\n"

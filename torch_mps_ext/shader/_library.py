@@ -74,7 +74,7 @@ def _tensor_extent(t: torch.Tensor) -> tuple[int, int]:
 class _Launch:
     """The arguments of one dispatch: pointers to device memory and inline bytes."""
 
-    __slots__ = ("keep", "ptrs", "data", "first_tensor", "device_index", "tensors")
+    __slots__ = ("keep", "ptrs", "data", "first_tensor", "device_index", "tensors", "items")
 
     def __init__(self) -> None:
         self.keep: list[Any] = []  # tensors referenced by the launch
@@ -83,6 +83,8 @@ class _Launch:
         self.first_tensor: torch.Tensor | None = None
         self.device_index: int | None = None
         self.tensors: dict[int, torch.Tensor] = {}  # slot -> device tensor bound there
+        # checked builds: (lo, hi, slot, index) of each tensor of a list bound to a slot
+        self.items: list[tuple[int, int, int, int]] = []
 
     def bytes_arg(self, idx: int, data: bytes) -> None:
         self.ptrs.pop(idx, None)
@@ -101,8 +103,20 @@ class _Launch:
             pos = (pos + 15) & ~15
             offsets[idx] = pos
             pos += len(d)
+        table = b""
+        if checked and self.items:
+            # header[3]: the extents of the tensors of lists (argument buffers), for pointers
+            # read from them: {n, n x {lo, hi, slot, index}}
+            table = struct.pack(f"<{1 + 4 * len(self.items)}Q", len(self.items),
+                                *[v for item in self.items for v in item])
+            pos = (pos + 15) & ~15
+            table_off = pos
+            pos += len(table)
         buf = bytearray(pos)
-        words = [pos, nslots, 0xFFFFFFFFFFFFFFFF if err_slot is None else err_slot, 0] + [0] * (nwords - 4)
+        words = [pos, nslots, 0xFFFFFFFFFFFFFFFF if err_slot is None else err_slot,
+                 inline | table_off if table else 0] + [0] * (nwords - 4)
+        if table:
+            buf[table_off : table_off + len(table)] = table
         for idx in range(nslots):
             if idx in self.ptrs:
                 p, lo, hi = self.ptrs[idx]
@@ -129,6 +143,7 @@ class MetalKernel:
         self._library = library
         self._info = info
         self._fn_ptr = fn_ptr
+        self._stack_need: int | None = None  # bytes of stack a fiber needs (synchronizing kernels)
         self.__name__ = info["name"]
 
     # ------------------------------------------------------------------ properties
@@ -227,6 +242,8 @@ class MetalKernel:
                             raise RuntimeError("Passed CPU tensor to MPS op")
                         L.keep.append(t)
                         ptrs.append(t.data_ptr())
+                        if checked:
+                            L.items.append((*_tensor_extent(t), idx, len(ptrs) - 1))
                     L.bytes_arg(idx, struct.pack(f"<{len(ptrs)}Q", *ptrs))
                 elif isinstance(first, (bool, int)):
                     if not all(isinstance(v, (bool, int)) for v in a):
@@ -262,6 +279,14 @@ class MetalKernel:
 
     def __call__(self, *args: Any, threads: Any = None, group_size: Any = None, arg_casts: Any = None,
                  error_buf_idx: int | None = None) -> None:
+        need = self._stack_need
+        if need is not None and need > FIBER_STACK_LIMIT:
+            raise RuntimeError(
+                f"kernel '{self._info['name']}' needs {need / 2**20:.1f} MiB of stack per thread (its "
+                f"private arrays and the functions it calls, as measured by the compiler), more than "
+                f"the {FIBER_STACK_LIMIT >> 20} MiB limit for a thread of a kernel that synchronizes "
+                "(threadgroup_barrier, simd-group functions); keep large arrays in threadgroup or "
+                "device memory")
         L = self._bind(args, arg_casts)
         err_slot = None
         if error_buf_idx is not None:
@@ -325,7 +350,8 @@ class MetalKernel:
 class ShaderLibrary:
     """Kernels of one compiled shader source: ``lib.<kernel name>``; ``dir(lib)`` lists them."""
 
-    def __init__(self, path: Path, from_cache: bool = False, load_path: str | None = None) -> None:
+    def __init__(self, path: Path, from_cache: bool = False, load_path: str | None = None,
+                 frames: dict[str, int | None] | None = None) -> None:
         # load_path: what dlopen opens, when not `path` -- the cache's verified file through
         # its directory's descriptor (shader/_compiler.py, docs/security.md)
         self._path = Path(path)
@@ -343,9 +369,15 @@ class ShaderLibrary:
         info = json.loads(ctypes.string_at(ctypes.addressof(raw)).decode())
         self._checked = _is_checked_lib(self._dll)
         self._kernels: dict[str, MetalKernel] = {}
+        frames = frames or {}
         for k in info["kernels"]:
             fn = getattr(self._dll, k["symbol"])
-            self._kernels[k["name"]] = MetalKernel(self, k, ctypes.cast(fn, ctypes.c_void_p).value)
+            kern = MetalKernel(self, k, ctypes.cast(fn, ctypes.c_void_p).value)
+            kern._stack_need = frames.get(k["symbol"]) if k.get("sync") else None
+            self._kernels[k["name"]] = kern
+        self._fiber_stack = _set_fiber_stack(self._dll, [
+            kern._stack_need for kern in self._kernels.values()
+            if kern._stack_need is not None and kern._stack_need <= FIBER_STACK_LIMIT])
         finish = self._dll.mpsx_finish
         self._finish_ptr = ctypes.cast(finish, ctypes.c_void_p).value
 
@@ -362,6 +394,26 @@ class ShaderLibrary:
 
     def __repr__(self) -> str:
         return f"<mps_ext shader library {self._path.name}: {', '.join(sorted(self._kernels))}>"
+
+
+# Fiber stacks (kernels that synchronize): sized from the compiler's frame sizes
+# (shader/_compiler.py fiber_frames), at least the default; a kernel needing more than the
+# limit is refused at launch.  The margin covers the stagger of stack tops (64 KiB), the guard
+# page and frames the compiler does not see (libm, the C library).
+FIBER_STACK_DEFAULT = 256 << 10
+FIBER_STACK_LIMIT = 4 << 20
+_FIBER_STACK_MARGIN = 128 << 10
+
+
+def _set_fiber_stack(dll, needs: list[int]) -> int:
+    size = FIBER_STACK_DEFAULT
+    if needs:
+        size = max(size, (max(needs) + _FIBER_STACK_MARGIN + 0xFFFF) & ~0xFFFF)
+    try:
+        ctypes.c_size_t.in_dll(dll, "mpsx_fiber_stack_size").value = size
+    except ValueError:  # a library built before the stack size was configurable
+        return FIBER_STACK_DEFAULT
+    return size
 
 
 def _is_checked_lib(dll) -> bool:

@@ -473,33 +473,41 @@ MPSX_INLINE vec<bool, mpsx_d::vt<A>::n> operator!(const A& a) {
 
 // packed_floatN & co: no padding, alignment of the element type; convert to and from vec
 template <class T, int N> struct packed_vec;
+// (constructors constexpr: a program-scope `constant packed_float3 k = ...` is constant-initialized)
 #define MPSX_PACKED_COMMON(N_)                                                                       \
   packed_vec() = default;                                                                            \
-  MPSX_INLINE packed_vec(const vec<T, N_>& v) { for (int i = 0; i < N_; ++i) (*this)[i] = v[i]; }    \
-  template <class U, std::enable_if_t<mpsx_d::scalar_like<U>::value, int> = 0>                       \
-  MPSX_INLINE packed_vec(U s) { for (int i = 0; i < N_; ++i) (*this)[i] = T(s); }                     \
-  MPSX_INLINE operator vec<T, N_>() const { vec<T, N_> r; for (int i = 0; i < N_; ++i) r[i] = (*this)[i]; return r; } \
   MPSX_INLINE T& operator[](int i) { return (&x)[i]; }                                               \
   MPSX_INLINE const T& operator[](int i) const { return (&x)[i]; }                                   \
   template <class U> MPSX_INLINE packed_vec& operator+=(const U& u) { return *this = vec<T, N_>(*this) + u; } \
   template <class U> MPSX_INLINE packed_vec& operator-=(const U& u) { return *this = vec<T, N_>(*this) - u; } \
   template <class U> MPSX_INLINE packed_vec& operator*=(const U& u) { return *this = vec<T, N_>(*this) * u; } \
   template <class U> MPSX_INLINE packed_vec& operator/=(const U& u) { return *this = vec<T, N_>(*this) / u; }
+#define MPSX_SCALAR_CTOR template <class U, std::enable_if_t<mpsx_d::scalar_like<U>::value, int> = 0> MPSX_INLINE constexpr
 template <class T> struct packed_vec<T, 2> {
   T x, y;
-  MPSX_INLINE packed_vec(T a, T b) : x(a), y(b) {}
+  MPSX_INLINE constexpr packed_vec(T a, T b) : x(a), y(b) {}
+  MPSX_INLINE constexpr packed_vec(const vec<T, 2>& v) : x(v._e[0]), y(v._e[1]) {}
+  MPSX_SCALAR_CTOR packed_vec(U s) : x(T(s)), y(T(s)) {}
+  MPSX_INLINE constexpr operator vec<T, 2>() const { return vec<T, 2>(x, y); }
   MPSX_PACKED_COMMON(2)
 };
 template <class T> struct packed_vec<T, 3> {
   T x, y, z;
-  MPSX_INLINE packed_vec(T a, T b, T c) : x(a), y(b), z(c) {}
+  MPSX_INLINE constexpr packed_vec(T a, T b, T c) : x(a), y(b), z(c) {}
+  MPSX_INLINE constexpr packed_vec(const vec<T, 3>& v) : x(v._e[0]), y(v._e[1]), z(v._e[2]) {}
+  MPSX_SCALAR_CTOR packed_vec(U s) : x(T(s)), y(T(s)), z(T(s)) {}
+  MPSX_INLINE constexpr operator vec<T, 3>() const { return vec<T, 3>(x, y, z); }
   MPSX_PACKED_COMMON(3)
 };
 template <class T> struct packed_vec<T, 4> {
   T x, y, z, w;
-  MPSX_INLINE packed_vec(T a, T b, T c, T d) : x(a), y(b), z(c), w(d) {}
+  MPSX_INLINE constexpr packed_vec(T a, T b, T c, T d) : x(a), y(b), z(c), w(d) {}
+  MPSX_INLINE constexpr packed_vec(const vec<T, 4>& v) : x(v._e[0]), y(v._e[1]), z(v._e[2]), w(v._e[3]) {}
+  MPSX_SCALAR_CTOR packed_vec(U s) : x(T(s)), y(T(s)), z(T(s)), w(T(s)) {}
+  MPSX_INLINE constexpr operator vec<T, 4>() const { return vec<T, 4>(x, y, z, w); }
   MPSX_PACKED_COMMON(4)
 };
+#undef MPSX_SCALAR_CTOR
 #undef MPSX_PACKED_COMMON
 
 }  // namespace metal
@@ -918,25 +926,34 @@ template <class T, int C, int R>
 struct matrix {
   vec<T, R> columns[C];
   matrix() = default;
+  // The constructors are constexpr (a program-scope `constant float2x2 m = ...` is
+  // constant-initialized): every column is built in the member initializer.
+  struct vals_ {
+    T v[C * R];
+  };
+  template <int... J>
+  static constexpr vec<T, R> col_(const vals_& a, int c, std::integer_sequence<int, J...>) {
+    return vec<T, R>(a.v[c * R + J]...);
+  }
+  template <int... J>
+  static constexpr vec<T, R> diag_(T s, int c, std::integer_sequence<int, J...>) {
+    return vec<T, R>((J == c ? s : T(0))...);
+  }
+  template <int... K>
+  constexpr matrix(const vals_& a, std::integer_sequence<int, K...>)
+      : columns{col_(a, K, std::make_integer_sequence<int, R>{})...} {}
+  template <int... K>
+  constexpr matrix(T s, std::integer_sequence<int, K...>, int)
+      : columns{diag_(s, K, std::make_integer_sequence<int, R>{})...} {}
   // diagonal: matrix(s) puts s on the diagonal
   template <class U, std::enable_if_t<mpsx_d::scalar_like<U>::value, int> = 0>
-  explicit matrix(U s) {
-    for (int c = 0; c < C; ++c)
-      for (int r = 0; r < R; ++r) columns[c][r] = c == r ? T(s) : T(0);
-  }
+  explicit constexpr matrix(U s) : matrix(T(s), std::make_integer_sequence<int, C>{}, 0) {}
   // from C column vectors
   template <class... V, std::enable_if_t<sizeof...(V) == C && (mpsx_d::vt<V>::is && ...), int> = 0>
-  matrix(const V&... cols) {
-    int c = 0;
-    ((columns[c++] = vec<T, R>(cols)), ...);
-  }
+  constexpr matrix(const V&... cols) : columns{vec<T, R>(cols)...} {}
   // from C*R scalars, column by column
   template <class... S, std::enable_if_t<sizeof...(S) == C * R && C * R != C && (mpsx_d::scalar_like<S>::value && ...), int> = 0>
-  matrix(S... s) {
-    const T v[] = {T(s)...};
-    for (int c = 0; c < C; ++c)
-      for (int r = 0; r < R; ++r) columns[c][r] = v[c * R + r];
-  }
+  constexpr matrix(S... s) : matrix(vals_{{T(s)...}}, std::make_integer_sequence<int, C>{}) {}
   MPSX_INLINE vec<T, R>& operator[](int c) { return columns[c]; }
   MPSX_INLINE const vec<T, R>& operator[](int c) const { return columns[c]; }
 };

@@ -120,59 +120,244 @@ static void* tg_param_buffer(int k) {
 template <class T> MPSX_INLINE void escape(T& x) { asm volatile("" : : "r"(&x) : "memory"); }
 
 // ------------------------------------------------------------ checked mode
+// TORCH_MPS_EXT_SHADER_CHECKED=1: the front end rewrites every `device T*` of the shader --
+// kernel and helper parameters, locals, members, return types, casts -- to checked_ptr<T>,
+// a pointer that carries the byte range of the buffer it points into.  Arithmetic keeps the
+// range; there is no implicit conversion back to a raw pointer; a raw pointer converted to
+// one (`&ref`, a pointer read from an argument buffer, an integer cast) gets the range of
+// the kernel argument it points into, looked up in the launch's argument block.  Every
+// element access is compared with the range: outside it, the access goes to a scratch
+// location instead and the first such access is reported (kernel, argument, element).
+struct launch_ctx {
+  const void* ab;             // the argument block of the running launch
+  const char* kname;          // kernel name
+  const char* const* anames;  // parameter name of each buffer slot
+  uint64_t nnames;
+};
+static thread_local const launch_ctx* tl_launch = nullptr;
+struct launch_scope {
+  const launch_ctx* prev;
+  MPSX_INLINE explicit launch_scope(const launch_ctx* c) : prev(tl_launch) { tl_launch = c; }
+  MPSX_INLINE ~launch_scope() { tl_launch = prev; }
+};
+
+// tag of a checked pointer: slot k of the argument block (item 0), the (i-1)-th tensor of the
+// list bound to slot k (item i), or one of these:
+constexpr long kTagNone = -1;  // points into no buffer of the launch
+constexpr long kTagNull = -2;  // null
+
+struct bound_range {
+  const char* lo;
+  const char* hi;
+  long tag;
+};
+
+// The buffer of the running launch that `x` points into (one past its end counts, as for
+// an end pointer).  Argument block (below): slots' lo[]/hi[] and, if header[3] != 0, a table
+// {n, n x {lo, hi, slot, item}} of the tensors of lists bound to slots (argument buffers).
+__attribute__((noinline)) static bound_range find_range(const void* x) {
+  if (x == nullptr) return {nullptr, nullptr, kTagNull};
+  const launch_ctx* c = tl_launch;
+  if (c == nullptr) return {nullptr, nullptr, kTagNone};
+  const char* a = static_cast<const char*>(x);
+  const uint64_t* h = static_cast<const uint64_t*>(c->ab);
+  const uint64_t ns = h[1];
+  bound_range edge{nullptr, nullptr, kTagNone};
+  auto consider = [&](const char* lo, const char* hi, long tag) {
+    if (lo <= a && a < hi) return true;
+    if (a == hi && edge.tag == kTagNone) edge = {lo, hi, tag};
+    return false;
+  };
+  for (uint64_t k = 0; k < ns; ++k) {
+    const char* lo = static_cast<const char*>(slot_ptr(c->ab, h[4 + ns + k]));
+    const char* hi = static_cast<const char*>(slot_ptr(c->ab, h[4 + 2 * ns + k]));
+    if (consider(lo, hi, long(k))) return {lo, hi, long(k)};
+  }
+  if (h[3] != 0) {
+    const uint64_t* e = static_cast<const uint64_t*>(slot_ptr(c->ab, h[3]));
+    for (uint64_t i = 0; i < e[0]; ++i) {
+      const uint64_t* r = e + 1 + 4 * i;
+      const char* lo = reinterpret_cast<const char*>(r[0]);
+      const char* hi = reinterpret_cast<const char*>(r[1]);
+      const long tag = long(r[2]) | long((r[3] + 1) << 32);
+      if (consider(lo, hi, tag)) return {lo, hi, tag};
+    }
+  }
+  return edge;
+}
+
+__attribute__((noinline, cold)) static void report_oob(const char* a, long elem_size, const char* lo,
+                                                        const char* hi, long tag) {
+  const launch_ctx* c = tl_launch;
+  const char* kname = c ? c->kname : "?";
+  if (tag == kTagNull) {
+    report("out-of-bounds access in kernel '%s': a null device pointer was dereferenced", kname);
+    return;
+  }
+  if (tag == kTagNone || c == nullptr) {
+    report("out-of-bounds access in kernel '%s': a device pointer that points into none of the "
+           "buffers bound to the kernel was dereferenced (address %p)", kname, static_cast<const void*>(a));
+    return;
+  }
+  const uint64_t slot = uint64_t(tag & 0xffffffffL), item = uint64_t(tag >> 32);
+  char name[160];
+  const char* pname = slot < c->nnames ? c->anames[slot] : "?";
+  if (item == 0) snprintf(name, sizeof(name), "%s", pname);
+  else snprintf(name, sizeof(name), "%s[%llu]", pname, (unsigned long long)(item - 1));
+  // element indices count from the pointer bound to the argument (a tensor's data pointer)
+  const char* base = item == 0 ? static_cast<const char*>(arg(c->ab, slot)) : lo;
+  auto idx = [&](const char* x) {
+    const long d = long(x - base);
+    return d >= 0 ? d / elem_size : -((-d + elem_size - 1) / elem_size);
+  };
+  report("out-of-bounds access in kernel '%s': argument '%s' accessed element %ld, but the buffer "
+         "bound to it holds elements [%ld, %ld)", kname, name, idx(a), idx(lo), idx(hi));
+}
+
+template <class T> struct checked_ptr;
+template <class P> struct is_checked : std::false_type {};
+template <class T> struct is_checked<checked_ptr<T>> : std::true_type {};
+
+template <class A, class B>
+using same_base = std::is_same<std::remove_cv_t<A>, std::remove_cv_t<B>>;
+
 template <class T> struct checked_ptr {
   T* p;
   const char* lo;
   const char* hi;
-  const char* kname;
-  const char* aname;
+  long tag;
+
+  checked_ptr() = default;
+  MPSX_INLINE constexpr checked_ptr(std::nullptr_t) : p(nullptr), lo(nullptr), hi(nullptr), tag(kTagNull) {}
+  MPSX_INLINE constexpr checked_ptr(T* q, const char* l, const char* h, long t) : p(q), lo(l), hi(h), tag(t) {}
+  // from a raw pointer: the range of the argument it points into
+  template <class U, std::enable_if_t<same_base<U, T>::value || std::is_convertible<U*, T*>::value, int> = 0>
+  MPSX_INLINE checked_ptr(U* q) : p(const_cast<T*>(static_cast<const volatile T*>(q))) { bind(q); }
+  template <class U, std::enable_if_t<!(same_base<U, T>::value || std::is_convertible<U*, T*>::value), int> = 0>
+  MPSX_INLINE explicit checked_ptr(U* q) : p((T*)(q)) { bind(q); }
+  template <class I, std::enable_if_t<std::is_integral<I>::value && !std::is_same<I, bool>::value, int> = 0>
+  MPSX_INLINE explicit checked_ptr(I v) : p(reinterpret_cast<T*>(uintptr_t(v))) { bind(p); }
+  // from another checked pointer: same range
+  template <class U, std::enable_if_t<!std::is_same<U, T>::value &&
+                                          (same_base<U, T>::value || std::is_convertible<U*, T*>::value), int> = 0>
+  MPSX_INLINE checked_ptr(const checked_ptr<U>& o)
+      : p(const_cast<T*>(static_cast<const volatile T*>(o.p))), lo(o.lo), hi(o.hi), tag(o.tag) {}
+  template <class U, std::enable_if_t<!(same_base<U, T>::value || std::is_convertible<U*, T*>::value), int> = 0>
+  MPSX_INLINE explicit checked_ptr(const checked_ptr<U>& o) : p((T*)(o.p)), lo(o.lo), hi(o.hi), tag(o.tag) {}
+
+  MPSX_INLINE void bind(const volatile void* q) {
+    const bound_range r = find_range(const_cast<const void*>(q));
+    lo = r.lo;
+    hi = r.hi;
+    tag = r.tag;
+  }
+
   __attribute__((noinline, cold)) T& oob(long i) const {
-    long first = (long)((lo - (const char*)p) / (long)sizeof(T));
-    long end = (long)((hi - (const char*)p) / (long)sizeof(T));
-    report("out-of-bounds access in kernel '%s': argument '%s' accessed element %ld, but the buffer "
-           "bound to it holds elements [%ld, %ld)", kname, aname, i, first, end);
+    report_oob(reinterpret_cast<const char*>(p) + i * long(sizeof(T)), long(sizeof(T)), lo, hi, tag);
     alignas(64) static thread_local unsigned char sink[sizeof(T) < 64 ? 64 : sizeof(T)];
     return *reinterpret_cast<T*>(sink);
   }
   MPSX_INLINE T& at(long i) const {
-    const char* a = reinterpret_cast<const char*>(p + i);
+    const char* a = reinterpret_cast<const char*>(p) + i * long(sizeof(T));
     if (__builtin_expect(a < lo || a + sizeof(T) > hi, 0)) return oob(i);
     return p[i];
   }
-  template <class I, std::enable_if_t<std::is_integral<I>::value, int> = 0>
+  template <class I, std::enable_if_t<std::is_integral<I>::value || std::is_enum<I>::value, int> = 0>
   MPSX_INLINE T& operator[](I i) const { return at(long(i)); }
   MPSX_INLINE T& operator*() const { return at(0); }
   MPSX_INLINE T* operator->() const { return &at(0); }
-  MPSX_INLINE operator T*() const { return p; }
-  template <class I, std::enable_if_t<std::is_integral<I>::value, int> = 0>
-  MPSX_INLINE checked_ptr operator+(I i) const { checked_ptr r = *this; r.p += i; return r; }
-  template <class I, std::enable_if_t<std::is_integral<I>::value, int> = 0>
-  MPSX_INLINE checked_ptr operator-(I i) const { checked_ptr r = *this; r.p -= i; return r; }
-  template <class I> MPSX_INLINE checked_ptr& operator+=(I i) { p += i; return *this; }
-  template <class I> MPSX_INLINE checked_ptr& operator-=(I i) { p -= i; return *this; }
+  // raw pointers only by an explicit cast: (device float*)p, (ulong)p
+  template <class U> MPSX_INLINE explicit operator U*() const { return (U*)(p); }
+  template <class I, std::enable_if_t<std::is_integral<I>::value && !std::is_same<I, bool>::value, int> = 0>
+  MPSX_INLINE explicit operator I() const { return I(reinterpret_cast<uintptr_t>(p)); }
+  MPSX_INLINE explicit operator bool() const { return p != nullptr; }
+  template <class I, std::enable_if_t<std::is_integral<I>::value || std::is_enum<I>::value, int> = 0>
+  MPSX_INLINE checked_ptr operator+(I i) const { checked_ptr r = *this; r.p += long(i); return r; }
+  template <class I, std::enable_if_t<std::is_integral<I>::value || std::is_enum<I>::value, int> = 0>
+  MPSX_INLINE checked_ptr operator-(I i) const { checked_ptr r = *this; r.p -= long(i); return r; }
+  template <class I, std::enable_if_t<std::is_integral<I>::value || std::is_enum<I>::value, int> = 0>
+  friend MPSX_INLINE checked_ptr operator+(I i, const checked_ptr& q) { return q + i; }
+  template <class I> MPSX_INLINE checked_ptr& operator+=(I i) { p += long(i); return *this; }
+  template <class I> MPSX_INLINE checked_ptr& operator-=(I i) { p -= long(i); return *this; }
   MPSX_INLINE checked_ptr& operator++() { ++p; return *this; }
   MPSX_INLINE checked_ptr& operator--() { --p; return *this; }
   MPSX_INLINE checked_ptr operator++(int) { checked_ptr r = *this; ++p; return r; }
   MPSX_INLINE checked_ptr operator--(int) { checked_ptr r = *this; --p; return r; }
 };
-template <class P> struct is_checked : std::false_type {};
-template <class T> struct is_checked<checked_ptr<T>> : std::true_type {};
+
+template <class T> MPSX_INLINE const volatile void* ptr_addr(const checked_ptr<T>& q) { return q.p; }
+template <class T> MPSX_INLINE const volatile void* ptr_addr(T* q) { return q; }
+MPSX_INLINE const volatile void* ptr_addr(std::nullptr_t) { return nullptr; }
+template <class A, class B>
+using any_checked = std::enable_if_t<is_checked<std::decay_t<A>>::value || is_checked<std::decay_t<B>>::value, int>;
+#define MPSX_CHECKED_CMP(op)                                                           \
+  template <class A, class B, any_checked<A, B> = 0>                                   \
+  MPSX_INLINE bool operator op(const A& a, const B& b) {                               \
+    return static_cast<const volatile char*>(ptr_addr(a)) op static_cast<const volatile char*>(ptr_addr(b)); \
+  }
+MPSX_CHECKED_CMP(==)
+MPSX_CHECKED_CMP(!=)
+MPSX_CHECKED_CMP(<)
+MPSX_CHECKED_CMP(<=)
+MPSX_CHECKED_CMP(>)
+MPSX_CHECKED_CMP(>=)
+#undef MPSX_CHECKED_CMP
+template <class T, class U>
+MPSX_INLINE ptrdiff_t operator-(const checked_ptr<T>& a, const checked_ptr<U>& b) { return a.p - b.p; }
+template <class T, class U>
+MPSX_INLINE ptrdiff_t operator-(const checked_ptr<T>& a, U* b) { return a.p - b; }
+template <class T, class U>
+MPSX_INLINE ptrdiff_t operator-(U* a, const checked_ptr<T>& b) { return a - b.p; }
+
+// reinterpret_cast<device T*>(x) / static_cast<device T*>(x) in checked builds
+template <class T, class U> MPSX_INLINE checked_ptr<T> dev_cast(const checked_ptr<U>& o) { return checked_ptr<T>(o); }
+template <class T, class U> MPSX_INLINE checked_ptr<T> dev_cast(U* q) { return checked_ptr<T>(q); }
+template <class T, class I, std::enable_if_t<std::is_integral<I>::value, int> = 0>
+MPSX_INLINE checked_ptr<T> dev_cast(I v) { return checked_ptr<T>(v); }
+
+// reinterpret_cast<X>(x) to anything but a device pointer (e.g. reinterpret_cast<ulong>(p))
+template <class To, class From> MPSX_INLINE To reinterpret_as(From&& f) {
+  if constexpr (is_checked<std::decay_t<From>>::value) {
+    return reinterpret_cast<To>(f.p);
+  } else {
+    return reinterpret_cast<To>(std::forward<From>(f));
+  }
+}
 
 template <class P>
-MPSX_INLINE P slot_cast_checked(void* s, const char* lo, const char* hi, const char* kname, const char* aname) {
+MPSX_INLINE P slot_cast_checked(void* s, const void* ab, uint64_t k) {
   using D = std::remove_cv_t<std::remove_reference_t<P>>;
   if constexpr (is_checked<D>::value) {
-    D r;
-    r.p = reinterpret_cast<decltype(r.p)>(s);
-    r.lo = lo;
-    r.hi = hi;
-    r.kname = kname;
-    r.aname = aname;
-    return r;
+    using E = std::remove_pointer_t<decltype(D().p)>;
+    return D(reinterpret_cast<E*>(s), arg_lo(ab, k), arg_hi(ab, k), long(k));
   } else {
     return slot_cast<P>(s);
   }
 }
+
+}  // namespace mpsx
+// Atomics through checked pointers: the element access is checked, then the operation runs.
+namespace metal {
+#define MPSX_CHECKED_ATOMIC(fn)                                                                \
+  template <class A, class... R>                                                               \
+  MPSX_INLINE decltype(auto) fn(::mpsx::checked_ptr<A> o, R... r) { return fn(&o.at(0), r...); }
+MPSX_CHECKED_ATOMIC(atomic_store_explicit)
+MPSX_CHECKED_ATOMIC(atomic_load_explicit)
+MPSX_CHECKED_ATOMIC(atomic_exchange_explicit)
+MPSX_CHECKED_ATOMIC(atomic_compare_exchange_weak_explicit)
+MPSX_CHECKED_ATOMIC(atomic_compare_exchange_strong_explicit)
+MPSX_CHECKED_ATOMIC(atomic_fetch_add_explicit)
+MPSX_CHECKED_ATOMIC(atomic_fetch_sub_explicit)
+MPSX_CHECKED_ATOMIC(atomic_fetch_and_explicit)
+MPSX_CHECKED_ATOMIC(atomic_fetch_or_explicit)
+MPSX_CHECKED_ATOMIC(atomic_fetch_xor_explicit)
+MPSX_CHECKED_ATOMIC(atomic_fetch_min_explicit)
+MPSX_CHECKED_ATOMIC(atomic_fetch_max_explicit)
+MPSX_CHECKED_ATOMIC(atomic_max_explicit)
+MPSX_CHECKED_ATOMIC(atomic_min_explicit)
+#undef MPSX_CHECKED_ATOMIC
+}  // namespace metal
+namespace mpsx {
 
 // ------------------------------------------------------------ loop mode
 template <class F>
@@ -306,7 +491,11 @@ extern "C" void mpsx_fiber_trampoline();
 
 enum { F_READY = 0, F_SIMD = 1, F_BARRIER = 2, F_DONE = 3 };
 constexpr unsigned kMaxThreads = 1024;
-constexpr size_t kStackSize = 256 * 1024;
+}  // namespace mpsx
+// Bytes of stack per fiber: set by the Python side when the library is loaded, before any
+// launch, from the frame sizes the compiler measured (shader/_compiler.py fiber_frames).
+extern "C" __attribute__((visibility("default"))) size_t mpsx_fiber_stack_size = 256 * 1024;
+namespace mpsx {
 constexpr unsigned kSlot = 64;
 
 struct fiber {
@@ -334,6 +523,7 @@ struct group_ctx {
   fiber* cur;
   unsigned n;
   char* stacks;
+  size_t stack;      // bytes per fiber stack
   unsigned guarded;  // fibers [0, guarded) have a guard page below their stack
 };
 
@@ -366,16 +556,20 @@ static group_ctx* thread_group_ctx() {
   if (!ctx) {
     ctx = static_cast<group_ctx*>(::operator new(sizeof(group_ctx)));
     std::memset(static_cast<void*>(ctx), 0, sizeof(group_ctx));
-    const size_t total = kStackSize * kMaxThreads;
+    const size_t stack = (mpsx_fiber_stack_size + 0xFFFF) & ~size_t(0xFFFF);
+    const size_t total = stack * kMaxThreads;
     void* m = mmap(nullptr, total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (m == MAP_FAILED) {
-      report("could not reserve fiber stacks (%zu bytes)", total);
+      report("could not reserve fiber stacks (%zu bytes: %zu per thread of a threadgroup)", total, stack);
+      ::operator delete(ctx);
+      ctx = nullptr;
       return nullptr;
     }
     // One reservation; guard pages are added below the stacks of the fibers a launch actually
     // uses (guard_fiber_stacks), not all 1024 up front: each guard costs two memory mappings
     // per OS thread (vm.max_map_count is 65530).
     ctx->stacks = static_cast<char*>(m);
+    ctx->stack = stack;
   }
   return ctx;
 }
@@ -387,13 +581,13 @@ MPSX_INLINE void fiber_yield(group_ctx* c, int state) {
 }
 
 // An inaccessible page at the bottom of the stacks of fibers [c->guarded, n): a fiber that
-// overflows its 256 KiB faults there (a device error, runtime/Fault.h) instead of writing into
+// overflows its stack faults there (a device error, runtime/Fault.h) instead of writing into
 // its neighbour's stack. If the system refuses more mappings, the remaining stacks stay
 // unguarded (overflow still faults below the lowest stack).
 static void guard_fiber_stacks(group_ctx* c, unsigned n) {
   const size_t page = 4096;
   while (c->guarded < n) {
-    if (mprotect(c->stacks + size_t(c->guarded) * kStackSize, page, PROT_NONE) != 0) {
+    if (mprotect(c->stacks + size_t(c->guarded) * c->stack, page, PROT_NONE) != 0) {
       c->guarded = kMaxThreads;
       return;
     }
@@ -445,9 +639,9 @@ static void run_group(group_ctx* c) {
   const unsigned n = c->n;
   for (unsigned i = 0; i < n; ++i) {
     fiber& f = c->f[i];
-    // Stagger the stack tops: tops exactly kStackSize apart would all map to the same cache
+    // Stagger the stack tops: tops exactly a stack size apart would all map to the same cache
     // sets and evict each other on every switch.
-    char* top = c->stacks + (i + 1) * kStackSize - ((i * 1088u) % 65536u);
+    char* top = c->stacks + (i + 1) * c->stack - ((i * 1088u) % 65536u);
     void** sp = reinterpret_cast<void**>(top);
 #if defined(__x86_64__)
     *--sp = nullptr;                                          // alignment slot

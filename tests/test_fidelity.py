@@ -758,6 +758,7 @@ def test_test_mps_rewrite_keeps_the_frameworks_device_type():
         DecorateInfo(skip, device_type="mps"); torch.autocast(device_type="mps")
         instantiate_device_type_tests(T, globals(), allow_mps=True, only_for="mps")
         s = "MPS mps tensor"
+        code = "torch.ones(1, device='mps')"
     ''')
     tree, count = _testmps.rewrite(source)
     out = __import__("ast").unparse(tree)
@@ -769,8 +770,9 @@ def test_test_mps_rewrite_keeps_the_frameworks_device_type():
     assert "DecorateInfo(skip, device_type='mps')" in out
     assert "torch.autocast(device_type='mps_ext')" in out
     assert "only_for='mps'" in out and "'MPS mps tensor'" in out
+    assert "code = \"torch.ones(1, device='mps_ext')\"" in out
     assert "from torch_mps_ext import synchronize" in out and "import torch_mps_ext as" in out
-    assert count["'mps'"] == 4 and count["torch.mps"] == 1 and count["t.mps()"] == 1
+    assert count["'mps'"] == 5 and count["torch.mps"] == 1 and count["t.mps()"] == 1
 
 
 STAND_IN = '''\

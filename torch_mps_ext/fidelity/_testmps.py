@@ -6,7 +6,8 @@ own copy, and the device is rewritten mechanically when pytest imports it
 (an import hook compiles a rewritten syntax tree; the file on disk and its
 ``__pycache__`` are untouched):
 
-* the strings ``"mps"`` and ``"mps:N"`` (also inside f-strings) become
+* the strings ``"mps"`` and ``"mps:N"`` (also inside f-strings, and quoted
+  inside strings of code the tests run in a child ``python -c``) become
   ``"mps_ext"`` / ``"mps_ext:N"`` -- except where they name the *test
   framework's* device type, which stays ``"mps"`` so that every expectation
   keyed on it applies as on a Mac: ``only_for=`` / ``except_for=``,
@@ -62,6 +63,9 @@ DEFAULT_MACOS = 15.0
 
 
 _MPS_STR = re.compile(r"^mps(:\d+)?$")
+# Code inside strings (the snippets test_mps.py runs with `python -c`):
+# a quoted 'mps' / "mps:0" in it.
+_QUOTED_MPS = re.compile(r"""(?<=['"])mps(?=(?::\d+)?['"])""")
 _FRAMEWORK_KEYWORDS = ("only_for", "except_for")
 
 
@@ -69,7 +73,7 @@ def _rewrite_str(s: str) -> str:
     m = _MPS_STR.match(s)
     if m:
         return "mps_ext" + (m.group(1) or "")
-    return s
+    return _QUOTED_MPS.sub("mps_ext", s)
 
 
 def _call_name(node: ast.AST) -> str:

@@ -104,7 +104,7 @@ setup(
     description="An emulated mps_ext accelerator for PyTorch (PrivateUse1).",
     packages=find_packages(include=["torch_mps_ext", "torch_mps_ext.*"]),
     py_modules=["torch_mps_ext_autoload"],
-    package_data={"torch_mps_ext": ["shader/include/*", "shader/include/**/*"]},
+    package_data={"torch_mps_ext": ["shader/include/*", "shader/include/**/*", "fidelity/*.txt"]},
     ext_modules=[CMakeExtension("torch_mps_ext._C")],
     cmdclass={"build_ext": CMakeBuild},
     python_requires=">=3.10",

@@ -292,6 +292,11 @@ def pct(p, n):
     return f"{100.0 * p / n:.2f}%" if n else "-"
 
 
+# docs/conformance.md from this line on is kept as it is when the page is
+# regenerated: the test_mps.py section (python -m torch_mps_ext.fidelity test-mps).
+KEPT_MARKER = "<!-- Kept on regeneration: written from `python -m torch_mps_ext.fidelity test-mps` runs. -->"
+
+
 def report():
     sys.path.insert(0, str(ROOT / "tests"))
     from opinfo_expectations import EXPECTATIONS, NONDETERMINISTIC_OPS
@@ -383,6 +388,9 @@ def report():
 
     w("## Running PyTorch's own test files against mps_ext\n")
     w(RUN_UPSTREAM)
+    # Sections written by other tools (from KEPT_MARKER on) survive regeneration.
+    if REPORT.exists() and KEPT_MARKER in REPORT.read_text():
+        w(KEPT_MARKER + REPORT.read_text().split(KEPT_MARKER, 1)[1].rstrip("\n"))
     REPORT.parent.mkdir(parents=True, exist_ok=True)
     REPORT.write_text("\n".join(out) + "\n")
     print(f"wrote {REPORT}")

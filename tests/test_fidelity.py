@@ -740,3 +740,331 @@ def test_native_kernels_of_operators_mps_lacks_ask_the_mode():
             torch.batch_norm_stats(torch.randn(2, 3, 4, device=DEV), 1e-5)
         finally:
             torch.mps_ext.set_fidelity("off")
+
+
+# ---------------------------------------------------------------- PyTorch's test_mps.py (issue 23)
+
+def test_test_mps_rewrite_keeps_the_frameworks_device_type():
+    from torch_mps_ext.fidelity import _testmps
+
+    source = textwrap.dedent('''
+        import torch.mps
+        from torch.mps import synchronize
+        x = torch.ones(2, device="mps").to("mps:0").mps()
+        y = torch.device(f"mps:{0}")
+        assert x.is_mps and self.device_type == "mps"
+        torch.mps.synchronize(); torch.backends.mps.is_available()
+        ops(mps_ops_modifier(op_db, device_type="mps"))
+        DecorateInfo(skip, device_type="mps"); torch.autocast(device_type="mps")
+        instantiate_device_type_tests(T, globals(), allow_mps=True, only_for="mps")
+        s = "MPS mps tensor"
+        code = "torch.ones(1, device='mps')"
+    ''')
+    tree, count = _testmps.rewrite(source)
+    out = __import__("ast").unparse(tree)
+    assert "torch.ones(2, device='mps_ext').to('mps_ext:0').mps_ext()" in out
+    assert "torch.device(f'mps_ext:{0}')" in out
+    assert "x.is_mps_ext and self.device_type == 'mps'" in out
+    assert "torch.mps_ext.synchronize()" in out and "torch.backends.mps.is_available()" in out
+    assert "mps_ops_modifier(op_db, device_type='mps')" in out
+    assert "DecorateInfo(skip, device_type='mps')" in out
+    assert "torch.autocast(device_type='mps_ext')" in out
+    assert "only_for='mps'" in out and "'MPS mps tensor'" in out
+    assert "code = \"torch.ones(1, device='mps_ext')\"" in out
+    assert "from torch_mps_ext import synchronize" in out and "import torch_mps_ext as" in out
+    assert count["'mps'"] == 5 and count["torch.mps"] == 1 and count["t.mps()"] == 1
+
+
+STAND_IN = '''\
+# A test_mps.py-shaped file: PyTorch's framework, op_db and common_mps.
+import unittest
+import torch
+from torch.testing._internal.common_utils import TestCase, run_tests, MACOS_VERSION, NoTest
+from torch.testing._internal.common_device_type import instantiate_device_type_tests, ops
+from torch.testing._internal.common_methods_invocations import op_db
+from torch.testing._internal.common_mps import mps_ops_modifier
+import torch.backends.mps
+
+if not torch.backends.mps.is_available():
+    TestCase = NoTest
+
+
+class TestDevice(TestCase):
+    def test_strings(self):
+        x = torch.ones(3, device="mps")
+        self.assertTrue(x.is_mps)
+        self.assertEqual(x.device, torch.device("mps:0"))
+        torch.mps.synchronize()
+        self.assertEqual(str(torch.ones(2).mps().device), f"mps:{0}")
+        self.assertEqual(MACOS_VERSION, 14.4)
+        self.assertTrue(torch.backends.mps.is_macos_or_newer(14, 4))
+        self.assertFalse(torch.backends.mps.is_macos_or_newer(15, 0))
+
+    @unittest.expectedFailure
+    def test_float64(self):
+        torch.ones(2, dtype=torch.float64, device="mps")
+
+    @unittest.expectedFailure
+    def test_lenient(self):
+        torch.ones(2, device="mps").add_(1)
+
+
+class TestMetalLibrary(TestCase):
+    def test_load_precompiled_metallib(self):
+        torch.mps.load_metallib(b"MTLB" + bytes(60))
+
+
+class TestConsistency(TestCase):
+    @ops(mps_ops_modifier([op for op in op_db if op.name in ("linalg.eig", "abs")]),
+         allowed_dtypes=[torch.float32])
+    def test_output_match(self, device, dtype, op):
+        self.assertEqual(device, "mps:0")
+        for sample in op.sample_inputs(device, dtype):
+            out = op(sample.input, *sample.args, **sample.kwargs)
+            cpu = sample.transform(lambda t: t.detach().cpu() if isinstance(t, torch.Tensor) else t)
+            self.assertEqual(out, op(cpu.input, *cpu.args, **cpu.kwargs))
+
+
+instantiate_device_type_tests(TestConsistency, globals(), allow_mps=True, only_for="mps")
+
+if __name__ == "__main__":
+    run_tests()
+'''
+
+
+def test_test_mps_runner_judges_each_test_against_a_mac(tmp_path):
+    path = tmp_path / "test_mps.py"
+    path.write_text(STAND_IN)
+    report = tmp_path / "r.json"
+    proc = run_report(["test-mps", "--macos", "14.4", "--report", str(report), str(path),
+                       "-q", "-p", "no:randomly"], cwd=str(tmp_path), timeout=600)
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # it found differences
+    data = json.loads(report.read_text())
+    classes = data["classes"]
+    assert classes["TestDevice"]["counts"] == {"as on a Mac": 1, "MPS failure reproduced": 1,
+                                               "passes where a Mac fails": 1}
+    assert classes["TestDevice"]["differences"] == [
+        {"test": "TestDevice::test_lenient", "outcome": "passes where a Mac fails",
+         "reason": "unexpected success"}]
+    metal = classes["TestMetalLibrary"]["differences"]
+    assert len(metal) == 1 and metal[0]["reason"].startswith("[metal-only] loads Apple's binary .metallib")
+    # common_mps's lists, applied as test_mps.py applies them: linalg.eig is
+    # unimplemented on MPS (expected failure; refused here too), abs runs.
+    consistency = classes["TestConsistencyMPS"]["counts"]
+    assert consistency == {"as on a Mac": 1, "MPS failure reproduced": 1}, classes
+    assert data["rewritten"]["'mps'"] >= 6 and data["rewritten"]["torch.mps"] == 2
+    # the per-class table on stderr
+    assert re.search(r"TestConsistencyMPS\s+1\s+1\s+0\s+0", proc.stderr), proc.stderr
+    assert "[metal-only]" in proc.stderr and "passes where a Mac fails: unexpected success" in proc.stderr
+    # nothing of the user's file changed on disk, no rewritten bytecode left behind
+    assert path.read_text() == STAND_IN
+    assert not (tmp_path / "__pycache__").exists() or not any(
+        p.name.startswith("test_mps") for p in (tmp_path / "__pycache__").iterdir())
+
+
+@pytest.mark.parametrize("args,text", [
+    ([], "error: no test file given"),
+    (["/nonexistent/test_mps.py"], "error: /nonexistent/test_mps.py: no such file"),
+    (["--macos", "fifteen", "x.py"], "error: --macos must be a version like 15.0, got 'fifteen'"),
+    (["-k", "x", "x.py"], "error: unknown option -k (pytest's options go after the file)"),
+])
+def test_test_mps_runner_usage_errors(tmp_path, args, text):
+    proc = run_report(["test-mps", *args], cwd=str(tmp_path))
+    assert proc.returncode == 2
+    assert text in proc.stderr
+
+
+def test_expectations_file_is_well_formed():
+    from torch_mps_ext.fidelity import _testmps
+
+    rows = _testmps.read_expectations()
+    assert rows and all(r.category in _testmps.CATEGORIES and r.reason for r in rows)
+    bad = os.path.join(os.path.dirname(_testmps.__file__), "x")
+    with pytest.raises(FileNotFoundError):
+        _testmps.read_expectations(bad)
+
+
+def test_torch_mps_names_have_mps_ext_counterparts():
+    # What code written for MPS (test_mps.py among it) reaches through
+    # torch.mps, rewritten to torch.mps_ext (issue 23, item 5).
+    import types
+
+    def public(mod):
+        return {n for n in dir(mod) if not n.startswith("_")
+                and not isinstance(getattr(mod, n), type(torch))  # modules checked below
+                and n not in ("Tensor", "torch")}  # typing re-exports
+
+    assert public(torch.mps) - set(dir(torch.mps_ext)) == set()
+    for sub in ("event", "profiler"):
+        assert isinstance(getattr(torch.mps_ext, sub), types.ModuleType), sub
+    assert torch.mps_ext.event.Event is torch.mps_ext.Event
+    e = torch.mps_ext.event.Event(enable_timing=True)
+    x = torch.ones(1000, device=DEV)
+    e.record()
+    (x * 2).sum()
+    e.synchronize()
+    assert e.query()
+    assert {n for n in dir(torch.mps.profiler) if not n.startswith("_")} - set(
+        dir(torch.mps_ext.profiler)) <= {"Iterator", "Literal", "ProfilerMode"}  # typing only
+
+
+# ---------------------------------------------------------------- torch's device-type branches (issue 23)
+
+def test_tolerances_of_matrix_rank_and_pinv_are_float32_as_on_mps(mps_mode):
+    a = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
+    d = a.to(DEV)
+    # pinv: on a Mac its tolerances are float32 and its linalg_svd runs on
+    # the CPU with MPS's warning; before issue 23 this raised the float64
+    # TypeError here.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for fn in (torch.linalg.pinv, torch.pinverse, torch.Tensor.pinverse):
+            torch.testing.assert_close(fn(d).cpu(), torch.linalg.pinv(a), atol=1e-5, rtol=1e-5)
+    assert fallback_warning("aten::linalg_svd") in {str(w.message) for w in caught}
+    # matrix_rank: common_mps expects it to fail on MPS at _linalg_svd
+    raises_exactly(NotImplementedError, not_implemented("aten::_linalg_svd"),
+                   lambda: torch.linalg.matrix_rank(d))
+    # a float64 input is still MPS's TypeError
+    raises_exactly(TypeError, DOUBLE_NEW, lambda: torch.linalg.pinv(a.double().to(DEV)))
+    # complex128: a Mac names ComplexDouble at the first computation; here the
+    # float64 tolerances come first (docs/fidelity.md: the one text that differs)
+    raises_exactly(TypeError, DOUBLE_NEW, lambda: torch.linalg.pinv(a.to(torch.complex128).to(DEV)))
+
+
+def test_device_branches_are_removed_when_the_mode_goes_off():
+    originals = (torch.linalg.pinv, torch.linalg.matrix_rank, torch.pinverse,
+                 torch.nn.SyncBatchNorm.forward)
+    torch.mps_ext.set_fidelity("mps")
+    try:
+        assert torch.linalg.pinv is not originals[0]
+    finally:
+        torch.mps_ext.set_fidelity("off")
+    assert (torch.linalg.pinv, torch.linalg.matrix_rank, torch.pinverse,
+            torch.nn.SyncBatchNorm.forward) == originals
+    assert "pinverse" not in vars(torch.Tensor)  # inherited again
+    # default mode: float64 tolerances as on CPU, no refusal
+    assert torch.linalg.matrix_rank(torch.eye(3, device=DEV)).item() == 3
+
+
+def test_sync_batch_norm_raises_a_macs_value_error(mps_mode, tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1),
+                            rank=0, world_size=1)
+    try:
+        m = torch.nn.SyncBatchNorm(3).to(DEV)
+        x = torch.randn(2, 3, 4, device=DEV)
+        raises_exactly(ValueError, "SyncBatchNorm expected input tensor to be on GPU or XPU or "
+                       "privateuseone", lambda: m(x))
+        assert m.num_batches_tracked.item() == 1  # updated before the refusal, as on a Mac
+        raises_exactly(ValueError, "expected at least 2D input (got 1D input)",
+                       lambda: m(torch.randn(3, device=DEV)))
+        m.eval()  # no sync in eval mode: runs
+        torch.testing.assert_close(m(x).cpu(), torch.nn.functional.batch_norm(
+            x.cpu(), m.running_mean.cpu(), m.running_var.cpu(), m.weight.detach().cpu(),
+            m.bias.detach().cpu(), False))
+    finally:
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------- MPS numerics in mps mode (issue 23, item 2)
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_grid_sample_half_precision_is_computed_in_float32_in_mps_mode(dims, dtype):
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(dims)
+    spatial = (6,) * dims
+    x = (torch.randn(2, 3, *spatial, generator=g) * 4).to(dtype)
+    grid = (torch.rand(2, *(5,) * dims, dims, generator=g) * 2.2 - 1.1).to(dtype)
+    go = torch.randn(2, 3, *(5,) * dims, generator=g).to(dtype)
+
+    def run(x, grid, go):
+        x = x.detach().requires_grad_()
+        grid = grid.detach().requires_grad_()
+        out = F.grid_sample(x, grid, align_corners=False)
+        out.backward(go)
+        return out.detach().cpu(), x.grad.cpu(), grid.grad.cpu()
+
+    in_half = run(x, grid, go)  # CPU's kernels in half precision
+    in_float = [t.to(dtype) for t in run(x.float(), grid.float(), go.float())]  # as MPS
+    assert any(not torch.equal(a, b) for a, b in zip(in_half, in_float))  # they differ here
+    torch.mps_ext.set_fidelity("mps")
+    try:
+        got = run(x.to(DEV), grid.to(DEV), go.to(DEV))
+    finally:
+        torch.mps_ext.set_fidelity("off")
+    for a, b in zip(got, in_float):
+        assert a.dtype == dtype and torch.equal(a, b)
+    # default mode: CPU's numerics, as before
+    for a, b in zip(run(x.to(DEV), grid.to(DEV), go.to(DEV)), in_half):
+        assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------- common_mps's per-dtype lists (issue 23, item 1)
+
+def common_mps_text(op, dtype, key):
+    return (f"The operator '{op}' has no MPS kernel for dtype {dtype} "
+            f"(torch.testing._internal.common_mps: UNIMPLEMENTED_XFAILLIST['{key}'])")
+
+
+def test_common_mps_per_dtype_refusals(mps_mode):
+    import torch.nn.functional as F
+
+    x = torch.ones(1, 2, 4, 4, dtype=torch.int32, device=DEV)
+    raises_exactly(RuntimeError, common_mps_text("aten::avg_pool2d", "Int",
+                                                 "nn.functional.avg_pool2d"),
+                   lambda: F.avg_pool2d(x, 2))
+    assert F.avg_pool2d(x.float(), 2).shape == (1, 2, 2, 2)  # float: MPS's kernel runs it
+    raises_exactly(RuntimeError, common_mps_text("aten::median", "Bool", "median"),
+                   lambda: torch.median(torch.tensor([True, False, True], device=DEV)))
+    assert torch.median(torch.tensor([3, 1, 2], device=DEV)).item() == 2
+    # the dtype judged is the operator's input, not its indices or targets
+    logp = torch.randn(3, 5, device=DEV).log_softmax(1)
+    F.nll_loss(logp, torch.tensor([1, 0, 4], device=DEV))
+    raises_exactly(RuntimeError, common_mps_text("aten::nll_loss_forward", "Long",
+                                                 "nn.functional.nll_loss"),
+                   lambda: F.nll_loss(torch.ones(3, 5, dtype=torch.long, device=DEV),
+                                      torch.tensor([1, 0, 4], device=DEV)))
+    # complex: only for the OpInfos common_mps lists as supported
+    a = torch.randn(3, 3, dtype=torch.complex64, device=DEV)
+    raises_exactly(RuntimeError, "The operator 'aten::linalg_qr' has no MPS kernel for dtype "
+                   "ComplexFloat (torch.testing._internal.common_mps: 'linalg.qr' is not in "
+                   "SUPPORTED_COMPLEX_OPS)", lambda: torch.linalg.qr(a))
+    assert torch.linalg.qr(a.real)[0].shape == (3, 3)
+    # nn.functional.linear is listed: the addmm it reaches is not refused
+    out = F.linear(a, a, torch.ones(3, dtype=torch.complex64, device=DEV))
+    torch.testing.assert_close(out.cpu(), a.cpu() @ a.cpu().T + 1)
+
+
+def test_common_mps_per_dtype_refusals_in_the_report(tmp_path):
+    program = tmp_path / "prog.py"
+    program.write_text("import torch, torch_mps_ext\n"
+                       "torch.median(torch.tensor([True, False], device='mps_ext'))\n")
+    proc = run_report(["--report", str(tmp_path / "r.json"), str(program)], cwd=str(tmp_path))
+    assert proc.returncode == 1, proc.stderr
+    rows = json.loads((tmp_path / "r.json").read_text())["incompatibilities"]
+    assert any(r["kind"] == "dtype" and r.get("dtype") == "Bool" and "aten::median" in
+               r.get("operators", []) for r in rows), rows
+
+
+def test_common_mps_dtype_data_is_current_with_the_installed_torch():
+    from torch_mps_ext.fidelity import _commonmps
+
+    listed = _commonmps.read_list()
+    supported = _commonmps.read_set()
+    table = fidelity.operator_table()
+    data = _commonmps.read_data()
+    sources = {source for _, source, _ in data.values()}
+    assert len(data) >= 15 and sources == {_commonmps.LIST, _commonmps.COMPLEX_SET}
+    for op, (dtypes, source, keys) in data.items():
+        assert table[op].verdict == "mps", op  # an MPS kernel that refuses dtypes
+        for key in keys.split():
+            assert _commonmps._norm_op(op) == _commonmps._norm_key(key)
+            if source == _commonmps.LIST:
+                assert dtypes <= _commonmps._INTEGRAL, (op, dtypes)
+                assert listed[key] and dtypes <= set(listed[key]), (op, key)
+            else:
+                assert dtypes == {"complex32", "complex64"} and key not in supported, (op, key)
+    assert set(_commonmps.SCALAR_TYPE_CODES) >= {d for ds, _, _ in data.values() for d in ds}

@@ -76,6 +76,7 @@ from .storage import STORAGE_CLASSES as _STORAGE_CLASSES  # noqa: E402
 globals().update(_STORAGE_CLASSES)  # torch.mps_ext.FloatStorage, ... (Tensor.storage_type())
 from . import _utils  # noqa: E402,F401  (torch.serialization looks for _utils)
 from . import profiler  # noqa: E402  (torch.mps_ext.profiler)
+from . import event  # noqa: E402,F401  (torch.mps_ext.event.Event, as torch.mps.event)
 from . import distributed  # noqa: E402  (the "mps_ext" c10d backend)
 from ._registration import register as _register  # noqa: E402
 

@@ -53,6 +53,15 @@ _may_generate_cpu_cpp_code``;
 ``lowering.unsupported_input_tensor`` (Metal: float64)
 ``torch._utils.`` ``_augment_memory_snapshot_``       memory._snapshot(augment_with_fx_traces=True):
 ``stack_traces``                                       FX source lines in a snapshot's frames
+``torch.testing._internal``: common_utils              fidelity/_testmps.py (``test-mps``): the Mac
+(``TEST_MPS``, ``MACOS_VERSION``), common_device_type  test_mps.py believes in
+(``TEST_MPS``, ``MPSTestBase``), common_mps            (``testing_internals()``)
+``torch/testing/_internal/common_mps.py`` (read as     fidelity/_commonmps.py: common_mps's lists
+text), ``common_methods_invocations.op_db``,           mapped to ATen operators (maintainer tool,
+``torch.utils._python_dispatch.TorchDispatchMode``,    ``--write``)
+``torch.utils._pytree.tree_leaves``
+``nn.SyncBatchNorm._check_input_dim``,                 fidelity/_devicebranches.py: a Mac's
+``_check_non_zero_input_channels``                     SyncBatchNorm ValueError after its checks
 =====================================================  ===========================================
 
 C++ (csrc/, reviewed by reading each file named):
@@ -284,3 +293,65 @@ def inductor():
         SubgraphPythonWrapperCodegen=SubgraphPythonWrapperCodegen,
         WrapperFxCodegen=WrapperFxCodegen, CustomGraphModulePass=CustomGraphModulePass,
         runtime_utils=runtime_utils, V=V)
+
+
+def testing_internals(macos_version: float):
+    """PyTorch's test framework as ``python -m torch_mps_ext.fidelity
+    test-mps`` needs it (torch_mps_ext/fidelity/_testmps.py): common_utils
+    and common_device_type with their MPS switches set as on a Mac of
+    ``macos_version`` (read at their import: TEST_MPS, MACOS_VERSION), and
+    common_mps imported after them so that it defines its expectation lists
+    (it does only ``if torch.backends.mps.is_available()``, at import)."""
+    import importlib
+    import sys
+
+    from torch.testing._internal import common_utils
+
+    common_utils.TEST_MPS = True
+    common_utils.MACOS_VERSION = macos_version
+    from torch.testing._internal import common_device_type
+
+    common_device_type.TEST_MPS = True
+    if "torch.testing._internal.common_mps" in sys.modules:
+        common_mps = importlib.reload(sys.modules["torch.testing._internal.common_mps"])
+    else:
+        from torch.testing._internal import common_mps
+    return SimpleNamespace(common_utils=common_utils, common_device_type=common_device_type,
+                           common_mps=common_mps, MPSTestBase=common_device_type.MPSTestBase)
+
+
+def common_mps_path() -> str:
+    """The installed torch's torch/testing/_internal/common_mps.py (read as
+    text by torch_mps_ext/fidelity/_commonmps.py, not imported)."""
+    import os
+
+    return os.path.join(os.path.dirname(torch.__file__), "testing", "_internal", "common_mps.py")
+
+
+def op_db():
+    """PyTorch's OpInfo database (maintainer tool only: slow to import)."""
+    from torch.testing._internal.common_methods_invocations import op_db as db
+
+    return db
+
+
+def torch_dispatch_mode():
+    """The base class of Python dispatch modes (maintainer tool only)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    return TorchDispatchMode
+
+
+def tree_leaves(tree) -> list:
+    """torch's pytree flattening (maintainer tool only)."""
+    from torch.utils._pytree import tree_leaves as leaves
+
+    return leaves(tree)
+
+
+def sync_batch_norm_input_checks(module, input) -> None:
+    """nn.SyncBatchNorm.forward's input checks (its private methods), run by
+    mps fidelity mode before it raises a Mac's ValueError
+    (torch_mps_ext/fidelity/_devicebranches.py)."""
+    module._check_input_dim(input)
+    module._check_non_zero_input_channels(input)

@@ -441,6 +441,13 @@ void checkFidelity(const c10::OperatorHandle& op, const c10::FunctionSchema& sch
     }
   }
   if (fidelity::checkOperator(op) != fidelity::Verdict::Accept) return;
+  for (std::size_t i = 0; i < schema.arguments().size(); ++i) {  // per-dtype refusals: `self`
+    const c10::IValue& v = stack[begin + i];
+    if (v.isTensor() && v.toTensor().defined()) {
+      fidelity::checkSelfDtype(op, v.toTensor().scalar_type());
+      break;
+    }
+  }
   auto wide = [](const at::Tensor& t) {
     return t.defined() && t.device().type() == kDev && fidelity::wideDtype(t.scalar_type());
   };

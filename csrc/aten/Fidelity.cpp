@@ -32,6 +32,13 @@ using Table = std::unordered_map<c10::OperatorHandle, Verdict>;
 
 std::atomic<const Table*> g_table{nullptr};
 
+struct DtypeRefusal {
+  uint64_t mask = 0;  // bit i: c10::ScalarType i
+  std::string reason;
+};
+using DtypeTable = std::unordered_map<c10::OperatorHandle, DtypeRefusal>;
+std::atomic<const DtypeTable*> g_dtypes{nullptr};
+
 std::mutex g_mu;  // g_warned, g_recorder, g_allowance
 Allowance g_allowance;
 std::mutex g_mode_mu;  // setMode, g_mps_kernels
@@ -146,6 +153,43 @@ void setOperatorVerdicts(const std::vector<std::pair<std::string, int>>& verdict
   // Readers may still hold the previous table: it is kept (a few KiB, set
   // once or twice in a process).
   g_table.store(table.release(), std::memory_order_release);
+}
+
+void setDtypeRefusals(
+    const std::vector<std::tuple<std::string, std::vector<int>, std::string>>& refusals) {
+  auto table = std::make_unique<DtypeTable>();
+  auto& d = c10::Dispatcher::singleton();
+  for (const auto& [full, dtypes, reason] : refusals) {
+    auto dot = full.find('.');
+    c10::OperatorName name{full.substr(0, dot),
+                           dot == std::string::npos ? "" : full.substr(dot + 1)};
+    auto op = d.findOp(name);
+    if (!op) continue;
+    DtypeRefusal r{0, reason};
+    for (int t : dtypes) {
+      TORCH_CHECK(t >= 0 && t < 64, "bad dtype code ", t, " for ", full);
+      r.mask |= uint64_t{1} << t;
+    }
+    (*table)[*op] = std::move(r);
+  }
+  // Kept like the operator table (readers may hold the previous one).
+  g_dtypes.store(table.release(), std::memory_order_release);
+}
+
+void checkSelfDtype(const c10::OperatorHandle& op, at::ScalarType self) {
+  const DtypeTable* t = g_dtypes.load(std::memory_order_acquire);
+  if (t == nullptr) return;
+  auto it = t->find(op);
+  if (it == t->end() || !(it->second.mask & (uint64_t{1} << static_cast<int>(self)))) return;
+  if (recording()) {
+    record("dtype", c10::toString(self), nameOf(op));
+    return;
+  }
+  // MPS's kernels refuse with texts of their own, per operator; this one
+  // names the operator, the dtype and the list that says so.
+  TORCH_CHECK(false, "The operator '", nameOf(op), "' has no MPS kernel for dtype ",
+              c10::toString(self), " (torch.testing._internal.common_mps: ",
+              it->second.reason, ")");
 }
 
 Verdict verdictOf(const c10::OperatorHandle& op) {

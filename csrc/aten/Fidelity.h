@@ -18,6 +18,7 @@
 
 #include <functional>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -36,6 +37,16 @@ enum class Verdict : int {
 // ignored. Set before the mode is turned on.
 void setOperatorVerdicts(const std::vector<std::pair<std::string, int>>& verdicts);
 Verdict verdictOf(const c10::OperatorHandle& op);
+
+// Replaces the per-dtype refusals (issue 23; torch_mps_ext/fidelity/
+// _commonmps.py): ("aten::name.overload", dtype codes (c10::ScalarType),
+// reason) for operators MPS has a kernel for that refuses those dtypes of its
+// first tensor argument (common_mps's UNIMPLEMENTED_XFAILLIST).
+void setDtypeRefusals(
+    const std::vector<std::tuple<std::string, std::vector<int>, std::string>>& refusals);
+// An operator MPS runs itself, about to run with `self` (its first tensor
+// argument; undefined if none) of that dtype: refused (or recorded) if listed.
+void checkSelfDtype(const c10::OperatorHandle& op, at::ScalarType self);
 
 // Turns mps mode on or off: the allocator's limits, then the switch.
 void setMode(bool mps);

@@ -84,6 +84,12 @@ at::Tensor standard_gamma(const at::Tensor& self, std::optional<at::Generator> g
 
 at::Tensor sample_dirichlet(const at::Tensor& self, std::optional<at::Generator> generator) {
   at::Generator cpu = derivedCpuGenerator(generator, self);
+  if (self.scalar_type() == at::kHalf || self.scalar_type() == at::kBFloat16) {
+    // MPS samples these; CPU's kernel takes float/double only: sampled in
+    // float32, rounded to the input's dtype (issue 23, docs/fidelity.md).
+    at::Tensor f = self.to(at::kFloat);
+    return runOnHost(f, [&] { return at::_sample_dirichlet(host(f), cpu); }).to(self.scalar_type());
+  }
   return runOnHost(self, [&] { return at::_sample_dirichlet(host(self), cpu); });
 }
 

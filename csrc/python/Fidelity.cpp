@@ -11,6 +11,7 @@ namespace torch_mps_ext::python {
 
 void initFidelityBindings(py::module_& m) {
   m.def("_fidelity_set_verdicts", &fidelity::setOperatorVerdicts);
+  m.def("_fidelity_set_dtype_refusals", &fidelity::setDtypeRefusals);
   m.def("_fidelity_set_mode", &fidelity::setMode);
   m.def("_fidelity_on", [] { return runtime::fidelity::on(); });
   m.def("_fidelity_set_options", &fidelity::setOptions, py::arg("cpu_fallback"),

@@ -115,6 +115,10 @@ def _excused() -> bool:
     """The native core asks this before refusing a float64/complex128: true
     when the Python code computing it is a torch branch listed in the
     override file (on a Mac that code computes in float32)."""
+    from . import _devicebranches as branches
+
+    if branches.excusing():
+        return True
     frame = sys._getframe(1)  # the Python code that called into torch
     if frame is None or _branches is None:
         return False
@@ -150,6 +154,12 @@ def _push_table() -> None:
     verdicts = [(name, _NATIVE_VERDICT[v.verdict]) for name, v in operator_table().items()
                 if v.verdict in _NATIVE_VERDICT]
     _C._fidelity_set_verdicts(verdicts)
+    from . import _commonmps
+
+    _C._fidelity_set_dtype_refusals(
+        [(name, [_commonmps.SCALAR_TYPE_CODES[d] for d in sorted(dtypes)],
+          _commonmps.reason(source, keys))
+         for name, (dtypes, source, keys) in _commonmps.read_data().items()])
     import torch
 
     _torch_dir = os.path.realpath(os.path.dirname(torch.__file__)) + os.sep
@@ -164,8 +174,13 @@ def set_fidelity(mode: str) -> None:
     ``"off"`` (the default: accept everything a CPU accepts)."""
     if not isinstance(mode, str) or mode not in MODES:
         raise ValueError(f"fidelity mode must be 'off' or 'mps', got {mode!r}")
+    from . import _devicebranches as branches
+
     if mode == "mps":
         _push_table()
+        branches.install()
+    else:
+        branches.uninstall()
     _C._fidelity_set_mode(mode == "mps")
 
 

@@ -12,6 +12,11 @@ Exit status: the program's own if it failed; else 1 if it met any
 incompatibility; else 0. So ``python -m torch_mps_ext.fidelity -m pytest
 tests/`` is a CI step. Processes the program starts are covered too (they
 inherit ``TORCH_MPS_EXT_FIDELITY_REPORT``); see docs/fidelity.md.
+
+``python -m torch_mps_ext.fidelity test-mps PATH/TO/test_mps.py`` runs a copy
+of PyTorch's own MPS test file against mps_ext in this mode and prints, per
+test class, what ran as on a Mac and every difference with its reason
+(``_testmps.py``, docs/testing.md).
 """
 
 from __future__ import annotations
@@ -25,7 +30,9 @@ import tempfile
 import traceback
 
 USAGE = ("usage: python -m torch_mps_ext.fidelity [--report FILE.json] "
-         "(SCRIPT.py | -m MODULE) [ARGS...]")
+         "(SCRIPT.py | -m MODULE) [ARGS...]\n"
+         "       python -m torch_mps_ext.fidelity test-mps [--macos X.Y] [--report FILE.json] "
+         "PATH/TO/test_mps.py [PYTEST ARGS...]")
 
 
 def _parse(argv: list[str]):
@@ -128,7 +135,12 @@ def _table(rows: list[dict], torch_version: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    report_path, script, module, args = _parse(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["test-mps"]:
+        from . import _testmps
+
+        return _testmps.main(argv[1:])
+    report_path, script, module, args = _parse(argv)
     import torch
 
     from . import _report

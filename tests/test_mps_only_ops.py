@@ -1,0 +1,184 @@
+"""What Apple's MPS backend computes and CPU does not (issue 23, items 3-4;
+csrc/aten/MpsOnlyOps.cpp, docs/fidelity.md): MPS's int4 weight packing and
+matmul with MPS's layout, Dirichlet sampling in float16/bfloat16, and mish's
+float16 backward computed as CPU's kernel computes it. Each is checked
+against a float32/float64 reference computed here, in both modes."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import torch_mps_ext  # noqa: F401
+
+DEV = "mps_ext"
+
+
+@pytest.fixture(params=["off", "mps"])
+def mode(request):
+    torch.mps_ext.set_fidelity(request.param)
+    try:
+        yield request.param
+    finally:
+        torch.mps_ext.set_fidelity("off")
+
+
+# ------------------------------------------------------------- int4 weights
+
+def quantize(N, K, group, dtype, seed=0):
+    """q (int, 0..15) [N, K], its MPS-layout uint8 packing [N, K/2] (high
+    nibble first, as torch's _group_quantize_tensor builds it off CPU), and
+    qScaleAndZeros [K/group, N, 2] in `dtype`."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (N, K), generator=g, dtype=torch.int32)
+    packed = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
+    scales = (torch.rand(K // group, N, generator=g) * 0.1 + 0.01).to(dtype)
+    zeros = (torch.randn(K // group, N, generator=g) * 0.1).to(dtype)
+    return q, packed, torch.stack([scales, zeros], dim=2).contiguous()
+
+
+def reference(a, q, sz, group):
+    """float64: A @ W.T with W[n, k] = scale * q + (zero - 8 * scale), the
+    zero term rounded in A's dtype as MPS computes it."""
+    scale = sz[..., 0]
+    offset = (sz[..., 1] - sz[..., 0] * torch.tensor(8, dtype=sz.dtype)).double()
+    k_group = torch.arange(q.shape[1]) // group
+    w = scale.double()[k_group].T * q.double() + offset[k_group].T
+    return a.double() @ w.T
+
+
+@pytest.mark.parametrize("inner_k_tiles", [2, 4, 8])
+def test_int4_packing_has_mps_shape_and_layout(mode, inner_k_tiles):
+    N, K = 16, 256
+    q, packed, _ = quantize(N, K, 32, torch.float32)
+    out = torch._convert_weight_to_int4pack(packed.to(DEV), inner_k_tiles)
+    assert out.device.type == DEV and out.dtype == torch.int32
+    assert out.shape == (N // 8, K // (16 * inner_k_tiles), 32, inner_k_tiles // 2)
+    raw = out.cpu().contiguous().view(torch.uint8).view(N, K // 2)
+    # each byte: q[n][2j] in the low nibble, q[n][2j+1] in the high one
+    assert torch.equal((raw & 0xF).to(torch.int32), q[:, ::2])
+    assert torch.equal((raw >> 4).to(torch.int32), q[:, 1::2])
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-4), (torch.float16, 2e-2),
+                                        (torch.bfloat16, 2e-1)])
+@pytest.mark.parametrize("group", [32, 64, 128, 256])
+def test_int4_matmul_matches_a_float64_reference(mode, dtype, atol, group):
+    M, N, K = 3, 32, 512
+    q, packed, sz = quantize(N, K, group, dtype, seed=group)
+    a = torch.randn(M, K, generator=torch.Generator().manual_seed(1)).to(dtype)
+    b = torch._convert_weight_to_int4pack(packed.to(DEV), 2)
+    out = torch._weight_int4pack_mm(a.to(DEV), b, group, sz.to(DEV))
+    assert out.dtype == dtype and out.shape == (M, N) and out.device.type == DEV
+    ref = reference(a, q, sz, group)
+    torch.testing.assert_close(out.cpu().double(), ref, atol=atol, rtol=1e-2 if dtype != torch.float32 else 1e-5)
+
+
+def test_int4_matmul_as_torchs_quantizer_builds_it():
+    # The path torch's own MPS tests take: _group_quantize_tensor off CPU,
+    # then pack and multiply; against the float32 matmul of the weight.
+    from torch.testing._internal.common_quantization import _group_quantize_tensor
+
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(3))  # [K, N]
+    a = torch.randn(5, 64, generator=torch.Generator().manual_seed(4))
+    q, sz = _group_quantize_tensor(w.to(DEV), n_bit=4, q_group_size=32)
+    b = torch._convert_weight_to_int4pack(q, 2)
+    out = torch._weight_int4pack_mm(a.to(DEV), b, 32, sz)
+    # the weight as the quantizer means it: high nibble first, (q - 8) * scale + zero
+    qc = q.cpu().to(torch.int32)
+    levels = torch.stack([qc >> 4, qc & 0xF], dim=2).reshape(128, 64)  # [N, K]
+    scale = sz.cpu()[..., 0].repeat_interleave(32, 0).T  # [N, K]
+    zero = sz.cpu()[..., 1].repeat_interleave(32, 0).T
+    w_deq = (levels - 8) * scale + zero
+    assert ((w_deq - w.T).abs() <= scale / 2 + 1e-6).all()  # within half a step of w
+    torch.testing.assert_close(out.cpu().double(), a.double() @ w_deq.double().T,
+                               atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("make,kind,text", [
+    (lambda: torch._convert_weight_to_int4pack(torch.zeros(8, 64, dtype=torch.int32, device=DEV), 2),
+     RuntimeError, "_convert_weight_to_int4pack_mps : expect weight to be kByte."),
+    (lambda: torch._convert_weight_to_int4pack(torch.zeros(8, 64, 2, dtype=torch.uint8, device=DEV), 2),
+     RuntimeError, "_convert_weight_to_int4pack_mps : expect weight to be 2D tensor."),
+    (lambda: torch._convert_weight_to_int4pack(torch.zeros(8, 64, dtype=torch.uint8, device=DEV), 3),
+     RuntimeError, "_convert_weight_to_int4pack_mps : innerKTiles need to be 2, 4, or 8, got 3"),
+    (lambda: torch._convert_weight_to_int4pack(torch.zeros(6, 64, dtype=torch.uint8, device=DEV), 2),
+     RuntimeError, "_convert_weight_to_int4pack_mps : expect N (weight.size(0)) to be a multiple of 8"),
+    (lambda: torch._weight_int4pack_mm(torch.zeros(2, 64, dtype=torch.int32, device=DEV),
+                                       torch.zeros(1, 2, 32, 1, dtype=torch.int32, device=DEV), 32,
+                                       torch.zeros(2, 8, 2, device=DEV)),
+     RuntimeError, "_weight_int4pack_mm_mps : expect A to be either 32-bit or 16-bit float tensor."),
+    (lambda: torch._weight_int4pack_mm(torch.zeros(2, 64, device=DEV),
+                                       torch.zeros(1, 2, 32, 1, dtype=torch.int32, device=DEV), 16,
+                                       torch.zeros(2, 8, 2, device=DEV)),
+     RuntimeError, "_weight_int4pack_mm_mps: expect qGroupSize to be 32, 64, 128 or 256, got 16"),
+    (lambda: torch._weight_int4pack_mm(torch.zeros(2, 64, device=DEV),
+                                       torch.zeros(1, 2, 32, 1, dtype=torch.int32, device=DEV), 32,
+                                       torch.zeros(2, 4, 2, device=DEV)),
+     RuntimeError, "_weight_int4pack_mm_mps: expect qScaleAndZeros to be 3d tensor with sizes [:, 8, 2]"),
+    (lambda: torch._weight_int4pack_mm(torch.zeros(2, 128, device=DEV),
+                                       torch.zeros(1, 2, 32, 1, dtype=torch.int32, device=DEV), 32,
+                                       torch.zeros(4, 8, 2, device=DEV)),
+     RuntimeError, "_weight_int4pack_mm_mps : expect B to pack A.size(1) = 128 4-bit values"),
+    (lambda: torch._weight_int4pack_mm(torch.zeros(2, 64, device=DEV),
+                                       torch.zeros(1, 1, 32, 2, dtype=torch.int32, device=DEV), 32,
+                                       torch.zeros(2, 8, 2, dtype=torch.float16, device=DEV)),
+     RuntimeError, "_weight_int4pack_mm_mps : expect qScaleAndZeros to have A's dtype Float, got Half"),
+])
+def test_int4_bad_input_is_refused_with_mps_text(make, kind, text):
+    with pytest.raises(kind) as info:
+        make()
+    assert str(info.value).startswith(text), str(info.value)
+
+
+# ------------------------------------------------------------- mish
+
+def test_mish_half_backward_is_cpus_kernel(mode):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(4096, generator=g) * 3).half()
+    grad = torch.randn(4096, generator=g).half()
+    cpu = torch.ops.aten.mish_backward(grad, x)
+    dev = torch.ops.aten.mish_backward(grad.to(DEV), x.to(DEV)).cpu()
+    assert torch.equal(dev, cpu)  # bit-equal: CPU computes in float32 (opmath)
+    # through autograd, as a model does
+    xd = x.to(DEV).requires_grad_()
+    F.mish(xd).backward(grad.to(DEV))
+    xc = x.clone().requires_grad_()
+    F.mish(xc).backward(grad)
+    assert torch.equal(xd.grad.cpu(), xc.grad)
+    # and closer to the float64 derivative than a float16 evaluation
+    exact = torch.ops.aten.mish_backward(grad.double(), x.double())
+    assert (xd.grad.cpu().double() - exact).abs().max() <= 2 * (cpu.double() - exact).abs().max()
+
+
+# ------------------------------------------------------------- Dirichlet
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_dirichlet_samples_in_half_precision(mode, dtype):
+    torch.manual_seed(0)
+    torch.mps_ext.manual_seed(0)
+    alpha = torch.tensor([1.0, 2.0, 5.0], dtype=dtype, device=DEV)
+    d = torch.distributions.Dirichlet(alpha)
+    s = d.sample((4000,))
+    assert s.dtype == dtype and s.device.type == DEV and s.shape == (4000, 3)
+    s = s.cpu().float()
+    assert (s >= 0).all() and (s <= 1).all()
+    torch.testing.assert_close(s.sum(-1), torch.ones(4000), atol=1e-2, rtol=0)
+    # mean alpha / sum(alpha), variance from the float64 formula
+    a = alpha.cpu().double()
+    mean = a / a.sum()
+    var = mean * (1 - mean) / (a.sum() + 1)
+    torch.testing.assert_close(s.double().mean(0), mean, atol=0.02, rtol=0)
+    torch.testing.assert_close(s.double().var(0), var, atol=0.01, rtol=0.2)
+    # the generator is the device's: seeded twice, the same draw
+    torch.mps_ext.manual_seed(7)
+    first = torch._sample_dirichlet(alpha.expand(5, 3).contiguous())
+    torch.mps_ext.manual_seed(7)
+    assert torch.equal(torch._sample_dirichlet(alpha.expand(5, 3).contiguous()).cpu(), first.cpu())
+
+    # float32 keeps CPU's kernel, with the same generator
+    torch.mps_ext.manual_seed(7)
+    f32 = torch._sample_dirichlet(alpha.float().expand(5, 3).contiguous())
+    assert f32.dtype == torch.float32
+    torch.mps_ext.manual_seed(7)
+    assert torch.equal(torch._sample_dirichlet(alpha.float().expand(5, 3).contiguous()).cpu(),
+                       f32.cpu())

@@ -11,7 +11,10 @@ pytest process per op category (results in build/conformance/<category>.xml,
 JUnit XML); the category `module_db` is tests/test_module_db.py with
 TORCH_MPS_EXT_MODULEDB=full (build/conformance/module_db.xml). They run one
 after the other under `nice`. The report is generated from those files only:
-never edit docs/conformance.md by hand.
+never edit docs/conformance.md by hand, except its last section, "PyTorch's
+device-generic test files" (KEPT_SECTION): the results of PyTorch's own test
+files, written by hand from runs this script does not make; regenerating the
+page carries that section over unchanged.
 """
 
 import argparse
@@ -28,6 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "build" / "conformance"
 REPORT = ROOT / "docs" / "conformance.md"
+# The hand-written last section of the page, kept from heading to end of file.
+KEPT_SECTION = "## PyTorch's device-generic test files"
 CATEGORIES = ["binary", "unary", "reduction", "fft", "linalg", "special",
               "masked", "signal", "sparse", "random/uninitialized",
               "nn.functional", "other"]
@@ -383,6 +388,9 @@ def report():
 
     w("## Running PyTorch's own test files against mps_ext\n")
     w(RUN_UPSTREAM)
+    kept = kept_section()
+    if kept:
+        w(kept)
     REPORT.parent.mkdir(parents=True, exist_ok=True)
     REPORT.write_text("\n".join(out) + "\n")
     print(f"wrote {REPORT}")
@@ -412,6 +420,17 @@ python -m pytest test_ops.py -k "TestCommon and test_compare_cpu and mps_ext" -q
 python -m pytest test_torch.py test_nn.py -k mps_ext -q
 ```
 """
+
+
+def kept_section():
+    """The hand-written section of the current page (KEPT_SECTION to the end
+    of the file), or "" when the page has none."""
+    try:
+        text = REPORT.read_text()
+    except FileNotFoundError:
+        return ""
+    start = text.find("\n" + KEPT_SECTION + "\n")
+    return text[start + 1:].rstrip("\n") if start >= 0 else ""
 
 
 def _torch_version():

@@ -11,7 +11,10 @@ pytest process per op category (results in build/conformance/<category>.xml,
 JUnit XML); the category `module_db` is tests/test_module_db.py with
 TORCH_MPS_EXT_MODULEDB=full (build/conformance/module_db.xml). They run one
 after the other under `nice`. The report is generated from those files only:
-never edit docs/conformance.md by hand.
+never edit docs/conformance.md by hand, except what follows its KEPT_MARKER
+(the test-mps runs' tables and "PyTorch's device-generic test files": results
+of PyTorch's own test files from runs this script does not make);
+regenerating the page carries that part over unchanged.
 """
 
 import argparse
@@ -294,7 +297,7 @@ def pct(p, n):
 
 # docs/conformance.md from this line on is kept as it is when the page is
 # regenerated: the test_mps.py section (python -m torch_mps_ext.fidelity test-mps).
-KEPT_MARKER = "<!-- Kept on regeneration: written from `python -m torch_mps_ext.fidelity test-mps` runs. -->"
+KEPT_MARKER = "<!-- Kept on regeneration: the sections below are written by hand or by other tools (test-mps runs, the device-generic files' counts). -->"
 
 
 def report():

@@ -213,9 +213,15 @@ def test_storage_type_and_legacy_storage_classes():
 
 
 def test_device_indices_into_a_cpu_tensor():
-    with pytest.raises(IndexError, match=r"^indices should be either on cpu or on the same "
-                                         r"device as the indexed tensor \(cpu\)$"):
-        torch.arange(5)[torch.tensor([1, 2], device=DEV)]
+    # aten raises a RuntimeError (TORCH_CHECK), not an IndexError, also when
+    # CPU and device indices are mixed.
+    text = r"^indices should be either on cpu or on the same device as the indexed tensor \(cpu\)$"
+    x = torch.arange(60).reshape(3, 4, 5)
+    i_dev = torch.tensor([1, 2], device=DEV)
+    for index in (lambda: x[i_dev], lambda: x[:, torch.tensor([0, 3]), i_dev]):
+        with pytest.raises(RuntimeError, match=text) as err:
+            index()
+        assert type(err.value) is RuntimeError
     # CPU indices into a device tensor are fine, as on CUDA.
     assert torch.arange(5, device=DEV)[torch.tensor([1, 2])].cpu().tolist() == [1, 2]
 

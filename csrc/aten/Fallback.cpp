@@ -154,8 +154,9 @@ void scanDevices(Context& ctx, const c10::FunctionSchema& schema,
   }
   if (index_device) {
     // Device indices into a host tensor: aten's own refusal (only CPU
-    // indices or indices on the indexed tensor's device are allowed).
-    TORCH_CHECK_INDEX(ctx.device || !host_tensor, "indices should be either on ", c10::kCPU,
+    // indices or indices on the indexed tensor's device are allowed), a
+    // RuntimeError as aten raises it (TORCH_CHECK, not TORCH_CHECK_INDEX).
+    TORCH_CHECK(ctx.device || !host_tensor, "indices should be either on ", c10::kCPU,
                       " or on the same device as the indexed tensor (", host_tensor->second,
                       ")");
     if (!ctx.device) {

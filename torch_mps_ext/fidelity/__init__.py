@@ -30,6 +30,7 @@ import threading
 from dataclasses import dataclass
 
 from .. import _C, _settings
+from ._datafile import records
 
 MODES = ("off", "mps")
 
@@ -72,22 +73,17 @@ def read_overrides(path: str = OVERRIDES_PATH) -> dict[str, tuple[str, str]]:
     ("branch", reason)}`` from the reviewed override file: one entry a line,
     ``name  verdict  reason`` (``#`` comments)."""
     out: dict[str, tuple[str, str]] = {}
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            parts = line.split(None, 2)
-            ok = len(parts) == 3 and (
-                (parts[0].startswith("aten::") and parts[1] in (MPS, ROUTE, CPU, NONE))
-                or (parts[0].startswith("torch/") and ":" in parts[0] and parts[1] == BRANCH))
-            if not ok:
-                raise ValueError(f"{path}:{number}: expected '<aten::op> <mps|route|cpu|none> "
-                                 f"<reason>' or '<torch/file.py:function> branch <reason>', "
-                                 f"got {line!r}")
-            if parts[0] in out:
-                raise ValueError(f"{path}:{number}: {parts[0]} listed twice")
-            out[parts[0]] = (parts[1], parts[2])
+    for number, line, parts in records(path, 3):
+        ok = len(parts) == 3 and (
+            (parts[0].startswith("aten::") and parts[1] in (MPS, ROUTE, CPU, NONE))
+            or (parts[0].startswith("torch/") and ":" in parts[0] and parts[1] == BRANCH))
+        if not ok:
+            raise ValueError(f"{path}:{number}: expected '<aten::op> <mps|route|cpu|none> "
+                             f"<reason>' or '<torch/file.py:function> branch <reason>', "
+                             f"got {line!r}")
+        if parts[0] in out:
+            raise ValueError(f"{path}:{number}: {parts[0]} listed twice")
+        out[parts[0]] = (parts[1], parts[2])
     return out
 
 

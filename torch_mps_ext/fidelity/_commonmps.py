@@ -26,6 +26,8 @@ import os
 import sys
 from collections import defaultdict
 
+from ._datafile import records
+
 DATA_PATH = os.path.join(os.path.dirname(__file__), "common_mps_dtypes.txt")
 LIST = "UNIMPLEMENTED_XFAILLIST"
 COMPLEX_SET = "SUPPORTED_COMPLEX_OPS"
@@ -94,17 +96,12 @@ def read_data(path: str = DATA_PATH) -> dict[str, tuple[frozenset[str], str, str
     """``{"aten::avg_pool2d": (frozenset({"int16", ...}), "UNIMPLEMENTED_XFAILLIST",
     "nn.functional.avg_pool2d")}``."""
     out: dict[str, tuple[frozenset[str], str, str]] = {}
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            parts = line.split(None, 3)
-            if (len(parts) != 4 or not parts[0].startswith("aten::")
-                    or parts[2] not in (LIST, COMPLEX_SET)):
-                raise ValueError(f"{path}:{number}: expected '<aten::op> <dtype,...> "
-                                 f"<{LIST}|{COMPLEX_SET}> <OpInfo keys>', got {line!r}")
-            out[parts[0]] = (frozenset(parts[1].split(",")), parts[2], parts[3])
+    for number, line, parts in records(path, 4):
+        if (len(parts) != 4 or not parts[0].startswith("aten::")
+                or parts[2] not in (LIST, COMPLEX_SET)):
+            raise ValueError(f"{path}:{number}: expected '<aten::op> <dtype,...> "
+                             f"<{LIST}|{COMPLEX_SET}> <OpInfo keys>', got {line!r}")
+        out[parts[0]] = (frozenset(parts[1].split(",")), parts[2], parts[3])
     return out
 
 

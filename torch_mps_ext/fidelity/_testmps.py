@@ -48,6 +48,8 @@ import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
+from ._datafile import records
+
 EXPECTATIONS_PATH = os.path.join(os.path.dirname(__file__), "test_mps_expectations.txt")
 
 # Outcomes of one test, judged against a Mac.
@@ -277,16 +279,11 @@ def read_expectations(path: str = EXPECTATIONS_PATH) -> list[Expectation]:
     """The reviewed list of known differences: ``<pattern> <category> <reason>``
     a line (``#`` comments)."""
     out = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            parts = line.split(None, 2)
-            if len(parts) != 3 or parts[1] not in CATEGORIES:
-                raise ValueError(f"{path}:{number}: expected '<pattern> <{'|'.join(CATEGORIES)}> "
-                                 f"<reason>', got {line!r}")
-            out.append(Expectation(*parts))
+    for number, line, parts in records(path, 3):
+        if len(parts) != 3 or parts[1] not in CATEGORIES:
+            raise ValueError(f"{path}:{number}: expected '<pattern> <{'|'.join(CATEGORIES)}> "
+                             f"<reason>', got {line!r}")
+        out.append(Expectation(*parts))
     return out
 
 

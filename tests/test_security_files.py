@@ -81,6 +81,18 @@ def victim(tmp_path):
     return run
 
 
+def compile_in_victim(victim, tmp_path, source, **env):
+    """compile_shader(source) in VICTIM's place, with its own cache and no
+    ccache; a RuntimeError is printed as `<type> <text>`."""
+    return victim(code=f"""
+        import torch, torch_mps_ext
+        try:
+            torch.mps_ext.compile_shader({source!r})
+        except RuntimeError as e:
+            print(type(e).__name__, e)
+        """, cache=tmp_path / "cache", TORCH_MPS_EXT_SHADER_CCACHE="0", **env)
+
+
 def key(source=SRC):
     return _compiler.library_key(source, False)
 
@@ -311,14 +323,7 @@ def test_compiler_cpu_time_limit(victim, tmp_path):
     kernel void k(device long* o, uint i [[thread_position_in_grid]]) { constexpr long v = burn(); o[i] = v; }
     """
     t0 = time.monotonic()
-    r = victim(code=f"""
-        import torch, torch_mps_ext
-        try:
-            torch.mps_ext.compile_shader({src!r})
-        except RuntimeError as e:
-            print(type(e).__name__, e)
-        """, cache=tmp_path / "cache", TORCH_MPS_EXT_SHADER_COMPILE_TIMEOUT_S="2",
-        TORCH_MPS_EXT_SHADER_CCACHE="0")
+    r = compile_in_victim(victim, tmp_path, src, TORCH_MPS_EXT_SHADER_COMPILE_TIMEOUT_S="2")
     # on an idle machine the CPU-time limit stops it; on a loaded one (the compiler getting
     # less than half a core) the wall-clock timeout of twice that comes first
     assert "CompilerLimitError" in r.stdout and ("CPU-time limit of 2 s" in r.stdout or
@@ -328,14 +333,8 @@ def test_compiler_cpu_time_limit(victim, tmp_path):
 
 
 def test_compiler_memory_limit(victim, tmp_path):
-    r = victim(code=f"""
-        import torch, torch_mps_ext
-        try:
-            torch.mps_ext.compile_shader({SRC!r})
-        except RuntimeError as e:
-            print(type(e).__name__, e)
-        """, cache=tmp_path / "cache", TORCH_MPS_EXT_SHADER_COMPILE_MEMORY_BYTES=str(48 << 20),
-        TORCH_MPS_EXT_SHADER_CCACHE="0")
+    r = compile_in_victim(victim, tmp_path, SRC,
+                          TORCH_MPS_EXT_SHADER_COMPILE_MEMORY_BYTES=str(48 << 20))
     assert "CompilerLimitError" in r.stdout, r.stdout
     assert f"limit of {48 << 20} bytes (TORCH_MPS_EXT_SHADER_COMPILE_MEMORY_BYTES)" in r.stdout
 
@@ -354,14 +353,8 @@ def test_compiler_timeout_kills_the_whole_process_group(victim, tmp_path):
         """))
     fake.chmod(0o755)
     t0 = time.monotonic()
-    r = victim(code=f"""
-        import torch, torch_mps_ext
-        try:
-            torch.mps_ext.compile_shader({SRC!r})
-        except RuntimeError as e:
-            print(type(e).__name__, e)
-        """, cache=tmp_path / "cache", CXX=str(fake), TORCH_MPS_EXT_SHADER_CCACHE="0",
-        TORCH_MPS_EXT_SHADER_COMPILE_TIMEOUT_S="1")
+    r = compile_in_victim(victim, tmp_path, SRC, CXX=str(fake),
+                          TORCH_MPS_EXT_SHADER_COMPILE_TIMEOUT_S="1")
     assert "CompilerLimitError" in r.stdout and "timeout of 2 s" in r.stdout, r.stdout
     assert time.monotonic() - t0 < 60
     for pid in map(int, pids.read_text().split()):

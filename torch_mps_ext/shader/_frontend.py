@@ -548,6 +548,21 @@ def _match(toks: list[Tok], i: int, open_: str, close: str) -> int:
     raise ShaderSyntaxError(f"unbalanced '{open_}'")
 
 
+def _open_angle(toks: list[Tok], close: int, lo: int = 0) -> int:
+    """Index of the '<' matching the '>' at toks[close], scanning back no
+    further than toks[lo]; ``lo - 1`` when there is none."""
+    depth = 0
+    for m in range(close, lo - 1, -1):
+        t = toks[m].text
+        if t == ">":
+            depth += 1
+        elif t == "<":
+            depth -= 1
+            if depth == 0:
+                return m
+    return lo - 1
+
+
 def _match_angle(toks: list[Tok], i: int) -> int:
     depth = 0
     paren = 0
@@ -1099,16 +1114,7 @@ def _function_name(prefix: list[Tok]) -> str | None:
                 return "operator()"
             if prev == ">":
                 # template-id: name<...>(
-                k = j - 1
-                d = 0
-                while k >= 0:
-                    if texts[k] == ">":
-                        d += 1
-                    elif texts[k] == "<":
-                        d -= 1
-                        if d == 0:
-                            break
-                    k -= 1
+                k = _open_angle(prefix, j - 1)
                 if k > 0 and prefix[k - 1].kind == "id":
                     return texts[k - 1]
     return None
@@ -1207,16 +1213,7 @@ def _parse_kernel(toks: list[Tok], i: int, lo: int, ns: list[tuple[str, bool]]) 
     name_end = len(head)
     if head and head[-1].text == ">":
         # template-id: find the matching '<'
-        d = 0
-        m = len(head) - 1
-        while m >= 0:
-            if head[m].text == ">":
-                d += 1
-            elif head[m].text == "<":
-                d -= 1
-                if d == 0:
-                    break
-            m -= 1
+        m = _open_angle(head, len(head) - 1)
         targ_toks = head[m + 1 : len(head) - 1]
         targs = [_join(p) for p in _split_commas(targ_toks)]
         name_end = m
@@ -1424,16 +1421,7 @@ class _DeclWalker:
                         name = "~" + name
                     return ni, self._quals(ni - (1 if name.startswith("~") else 0), k), name, j
                 if prev.text == ">":  # template-id: f<float>(
-                    d = 0
-                    m = j - 1
-                    while m >= k:
-                        if toks[m].text == ">":
-                            d += 1
-                        elif toks[m].text == "<":
-                            d -= 1
-                            if d == 0:
-                                break
-                        m -= 1
+                    m = _open_angle(toks, j - 1, k)
                     if m > k and toks[m - 1].kind == "id":
                         return m - 1, self._quals(m - 1, k), toks[m - 1].text, j
                 return None
@@ -1457,16 +1445,7 @@ class _DeclWalker:
         while m > lo and toks[m].text == "::":
             m -= 1
             if toks[m].text == ">":
-                d = 0
-                while m >= lo:
-                    if toks[m].text == ">":
-                        d += 1
-                    elif toks[m].text == "<":
-                        d -= 1
-                        if d == 0:
-                            break
-                    m -= 1
-                m -= 1
+                m = _open_angle(toks, m, lo) - 1
             if m >= lo and toks[m].kind == "id" and toks[m].text not in _TYPE_KEYWORDS and \
                     toks[m].text not in _DECL_KEYWORDS:
                 quals.insert(0, toks[m].text)

@@ -1071,6 +1071,46 @@ def test_launch_returns_before_the_kernel_has_run(slow_lib):
     assert stream.query()
 
 
+MEET_SRC = r"""
+#include <metal_stdlib>
+using namespace metal;
+// Threadgroup 0 waits (bounded) for the last threadgroup's flag: it sees the flag only
+// when the two run at the same time, on different intra-op threads.
+kernel void meet(device atomic_uint* flag [[buffer(0)]], device uint* seen [[buffer(1)]],
+                 constant uint& max_spins [[buffer(2)]],
+                 uint g [[threadgroup_position_in_grid]], uint n [[threadgroups_per_grid]]) {
+  if (g == n - 1) atomic_store_explicit(flag, 1u, memory_order_relaxed);
+  if (g == 0) {
+    uint spins = 0;
+    while (atomic_load_explicit(flag, memory_order_relaxed) == 0u && spins < max_spins) ++spins;
+    seen[0] = atomic_load_explicit(flag, memory_order_relaxed);
+  }
+}
+"""
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two CPUs")
+def test_threadgroups_run_on_the_intra_op_threads_torch_set_num_threads_sets():
+    lib = compile_shader(MEET_SRC)
+    old = torch.get_num_threads()
+
+    def met(threads):
+        torch.set_num_threads(threads)
+        flag = torch.zeros(1, dtype=torch.int32, device=DEV)
+        seen = torch.zeros(1, dtype=torch.int32, device=DEV)
+        lib.meet(flag, seen, 200_000_000, threads=2, group_size=1)
+        return seen.item()
+
+    try:
+        # one thread: the groups run one after the other, group 0 gives up waiting
+        assert met(1) == 0
+        # raised after the stream's worker already ran kernels: it follows
+        assert met(2) == 1
+        assert met(1) == 0
+    finally:
+        torch.set_num_threads(old)
+
+
 def test_side_stream_kernel_does_not_delay_default_stream(slow_lib):
     spins = _spins_for(slow_lib, 0.5)
     side = torch.mps_ext.Stream()

@@ -13,6 +13,10 @@
 #include <memory>
 #include <mutex>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 namespace torch_mps_ext {
 
 void launchKernel(KernelLaunch launch) {
@@ -32,12 +36,20 @@ void launchKernel(KernelLaunch launch) {
   launch.tensors.clear();
   const bool profiled = profiler::enabledConsumers() != 0;
   const profiler::IssueToken issued = profiled ? profiler::issueToken() : profiler::IssueToken{};
+  // The launching thread's intra-op thread count (torch.set_num_threads) is
+  // the kernel's: the worker's OpenMP setting is its own and was fixed when
+  // it first ran a parallel loop.
+  const int threads = at::get_num_threads();
   auto work = std::make_shared<KernelLaunch>(std::move(launch));
-  runtime::enqueue(work->device, stream, [work, stream, profiled, issued] {
+  runtime::enqueue(work->device, stream, [work, stream, profiled, issued, threads] {
     const KernelLaunch& k = *work;
     const std::int64_t start = profiled ? profiler::nowNs() : 0;
     const void* block = k.block.data();
-    const int threads = at::get_num_threads();
+#ifdef _OPENMP
+    // This thread only (at::set_num_threads would also rewrite torch's
+    // process-wide default, racing a later torch.set_num_threads).
+    if (omp_get_max_threads() != threads) omp_set_num_threads(threads);
+#endif
     // A fault in the kernel (bad pointer, integer division by zero, stack
     // overflow, the watchdog) abandons that thread's threadgroups and is
     // the device's error; the process lives on (runtime/Fault.h).

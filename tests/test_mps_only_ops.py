@@ -1,7 +1,8 @@
 """What Apple's MPS backend computes and CPU does not (issue 23, items 3-4;
 csrc/aten/MpsOnlyOps.cpp, docs/fidelity.md): MPS's int4 weight packing and
 matmul with MPS's layout, Dirichlet sampling in float16/bfloat16, and mish's
-float16 backward computed as CPU's kernel computes it. Each is checked
+float16 backward computed as CPU's kernel computes it, and integer normal_.
+Each is checked
 against a float32/float64 reference computed here, in both modes."""
 
 import pytest
@@ -182,3 +183,28 @@ def test_dirichlet_samples_in_half_precision(mode, dtype):
     torch.mps_ext.manual_seed(7)
     assert torch.equal(torch._sample_dirichlet(alpha.float().expand(5, 3).contiguous()).cpu(),
                        f32.cpu())
+
+
+# ------------------------------------------------------------- integer normal_
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.int8, torch.uint8, torch.int64])
+def test_integer_normal_is_float32_draws_converted_toward_zero(mode, dtype):
+    # CPU refuses it; MPS draws float32 normals and converts them
+    with pytest.raises(NotImplementedError, match="not implemented for"):
+        torch.empty(3, dtype=dtype).normal_()
+    g = torch.Generator(DEV)
+    g.manual_seed(3)
+    got = torch.empty(4001, dtype=dtype, device=DEV).normal_(2.0, 40.0, generator=g)
+    g.manual_seed(3)
+    draws = torch.empty(4001, device=DEV).normal_(2.0, 40.0, generator=g).cpu()
+    info = torch.iinfo(dtype)
+    assert got.dtype == dtype
+    # the same generator stream as float32; out-of-range draws saturate
+    assert torch.equal(got.cpu(), draws.clamp(info.min, info.max).trunc().to(dtype))
+    if info.min < 0:
+        wide = got.cpu().double()
+        assert abs(wide.mean().item() - 2.0) < 3.0 and 35.0 < wide.std().item() < 45.0
+    # non-contiguous destinations are filled in place, views untouched elsewhere
+    base = torch.zeros(40, 2, dtype=dtype, device=DEV)
+    base[:, 0].normal_(0.0, 1000.0)
+    assert (base[:, 1].cpu() == 0).all() and (base[:, 0].cpu() != 0).any()

@@ -30,6 +30,7 @@ from ._device import (  # noqa: E402
     synchronize,
 )
 from .memory import (  # noqa: E402
+    _host_alias_storage,
     current_allocated_memory,
     driver_allocated_memory,
     empty_cache,
@@ -61,6 +62,7 @@ from .streams import (  # noqa: E402
     _sleep,
 )
 from .random import (  # noqa: E402
+    _get_default_mps_generator,
     default_generators,
     get_rng_state,
     get_rng_state_all,

@@ -294,3 +294,24 @@ def memory_snapshot(mempool_id=None, include_traces: bool = True) -> list[dict[s
         raise ValueError(f"mps_ext has no private memory pools: mempool_id must be None or "
                          f"(0, 0), got {mempool_id!r}")
     return _C._memory_snapshot(bool(include_traces))["segments"]
+
+
+def _host_alias_storage(storage: "torch.UntypedStorage") -> "torch.UntypedStorage":
+    r"""A CPU :class:`torch.UntypedStorage` over the same bytes as the mps_ext
+    ``storage`` (torch.mps's name; the device's memory is host memory, as on
+    Apple silicon). Writes through it land in the device storage without a
+    copy; it keeps the device storage alive for as long as it lives.
+
+    As with torch.mps, ordering is the caller's: call
+    :func:`torch.mps_ext.synchronize` before reading or writing through the
+    alias (queued device work may still use the bytes) and before device work
+    that depends on the host writes.
+    """
+    import torch
+
+    if not isinstance(storage, torch.UntypedStorage):
+        raise TypeError(f"_host_alias_storage expects a torch.UntypedStorage, got {type(storage).__name__}")
+    if storage.device.type != "mps_ext":
+        raise ValueError(f"_host_alias_storage expects an MPS storage (device mps_ext), "
+                         f"got a storage on {storage.device.type}")
+    return _C._host_alias_storage(storage)

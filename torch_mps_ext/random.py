@@ -142,3 +142,9 @@ def seed_all() -> None:
 def initial_seed() -> int:
     r"""Returns the current seed of the current mps_ext device's generator."""
     return _default_generator(_C._current_device()).initial_seed()
+
+
+def _get_default_mps_generator() -> torch.Generator:
+    r"""The current device's default generator (torch.mps's name; the one
+    ``torch.accelerator`` and ``torch.mps_ext.manual_seed`` use)."""
+    return _default_generator(_C._current_device())

@@ -5,6 +5,7 @@
 #include "core/Allocator.h"
 #include "python/Bindings.h"
 
+#include <torch/csrc/Storage.h>
 #include <torch/csrc/profiler/combined_traceback.h>
 
 #include <pybind11/pybind11.h>
@@ -156,6 +157,20 @@ void initMemoryBindings(py::module_& m) {
         });
   m.def("_memory_history_enabled", &memoryHistoryEnabled);
   m.def("_memory_snapshot", &snapshotDict, py::arg("include_traces") = true);
+  // _host_alias_storage(storage): a CPU storage over the same bytes (device
+  // memory is host memory). It holds a reference to the device storage, so
+  // the bytes outlive the device tensors. Argument checks: memory.py.
+  m.def("_host_alias_storage", [](py::handle obj) {
+    if (!THPStorage_Check(obj.ptr())) throw py::type_error("expected a torch.UntypedStorage");
+    const c10::Storage& src = THPStorage_Unpack(obj.ptr());
+    auto* owner = new c10::Storage(src);
+    c10::DataPtr alias(src.mutable_data(), owner,
+                       [](void* ctx) { delete static_cast<c10::Storage*>(ctx); },
+                       c10::Device(c10::DeviceType::CPU));
+    c10::Storage host(c10::Storage::use_byte_size_t(), src.nbytes(), std::move(alias),
+                      /*allocator=*/nullptr, /*resizable=*/false);
+    return py::reinterpret_steal<py::object>(THPStorage_Wrap(std::move(host)));
+  });
 }
 
 } // namespace torch_mps_ext::python

@@ -215,3 +215,31 @@ def test_freed_block_is_not_lost_when_tensor_dies_in_gc(fresh_memory):
     del h
     gc.collect()
     assert torch.mps_ext.current_allocated_memory() == 0
+
+
+def test_host_alias_storage_shares_the_device_bytes_and_keeps_them_alive(fresh_memory):
+    base = torch.mps_ext.current_allocated_memory()
+    x = torch.zeros(256, device="mps_ext")[16:]
+    torch.mps_ext.synchronize()
+    host = torch.mps_ext._host_alias_storage(x.untyped_storage())
+    assert host.device.type == "cpu" and host.nbytes() == 256 * 4
+    h = torch.empty(0).set_(host, x.storage_offset(), x.shape, x.stride())
+    h.copy_(torch.arange(240.0))  # host writes land in the device tensor
+    assert torch.equal(x.cpu(), torch.arange(240.0))
+    x.mul_(2)  # device writes are seen through the alias after a synchronize
+    torch.mps_ext.synchronize()
+    assert torch.equal(h, torch.arange(240.0) * 2)
+    # the alias holds the device storage: freeing the tensor and emptying the
+    # cache leave the bytes in place
+    del x
+    gc.collect()
+    torch.mps_ext.empty_cache()
+    assert torch.mps_ext.current_allocated_memory() > base
+    assert torch.equal(h, torch.arange(240.0) * 2)
+    del h, host
+    gc.collect()
+    assert torch.mps_ext.current_allocated_memory() == base
+    with pytest.raises(ValueError, match=r"expects an MPS storage \(device mps_ext\), got a storage on cpu"):
+        torch.mps_ext._host_alias_storage(torch.empty(4).untyped_storage())
+    with pytest.raises(TypeError, match="expects a torch.UntypedStorage, got Tensor"):
+        torch.mps_ext._host_alias_storage(torch.empty(4, device="mps_ext"))

@@ -156,6 +156,18 @@ def test_generator_objects():
     assert gens[0].device == torch.device(DEV, 0)
 
 
+def test_default_generator_under_torch_mps_name():
+    g = torch.mps_ext._get_default_mps_generator()
+    assert g is torch.mps_ext.default_generators[torch.mps_ext.current_device()]
+    g.manual_seed(42)
+    assert torch.mps_ext.initial_seed() == 42
+    a = torch.randn(5, device=DEV)
+    torch.mps_ext.manual_seed(42)
+    assert torch.equal(torch.randn(5, device=DEV), a)
+    torch.mps_ext.seed()
+    assert torch.equal(g.get_state(), torch.mps_ext.get_rng_state())
+
+
 def test_cpu_generator_rejected():
     g = torch.Generator()
     with pytest.raises(RuntimeError, match="Expected a 'mps_ext' device type for generator "

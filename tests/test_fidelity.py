@@ -1068,3 +1068,40 @@ def test_common_mps_dtype_data_is_current_with_the_installed_torch():
             else:
                 assert dtypes == {"complex32", "complex64"} and key not in supported, (op, key)
     assert set(_commonmps.SCALAR_TYPE_CODES) >= {d for ds, _, _ in data.values() for d in ds}
+
+
+# ------------------------------------------- half precision CPU lacks (mps mode)
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_mps_mode_computes_half_in_float32_where_cpu_has_no_half_kernel(mps_mode, dtype):
+    x = torch.linspace(0.1, 5.0, 9).to(dtype)
+    ref = torch.special.bessel_j0(x.float()).to(dtype)  # float32, rounded once
+    got = torch.special.bessel_j0(x.to(DEV))
+    assert got.dtype == dtype and torch.equal(got.cpu(), ref)
+    out = torch.full((9,), 7.0, dtype=dtype, device=DEV)
+    assert torch.special.bessel_j0(x.to(DEV), out=out) is out
+    assert torch.equal(out.cpu(), ref)
+    # an out= tensor the kernel has to grow, and a complex result (complex32 from half)
+    grown = torch.empty(0, dtype=dtype, device=DEV)
+    torch.special.chebyshev_polynomial_t(x.to(DEV), 3, out=grown)
+    assert grown.shape == (9,)
+    assert torch.equal(grown.cpu(), torch.special.chebyshev_polynomial_t(x.float(), 3).to(dtype))
+    if dtype == torch.float16:
+        z = torch.polar(x.to(DEV), x.to(DEV))
+        assert z.dtype == torch.complex32
+        torch.testing.assert_close(z.cpu().to(torch.complex64),
+                                   torch.polar(x.float(), x.float()).to(torch.complex32).to(torch.complex64))
+
+
+def test_default_mode_keeps_cpus_refusal_of_half_kernels_it_lacks():
+    with pytest.raises(NotImplementedError, match="not implemented for 'Half'"):
+        torch.special.bessel_j0(torch.ones(3, dtype=torch.float16))
+    with pytest.raises(NotImplementedError, match="not implemented for 'Half'"):
+        torch.special.bessel_j0(torch.ones(3, dtype=torch.float16, device=DEV))
+
+
+def test_mps_mode_keeps_the_refusal_when_float32_fails_too(mps_mode):
+    # i1's backward formula has no half kernel on MPS either (common_mps XFAILLIST_GRAD)
+    x = torch.ones(3, dtype=torch.float16, device=DEV, requires_grad=True)
+    with pytest.raises(NotImplementedError, match="i1_backward"):
+        torch.special.i1(x).sum().backward()

@@ -31,6 +31,8 @@
 #include <cstring>
 #include <optional>
 #include <sstream>
+#include <string_view>
+#include <vector>
 
 namespace torch_mps_ext {
 namespace {
@@ -479,13 +481,130 @@ void checkFidelity(const c10::OperatorHandle& op, const c10::FunctionSchema& sch
 // cpu_key: the CPU kernel to run when it is not the arguments' (SparseCPU for
 // a sparse factory); else CPU's, NestedTensorCPU's or a sparse key's by the
 // arguments.
+// MPS fidelity mode: where CPU has no float16/bfloat16 (or complex32) kernel
+// and MPS has one, MPS computes in float32 and rounds the result. The
+// fallback does the same: the device arguments are widened, the operator
+// runs again (in float32, on the device), written arguments get the rounded
+// values and new results are rounded to the arguments' dtype.
+// Set while runWidened reruns an operator MPS accepted in its own dtype: the
+// float32 rerun is not judged again (MPS may refuse float32 complex, say).
+thread_local bool t_widened_rerun = false;
+
+bool lowPrecisionGap(const char* what) {
+  const std::string_view w(what);
+  return w.find("not implemented for 'Half'") != std::string_view::npos ||
+         w.find("not implemented for 'BFloat16'") != std::string_view::npos ||
+         w.find("not implemented for 'ComplexHalf'") != std::string_view::npos;
+}
+
+std::optional<at::ScalarType> widened(at::ScalarType t) {
+  if (t == at::kHalf || t == at::kBFloat16) return at::kFloat;
+  if (t == at::kComplexHalf) return at::kComplexFloat;
+  return std::nullopt;
+}
+
+bool isScalarTypeArg(const c10::Argument& arg) {
+  c10::TypePtr t = arg.type();
+  if (t->kind() == c10::TypeKind::OptionalType) {
+    t = t->castRaw<c10::OptionalType>()->getElementType();
+  }
+  return t->kind() == c10::TypeKind::ScalarTypeType;
+}
+
+void runWidened(const c10::OperatorHandle& op, torch::jit::Stack* stack,
+                std::vector<c10::IValue> args) {
+  const c10::FunctionSchema& schema = op.schema();
+  std::optional<at::ScalarType> low_real;  // Half or BFloat16
+  bool low_complex = false;
+  c10::SmallVector<std::pair<at::Tensor, at::Tensor>, 2> written;  // (argument, widened)
+  auto note = [&](at::ScalarType t) {
+    if (t == at::kComplexHalf) {
+      low_complex = true;
+    } else if (!low_real) {
+      low_real = t;
+    } else if (*low_real != t) {
+      return false;  // mixed half and bfloat16: no single dtype to round to
+    }
+    return true;
+  };
+  for (std::size_t i = 0; i < args.size(); ++i) {
+    const c10::Argument& arg = schema.arguments()[i];
+    const bool writes = arg.alias_info() && arg.alias_info()->isWrite();
+    auto widen = [&](const at::Tensor& t) -> at::Tensor {
+      if (!t.defined() || t.device().type() != kDev) return t;
+      const auto w = widened(t.scalar_type());
+      if (!w) return t;
+      TORCH_CHECK(note(t.scalar_type()), "mixed float16 and bfloat16 arguments");
+      at::Tensor f = t.to(*w);
+      if (writes) written.emplace_back(t, f);
+      return f;
+    };
+    c10::IValue& v = args[i];
+    if (v.isTensor()) {
+      v = widen(v.toTensor());
+    } else if (v.isTensorList()) {
+      c10::List<at::Tensor> out;
+      for (const at::Tensor& t : v.toTensorList()) out.push_back(widen(t));
+      v = std::move(out);
+    } else if (v.isInt() && isScalarTypeArg(arg)) {
+      const auto t = static_cast<at::ScalarType>(v.toInt());
+      if (const auto w = widened(t)) {
+        TORCH_CHECK(note(t), "mixed float16 and bfloat16 arguments");
+        v = static_cast<int64_t>(*w);
+      }
+    }
+  }
+  for (c10::IValue& v : args) stack->push_back(std::move(v));
+  {
+    const bool outer = t_widened_rerun;
+    t_widened_rerun = true;
+    try {
+      op.callBoxed(stack);
+    } catch (...) {
+      t_widened_rerun = outer;
+      throw;
+    }
+    t_widened_rerun = outer;
+  }
+  for (auto& [orig, wide] : written) {
+    if (orig.sizes() != wide.sizes()) orig.resize_(wide.sizes());  // out= grown by the kernel
+    orig.copy_(wide);
+  }
+  auto narrow = [&](const at::Tensor& t) -> at::Tensor {
+    if (!t.defined()) return t;
+    for (auto& [orig, wide] : written) {
+      if (t.is_same(wide)) return orig;
+    }
+    if (t.scalar_type() == at::kFloat && low_real) return t.to(*low_real);
+    if (t.scalar_type() == at::kComplexFloat && (low_complex || low_real == at::kHalf)) {
+      return t.to(at::kComplexHalf);
+    }
+    return t;
+  };
+  const std::size_t nret = schema.returns().size();
+  for (std::size_t i = stack->size() - nret; i < stack->size(); ++i) {
+    c10::IValue& v = (*stack)[i];
+    if (v.isTensor()) {
+      v = narrow(v.toTensor());
+    } else if (v.isTensorList()) {
+      c10::List<at::Tensor> out;
+      for (const at::Tensor& t : v.toTensorList()) out.push_back(narrow(t));
+      v = std::move(out);
+    }
+  }
+}
+
 void fallbackAt(const c10::OperatorHandle& op, torch::jit::Stack* stack,
                 std::optional<c10::DispatchKey> cpu_key) {
   const c10::FunctionSchema& schema = op.schema();
   const std::size_t nargs = schema.arguments().size();
   const std::size_t begin = stack->size() - nargs;
   // Sparse operators are not modelled (docs/fidelity.md).
-  if (C10_UNLIKELY(fidelity::on()) && !cpu_key) checkFidelity(op, schema, *stack, begin);
+  const bool fidelity_on = C10_UNLIKELY(fidelity::on()) && !cpu_key;
+  if (fidelity_on && !t_widened_rerun) checkFidelity(op, schema, *stack, begin);
+  // Kept for a float32 rerun (runWidened); only in fidelity mode.
+  std::vector<c10::IValue> saved;
+  if (fidelity_on) saved.assign(stack->begin() + static_cast<std::ptrdiff_t>(begin), stack->end());
   Context ctx{op, std::nullopt, {}};
   scanDevices(ctx, schema, *stack, begin);
   int device = ctx.device ? ctx.device->index() : runtime::currentDevice();
@@ -493,7 +612,7 @@ void fallbackAt(const c10::OperatorHandle& op, torch::jit::Stack* stack,
   // reuse a block a queued copy still reads included).
   runtime::awaitCurrentStream(device);
   toHostArgs(ctx, schema, *stack, begin);
-  {
+  try {
     LendScope lend(device);
     if (const Redirect* r = redirectFor(op)) {
       if (r->adapt) r->adapt(*stack, begin);
@@ -512,6 +631,15 @@ void fallbackAt(const c10::OperatorHandle& op, torch::jit::Stack* stack,
     } else {
       op.redispatchBoxed(c10::DispatchKeySet(c10::DispatchKey::CPU), stack);
     }
+  } catch (const c10::NotImplementedError& e) {
+    if (!fidelity_on || !lowPrecisionGap(e.what_without_backtrace())) throw;
+    stack->resize(begin);
+    try {
+      runWidened(op, stack, std::move(saved));
+    } catch (...) {
+      throw e;  // the float32 run failed too: the caller sees their dtype's error
+    }
+    return;
   }
   writeBack(ctx, device);
   const std::size_t nret = schema.returns().size();

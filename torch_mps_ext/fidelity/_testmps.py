@@ -58,7 +58,9 @@ REPRODUCED = "MPS failure reproduced"
 FAILS_HERE = "fails where a Mac passes"
 PASSES_HERE = "passes where a Mac fails"
 
-DEFAULT_MACOS = 15.0
+# The mode models a current Mac (macOS 26, Tahoe): version-gated expectations in
+# test_mps.py (`xfailIf(MACOS_VERSION < 15.1)`, ...) take their current-macOS side.
+DEFAULT_MACOS = 26.0
 
 # ---------------------------------------------------------------------------
 # The rewrite

@@ -1105,3 +1105,13 @@ def test_mps_mode_keeps_the_refusal_when_float32_fails_too(mps_mode):
     x = torch.ones(3, dtype=torch.float16, device=DEV, requires_grad=True)
     with pytest.raises(NotImplementedError, match="i1_backward"):
         torch.special.i1(x).sum().backward()
+
+
+def test_mps_mode_computes_bool_and_integer_cases_cpu_lacks_in_float32(mps_mode):
+    b = torch.tensor([True, False, True], device=DEV)
+    assert torch.equal(torch.ceil(b).cpu(), b.cpu())  # CPU: "ceil_vml_cpu" not implemented for 'Bool'
+    # fmod by zero is NaN in float32, True as bool
+    assert torch.fmod(b, b).cpu().tolist() == [False, True, False]
+    h = torch.histc(torch.arange(10, dtype=torch.int32, device=DEV), bins=4, min=0, max=9)
+    assert h.dtype == torch.int32
+    assert h.cpu().tolist() == torch.histc(torch.arange(10.0), bins=4, min=0, max=9).int().tolist()

@@ -481,26 +481,38 @@ void checkFidelity(const c10::OperatorHandle& op, const c10::FunctionSchema& sch
 // cpu_key: the CPU kernel to run when it is not the arguments' (SparseCPU for
 // a sparse factory); else CPU's, NestedTensorCPU's or a sparse key's by the
 // arguments.
-// MPS fidelity mode: where CPU has no float16/bfloat16 (or complex32) kernel
-// and MPS has one, MPS computes in float32 and rounds the result. The
-// fallback does the same: the device arguments are widened, the operator
-// runs again (in float32, on the device), written arguments get the rounded
-// values and new results are rounded to the arguments' dtype.
+// MPS fidelity mode: where CPU's kernel has no case for a dtype MPS computes
+// (float16/bfloat16/complex32 special functions, integer histc, bool
+// ceil/fmod/...), MPS computes in float32 and converts the result. The
+// fallback does the same: arguments of the dtype CPU named are widened
+// (float32, complex64 for complex32: MPS has no float64), the
+// operator runs again on the device, written arguments get the converted
+// values, and new results of the wide dtype are converted back.
+
 // Set while runWidened reruns an operator MPS accepted in its own dtype: the
-// float32 rerun is not judged again (MPS may refuse float32 complex, say).
+// rerun is not judged again (MPS may refuse float32 complex, say).
 thread_local bool t_widened_rerun = false;
 
-bool lowPrecisionGap(const char* what) {
+// The dtype in "... not implemented for 'Half'", if widening serves it.
+std::optional<at::ScalarType> missingDtype(const char* what) {
+  static const std::pair<const char*, at::ScalarType> kNames[] = {
+      {"Half", at::kHalf},   {"BFloat16", at::kBFloat16}, {"ComplexHalf", at::kComplexHalf},
+      {"Bool", at::kBool},   {"Byte", at::kByte},         {"Char", at::kChar},
+      {"Short", at::kShort}, {"Int", at::kInt},           {"Long", at::kLong}};
   const std::string_view w(what);
-  return w.find("not implemented for 'Half'") != std::string_view::npos ||
-         w.find("not implemented for 'BFloat16'") != std::string_view::npos ||
-         w.find("not implemented for 'ComplexHalf'") != std::string_view::npos;
+  const std::string_view tag = "not implemented for '";
+  const auto at = w.find(tag);
+  if (at == std::string_view::npos) return std::nullopt;
+  const std::string_view rest = w.substr(at + tag.size());
+  const std::string_view name = rest.substr(0, rest.find('\''));
+  for (const auto& [n, t] : kNames) {
+    if (name == n) return t;
+  }
+  return std::nullopt;
 }
 
-std::optional<at::ScalarType> widened(at::ScalarType t) {
-  if (t == at::kHalf || t == at::kBFloat16) return at::kFloat;
-  if (t == at::kComplexHalf) return at::kComplexFloat;
-  return std::nullopt;
+at::ScalarType wideOf(at::ScalarType t) {
+  return t == at::kComplexHalf ? at::kComplexFloat : at::kFloat;
 }
 
 bool isScalarTypeArg(const c10::Argument& arg) {
@@ -512,30 +524,20 @@ bool isScalarTypeArg(const c10::Argument& arg) {
 }
 
 void runWidened(const c10::OperatorHandle& op, torch::jit::Stack* stack,
-                std::vector<c10::IValue> args) {
+                std::vector<c10::IValue> args, at::ScalarType low) {
   const c10::FunctionSchema& schema = op.schema();
-  std::optional<at::ScalarType> low_real;  // Half or BFloat16
-  bool low_complex = false;
-  c10::SmallVector<std::pair<at::Tensor, at::Tensor>, 2> written;  // (argument, widened)
-  auto note = [&](at::ScalarType t) {
-    if (t == at::kComplexHalf) {
-      low_complex = true;
-    } else if (!low_real) {
-      low_real = t;
-    } else if (*low_real != t) {
-      return false;  // mixed half and bfloat16: no single dtype to round to
-    }
-    return true;
+  // half and complex32 travel together (polar: half in, complex32 out)
+  const bool halves = low == at::kHalf || low == at::kComplexHalf;
+  auto narrowed = [&](at::ScalarType t) {
+    return t == low || (halves && (t == at::kHalf || t == at::kComplexHalf));
   };
+  c10::SmallVector<std::pair<at::Tensor, at::Tensor>, 2> written;  // (argument, widened)
   for (std::size_t i = 0; i < args.size(); ++i) {
     const c10::Argument& arg = schema.arguments()[i];
     const bool writes = arg.alias_info() && arg.alias_info()->isWrite();
     auto widen = [&](const at::Tensor& t) -> at::Tensor {
-      if (!t.defined() || t.device().type() != kDev) return t;
-      const auto w = widened(t.scalar_type());
-      if (!w) return t;
-      TORCH_CHECK(note(t.scalar_type()), "mixed float16 and bfloat16 arguments");
-      at::Tensor f = t.to(*w);
+      if (!t.defined() || t.device().type() != kDev || !narrowed(t.scalar_type())) return t;
+      at::Tensor f = t.to(wideOf(t.scalar_type()));
       if (writes) written.emplace_back(t, f);
       return f;
     };
@@ -546,12 +548,8 @@ void runWidened(const c10::OperatorHandle& op, torch::jit::Stack* stack,
       c10::List<at::Tensor> out;
       for (const at::Tensor& t : v.toTensorList()) out.push_back(widen(t));
       v = std::move(out);
-    } else if (v.isInt() && isScalarTypeArg(arg)) {
-      const auto t = static_cast<at::ScalarType>(v.toInt());
-      if (const auto w = widened(t)) {
-        TORCH_CHECK(note(t), "mixed float16 and bfloat16 arguments");
-        v = static_cast<int64_t>(*w);
-      }
+    } else if (v.isInt() && isScalarTypeArg(arg) && narrowed(static_cast<at::ScalarType>(v.toInt()))) {
+      v = static_cast<int64_t>(wideOf(static_cast<at::ScalarType>(v.toInt())));
     }
   }
   for (c10::IValue& v : args) stack->push_back(std::move(v));
@@ -566,20 +564,21 @@ void runWidened(const c10::OperatorHandle& op, torch::jit::Stack* stack,
     }
     t_widened_rerun = outer;
   }
-  for (auto& [orig, wide] : written) {
-    if (orig.sizes() != wide.sizes()) orig.resize_(wide.sizes());  // out= grown by the kernel
-    orig.copy_(wide);
+  for (auto& [orig, w] : written) {
+    if (orig.sizes() != w.sizes()) orig.resize_(w.sizes());  // out= grown by the kernel
+    orig.copy_(w);
   }
   auto narrow = [&](const at::Tensor& t) -> at::Tensor {
     if (!t.defined()) return t;
-    for (auto& [orig, wide] : written) {
-      if (t.is_same(wide)) return orig;
+    for (auto& [orig, w] : written) {
+      if (t.is_same(w)) return orig;
     }
-    if (t.scalar_type() == at::kFloat && low_real) return t.to(*low_real);
-    if (t.scalar_type() == at::kComplexFloat && (low_complex || low_real == at::kHalf)) {
-      return t.to(at::kComplexHalf);
+    if (halves) {
+      if (t.scalar_type() == at::kFloat) return t.to(at::kHalf);
+      if (t.scalar_type() == at::kComplexFloat) return t.to(at::kComplexHalf);
+      return t;
     }
-    return t;
+    return t.scalar_type() == at::kFloat ? t.to(low) : t;
   };
   const std::size_t nret = schema.returns().size();
   for (std::size_t i = stack->size() - nret; i < stack->size(); ++i) {
@@ -602,7 +601,7 @@ void fallbackAt(const c10::OperatorHandle& op, torch::jit::Stack* stack,
   // Sparse operators are not modelled (docs/fidelity.md).
   const bool fidelity_on = C10_UNLIKELY(fidelity::on()) && !cpu_key;
   if (fidelity_on && !t_widened_rerun) checkFidelity(op, schema, *stack, begin);
-  // Kept for a float32 rerun (runWidened); only in fidelity mode.
+  // Kept for a widened rerun (runWidened); only in fidelity mode.
   std::vector<c10::IValue> saved;
   if (fidelity_on) saved.assign(stack->begin() + static_cast<std::ptrdiff_t>(begin), stack->end());
   Context ctx{op, std::nullopt, {}};
@@ -632,10 +631,11 @@ void fallbackAt(const c10::OperatorHandle& op, torch::jit::Stack* stack,
       op.redispatchBoxed(c10::DispatchKeySet(c10::DispatchKey::CPU), stack);
     }
   } catch (const c10::NotImplementedError& e) {
-    if (!fidelity_on || !lowPrecisionGap(e.what_without_backtrace())) throw;
+    const auto low = fidelity_on ? missingDtype(e.what_without_backtrace()) : std::nullopt;
+    if (!low) throw;
     stack->resize(begin);
     try {
-      runWidened(op, stack, std::move(saved));
+      runWidened(op, stack, std::move(saved), *low);
     } catch (...) {
       throw e;  // the float32 run failed too: the caller sees their dtype's error
     }

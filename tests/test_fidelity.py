@@ -1115,3 +1115,20 @@ def test_mps_mode_computes_bool_and_integer_cases_cpu_lacks_in_float32(mps_mode)
     h = torch.histc(torch.arange(10, dtype=torch.int32, device=DEV), bins=4, min=0, max=9)
     assert h.dtype == torch.int32
     assert h.cpu().tolist() == torch.histc(torch.arange(10.0), bins=4, min=0, max=9).int().tolist()
+
+
+def test_test_mps_runner_answers_the_sysctl_keys_test_mps_reads_at_import():
+    # test_mps.py runs `sysctl -n hw.memsize` at import; the runner answers
+    # it for this host, other keys go to the system's sysctl
+    code = ("import subprocess\n"
+            "from torch_mps_ext.fidelity import _testmps\n"
+            "_testmps._sysctl_on_path()\n"
+            "print(int(subprocess.check_output(['sysctl', '-n', 'hw.memsize'])))\n"
+            "print(int(subprocess.check_output(['sysctl', '-n', 'hw.ncpu'])))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={k: v for k, v in os.environ.items() if k != "MPSX_REAL_PATH"})
+    memsize, ncpu = (int(x) for x in out.stdout.split())
+    with open("/proc/meminfo") as f:
+        kb = next(int(line.split()[1]) for line in f if line.startswith("MemTotal:"))
+    assert memsize == kb * 1024
+    assert ncpu == os.cpu_count()

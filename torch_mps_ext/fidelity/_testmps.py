@@ -260,7 +260,38 @@ def prepare(macos: float = DEFAULT_MACOS) -> None:
         cls.primary_device = "mps_ext:0"
 
     t.MPSTestBase.setUpClass = classmethod(set_up_class)
+    _sysctl_on_path()
     del torch  # imported for its side effects on torch.backends
+
+
+# macOS's sysctl keys test_mps.py reads (`sysctl -n hw.memsize` at import),
+# answered for this host; other keys go to the system's sysctl.
+_SYSCTL = """#!/bin/sh
+if [ "$1" = "-n" ]; then
+  case "$2" in
+    hw.memsize) kb=$(awk '/^MemTotal:/ {print $2}' /proc/meminfo); echo $((kb * 1024)); exit 0 ;;
+    hw.ncpu|hw.logicalcpu|hw.physicalcpu) getconf _NPROCESSORS_ONLN; exit 0 ;;
+  esac
+fi
+PATH="$MPSX_REAL_PATH" exec sysctl "$@"
+"""
+
+
+def _sysctl_on_path() -> None:
+    import atexit
+    import shutil
+    import tempfile
+
+    if os.environ.get("MPSX_REAL_PATH") is not None:
+        return  # a child of a prepared process: PATH has the shim already
+    d = tempfile.mkdtemp(prefix="mps_ext_test_mps_")
+    atexit.register(shutil.rmtree, d, True)
+    path = os.path.join(d, "sysctl")
+    with open(path, "w") as f:
+        f.write(_SYSCTL)
+    os.chmod(path, 0o755)
+    os.environ["MPSX_REAL_PATH"] = os.environ.get("PATH", "")
+    os.environ["PATH"] = d + os.pathsep + os.environ.get("PATH", "")
 
 
 # ---------------------------------------------------------------------------

@@ -1,8 +1,7 @@
 """What Apple's MPS backend computes and CPU does not (issue 23, items 3-4;
 csrc/aten/MpsOnlyOps.cpp, docs/fidelity.md): MPS's int4 weight packing and
 matmul with MPS's layout, Dirichlet sampling in float16/bfloat16, and mish's
-float16 backward computed as CPU's kernel computes it, and integer normal_.
-Each is checked
+float16 backward computed as CPU's kernel computes it. Each is checked
 against a float32/float64 reference computed here, in both modes."""
 
 import pytest
@@ -188,23 +187,26 @@ def test_dirichlet_samples_in_half_precision(mode, dtype):
 # ------------------------------------------------------------- integer normal_
 
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.int8, torch.uint8, torch.int64])
-def test_integer_normal_is_float32_draws_converted_toward_zero(mode, dtype):
-    # CPU refuses it; MPS draws float32 normals and converts them
+def test_integer_normal_is_refused_as_cpu_or_mps_refuses_it(dtype):
+    # CPU (and CUDA) have no integer normal_; MPS's random kernels draw in
+    # float32/float16/bfloat16 only and raise a TypeError for other dtypes
     with pytest.raises(NotImplementedError, match="not implemented for"):
-        torch.empty(3, dtype=dtype).normal_()
-    g = torch.Generator(DEV)
-    g.manual_seed(3)
-    got = torch.empty(4001, dtype=dtype, device=DEV).normal_(2.0, 40.0, generator=g)
-    g.manual_seed(3)
-    draws = torch.empty(4001, device=DEV).normal_(2.0, 40.0, generator=g).cpu()
-    info = torch.iinfo(dtype)
-    assert got.dtype == dtype
-    # the same generator stream as float32; out-of-range draws saturate
-    assert torch.equal(got.cpu(), draws.clamp(info.min, info.max).trunc().to(dtype))
-    if info.min < 0:
-        wide = got.cpu().double()
-        assert abs(wide.mean().item() - 2.0) < 3.0 and 35.0 < wide.std().item() < 45.0
-    # non-contiguous destinations are filled in place, views untouched elsewhere
-    base = torch.zeros(40, 2, dtype=dtype, device=DEV)
-    base[:, 0].normal_(0.0, 1000.0)
-    assert (base[:, 1].cpu() == 0).all() and (base[:, 0].cpu() != 0).any()
+        torch.empty(3, dtype=dtype, device=DEV).normal_()
+    torch.mps_ext.set_fidelity("mps")
+    try:
+        name = {torch.int32: "Int", torch.int16: "Short", torch.int8: "Char",
+                torch.uint8: "Byte", torch.int64: "Long"}[dtype]
+        with pytest.raises(TypeError, match=f"Unsupported type {name} for operation normal"):
+            torch.empty(3, dtype=dtype, device=DEV).normal_()
+        with pytest.raises(TypeError, match="for operation normal"):
+            torch.normal(10.0, 11.0, (4, 4), device=DEV, dtype=dtype)
+    finally:
+        torch.mps_ext.set_fidelity("off")
+
+
+def test_complex32_normal_splits_the_variance_like_cpu(mode):
+    torch.mps_ext.manual_seed(0)
+    z = torch.empty(20000, dtype=torch.complex32, device=DEV).normal_(0.0, 2.0)
+    r = torch.view_as_real(z.cpu()).float()
+    # each part gets half the variance: std 2 / sqrt(2)
+    torch.testing.assert_close(r.std(0), torch.full((2,), 2.0 / 2 ** 0.5), atol=0.05, rtol=0)

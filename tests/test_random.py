@@ -688,9 +688,7 @@ def test_like_and_factory_variants():
     assert r.dtype == torch.bool
 
 
-# Every dtype CPU accepts for an op works on mps_ext; CPU's refusals are ours,
-# except where MPS has the kernel CPU lacks (integer normal_, issue 23 item 3).
-MPS_ONLY_DTYPES = {"normal_": {torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64}}
+# Every dtype CPU accepts for an op works on mps_ext; CPU's refusals are ours.
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.complex64,
           torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64, torch.bool,
           torch.uint16, torch.uint32, torch.uint64]
@@ -719,7 +717,7 @@ def test_dtype_support_matches_cpu(op):
         except Exception:
             cpu_ok = False
         t = torch.zeros(8, dtype=dtype, device=DEV)
-        if cpu_ok or dtype in MPS_ONLY_DTYPES.get(op, ()):
+        if cpu_ok:
             r = fn(t)
             assert r.dtype == dtype and r.device.type == DEV, (op, dtype)
         else:

@@ -253,24 +253,12 @@ at::Tensor& normal_(at::Tensor& self, double mean, double std,
     normal_(real, mean, std / std::sqrt(2.0), generator);
     return self;
   }
+  // MPS draws normals in float32/float16/bfloat16 only (random_mps_impl).
+  TORCH_CHECK_TYPE(!fidelity::on() || at::isFloatingType(self.scalar_type()),
+                   "Unsupported type ", self.scalar_type(), " for operation normal");
   at::assert_no_internal_overlap(self);
   PhiloxGenerator* g = gen(generator, self);
   return withContiguous(self, [&](const at::Tensor& out) {
-    if (at::isIntegralType(out.scalar_type(), /*includeBool=*/false)) {
-      // MPS has integer normal_ (CPU and CUDA refuse it): float32 draws
-      // converted toward zero; out-of-range draws saturate here.
-      AT_DISPATCH_INTEGRAL_TYPES(out.scalar_type(), "normal_", [&] {
-        normalFill<scalar_t>(out, g, mean, std, [](float v) -> scalar_t {
-          constexpr float lo = static_cast<float>(std::numeric_limits<scalar_t>::min());
-          constexpr float hi = static_cast<float>(std::numeric_limits<scalar_t>::max());
-          if (!(v == v)) return 0;
-          if (v <= lo) return std::numeric_limits<scalar_t>::min();
-          if (v >= hi) return std::numeric_limits<scalar_t>::max();
-          return static_cast<scalar_t>(v);
-        });
-      });
-      return;
-    }
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "normal_", [&] {
       if constexpr (std::is_same_v<scalar_t, double>) {
         normalFill<double>(out, g, mean, std, [](double v) { return v; });

@@ -1132,3 +1132,21 @@ def test_test_mps_runner_answers_the_sysctl_keys_test_mps_reads_at_import():
         kb = next(int(line.split()[1]) for line in f if line.startswith("MemTotal:"))
     assert memsize == kb * 1024
     assert ncpu == os.cpu_count()
+
+
+def test_test_mps_runner_gives_mps_ext_the_sample_inputs_torch_gives_mps():
+    # op_db's sample functions pick float32/bfloat16 instead of float64 where
+    # `torch.device(device).type == "mps"`; the runner widens that to mps_ext
+    from torch_mps_ext.fidelity._testmps import widen_sample_branches
+    assert widen_sample_branches("x = torch.device(device).type == 'mps'") == (
+        "x = torch.device(device).type in (\"mps\", \"mps_ext\")", 1)
+    code = ("import torch, torch_mps_ext\n"
+            "from torch_mps_ext.fidelity import _testmps\n"
+            "_testmps.prepare()\n"
+            "from torch.testing._internal.common_dtype import highest_precision_float\n"
+            "from torch.testing._internal.common_methods_invocations import op_db\n"
+            "op = next(o for o in op_db if o.name == 'full_like')\n"
+            "dts = {s.kwargs.get('dtype') for s in op.sample_inputs('mps_ext:0', torch.float32)}\n"
+            "print(highest_precision_float('mps_ext:0'), highest_precision_float('cpu'), torch.float64 in dts)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["torch.float32", "torch.float64", "False"]

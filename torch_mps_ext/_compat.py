@@ -295,6 +295,18 @@ def inductor():
         runtime_utils=runtime_utils, V=V)
 
 
+# torch's testing modules whose sample-input code asks
+# `torch.device(device).type == "mps"` (no float64 samples on MPS); the
+# test-mps runner widens that test to mps_ext (fidelity/_testmps.py).
+# Checked against torch 2.13.0 (grep the four files for `.type == "mps"`).
+SAMPLE_BRANCH_MODULES = (
+    "torch.testing._internal.common_dtype",
+    "torch.testing._internal.opinfo.definitions._masked",
+    "torch.testing._internal.opinfo.definitions.linalg",
+    "torch.testing._internal.common_methods_invocations",
+)
+
+
 def testing_internals(macos_version: float):
     """PyTorch's test framework as ``python -m torch_mps_ext.fidelity
     test-mps`` needs it (torch_mps_ext/fidelity/_testmps.py): common_utils

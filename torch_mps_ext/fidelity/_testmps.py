@@ -41,6 +41,7 @@ import ast
 import fnmatch
 import importlib.abc
 import importlib.machinery
+import importlib.util
 import json
 import os
 import re
@@ -231,6 +232,79 @@ class _Finder(importlib.abc.MetaPathFinder):
 
 
 # ---------------------------------------------------------------------------
+# torch's testing internals: sample inputs that branch on the device type
+
+# Sample functions of op_db and the dtype helpers pick float32/float16 where
+# the device is MPS (`torch.device(device).type == "mps"`: no float64 there).
+# They get device "mps_ext:0", so the branches are widened to take mps_ext
+# as MPS: in memory, when the runner prepares, the installed files untouched.
+def _sample_branch_modules() -> tuple[str, ...]:
+    from .. import _compat
+
+    return _compat.SAMPLE_BRANCH_MODULES
+_MPS_TYPE_TEST = re.compile(r"torch\.device\((\w+)\)\.type == (['\"])mps\2")
+
+
+def widen_sample_branches(source: str) -> tuple[str, int]:
+    """``torch.device(d).type == "mps"`` -> ``... in ("mps", "mps_ext")``."""
+    return _MPS_TYPE_TEST.subn(r'torch.device(\1).type in ("mps", "mps_ext")', source)
+
+
+class _BranchLoader(importlib.abc.Loader):
+    def __init__(self, spec):
+        self.spec = spec
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module):
+        _exec_widened(module, self.spec.origin)
+
+
+class _BranchFinder(importlib.abc.MetaPathFinder):
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname not in _sample_branch_modules():
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is None or spec.origin is None:
+            return None
+        return importlib.util.spec_from_file_location(fullname, spec.origin,
+                                                      loader=_BranchLoader(spec))
+
+
+def _exec_widened(module, origin: str) -> None:
+    with open(origin, encoding="utf-8") as f:
+        source, _ = widen_sample_branches(f.read())
+    module.__file__ = origin
+    exec(compile(source, origin, "exec"), module.__dict__)  # noqa: S102 - torch's own file, one branch widened
+
+
+def _redefine_widened_functions(module) -> None:
+    """For a module imported before the runner could rewrite it (common_dtype
+    comes with ``import torch``): its top-level functions with the branch are
+    redefined in place; everything else in it (classes, tables) is kept."""
+    with open(module.__file__, encoding="utf-8") as f:
+        source = f.read()
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.FunctionDef) and not node.decorator_list:
+            segment = ast.get_source_segment(source, node) or ""
+            widened, n = widen_sample_branches(segment)
+            if n:
+                exec(compile(widened, module.__file__, "exec"), module.__dict__)  # noqa: S102
+
+
+def _widen_torch_sample_branches() -> None:
+    """Modules not yet imported are rewritten when imported (before op_db is
+    built from them); already imported ones get their functions redefined."""
+    if not any(isinstance(f, _BranchFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _BranchFinder())
+    for name in _sample_branch_modules():
+        module = sys.modules.get(name)
+        if module is not None and getattr(module, "__file__", None):
+            _redefine_widened_functions(module)
+
+
+# ---------------------------------------------------------------------------
 # The Mac the tests believe they run on
 
 
@@ -245,6 +319,7 @@ def prepare(macos: float = DEFAULT_MACOS) -> None:
 
     from .. import _compat
 
+    _widen_torch_sample_branches()  # before the framework imports op_db's modules
     torch_mps_ext.set_fidelity("mps")
     # Processes the tests start (test_mps.py runs `python -c` snippets that
     # import torch, which autoloads mps_ext) run in mps mode too.

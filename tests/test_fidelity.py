@@ -1150,3 +1150,28 @@ def test_test_mps_runner_gives_mps_ext_the_sample_inputs_torch_gives_mps():
             "print(highest_precision_float('mps_ext:0'), highest_precision_float('cpu'), torch.float64 in dts)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["torch.float32", "torch.float64", "False"]
+
+
+def test_test_mps_runner_tells_a_copy_for_another_torch_from_a_difference(tmp_path):
+    # a test that needs a torch API the installed torch lacks fails on a Mac
+    # with this torch too: "needs another torch", not a difference of mps_ext;
+    # a missing torch.mps name is ours (torch.mps is rewritten to torch.mps_ext)
+    path = tmp_path / "test_mps.py"
+    path.write_text(textwrap.dedent('''\
+        import torch
+        from torch.testing._internal.common_utils import TestCase, run_tests
+
+        class TestNewer(TestCase):
+            def test_new_api(self):
+                torch._C._an_api_from_a_later_torch()
+
+            def test_missing_name(self):
+                torch.mps.a_name_mps_ext_lacks()
+        '''))
+    report = tmp_path / "r.json"
+    proc = run_report(["test-mps", "--report", str(report), str(path), "-q"], cwd=str(tmp_path))
+    data = json.loads(report.read_text())
+    assert data["classes"]["TestNewer"]["counts"] == {"needs another torch": 1,
+                                                      "fails where a Mac passes": 1}
+    assert proc.returncode == 1  # the missing torch.mps_ext name is a difference
+    assert "needs another torch: AttributeError: module 'torch._C' has no attribute" in proc.stderr

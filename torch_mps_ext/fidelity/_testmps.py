@@ -58,6 +58,15 @@ AS_ON_MAC = "as on a Mac"
 REPRODUCED = "MPS failure reproduced"
 FAILS_HERE = "fails where a Mac passes"
 PASSES_HERE = "passes where a Mac fails"
+# The copy of test_mps.py is not the installed torch's: the test uses a torch
+# API this torch lacks (it fails on a Mac with this torch too), or a reviewed
+# expectation says the copy tests another torch's behaviour ("version").
+OTHER_TORCH = "needs another torch"
+
+# "module 'torch._C' has no attribute 'X'", "cannot import name 'X' from 'torch...'"
+# (torch.mps_ext's own gaps are ours: not matched)
+_TORCH_LACKS = re.compile(r"(AttributeError: module 'torch(\.(?!mps_ext\b)[\w.]+)?' has no attribute"
+                          r"|ImportError: cannot import name '\w+' from 'torch[\w.]*')")
 
 # The mode models a current Mac (macOS 26, Tahoe): version-gated expectations in
 # test_mps.py (`xfailIf(MACOS_VERSION < 15.1)`, ...) take their current-macOS side.
@@ -376,11 +385,12 @@ def _sysctl_on_path() -> None:
 @dataclass(frozen=True)
 class Expectation:
     pattern: str   # fnmatch pattern over "Class::test" (the nodeid's tail)
-    category: str  # metal-only, host-limit, numerics, torch-branch, not-reproduced, defect
+    category: str  # metal-only, host-limit, numerics, torch-branch, not-reproduced, defect, version
     reason: str
 
 
-CATEGORIES = ("metal-only", "host-limit", "numerics", "torch-branch", "not-reproduced", "defect")
+CATEGORIES = ("metal-only", "host-limit", "numerics", "torch-branch", "not-reproduced", "defect",
+              "version")
 
 
 def read_expectations(path: str = EXPECTATIONS_PATH) -> list[Expectation]:
@@ -443,11 +453,15 @@ class Collector:
         if report.failed:
             self.errors.append(f"{report.nodeid}: {_first_line(str(report.longrepr))}")
 
-    def _reason(self, test: str, fallback: str) -> str:
+    def _expectation(self, test: str) -> Expectation | None:
         for e in self.expectations:
             if fnmatch.fnmatchcase(test, e.pattern):
-                return f"[{e.category}] {e.reason}"
-        return fallback
+                return e
+        return None
+
+    def _reason(self, test: str, fallback: str) -> str:
+        e = self._expectation(test)
+        return f"[{e.category}] {e.reason}" if e is not None else fallback
 
     def pytest_runtest_logreport(self, report):
         parts = report.nodeid.split("::")
@@ -467,6 +481,9 @@ class Collector:
                     outcome, why = PASSES_HERE, "unexpected success"
                 else:
                     outcome, why = FAILS_HERE, _first_line(text)
+                    e = self._expectation(test)
+                    if _TORCH_LACKS.search(text) or (e is not None and e.category == "version"):
+                        outcome = OTHER_TORCH
                 tally.counts[outcome] += 1
                 tally.differences.append((test, outcome, self._reason(test, why)))
             self._seen += 1
@@ -490,7 +507,7 @@ class Collector:
         return total
 
     def table(self) -> str:
-        cols = (AS_ON_MAC, REPRODUCED, FAILS_HERE, PASSES_HERE)
+        cols = (AS_ON_MAC, REPRODUCED, FAILS_HERE, PASSES_HERE, OTHER_TORCH)
         width = max([len("class")] + [len(c) for c in self.classes])
         head = f"{'class':<{width}}  " + "  ".join(f"{c:>{len(c)}}" for c in cols)
         lines = ["torch_mps_ext.fidelity test-mps: outcomes judged against a Mac", head]

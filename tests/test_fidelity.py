@@ -1150,3 +1150,34 @@ def test_test_mps_runner_gives_mps_ext_the_sample_inputs_torch_gives_mps():
             "print(highest_precision_float('mps_ext:0'), highest_precision_float('cpu'), torch.float64 in dts)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["torch.float32", "torch.float64", "False"]
+
+
+@pytest.mark.parametrize("mode", ["off", "mps"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_float_rand_and_randn_advance_the_generator_as_mps_does(mode, dtype):
+    # torch 2.13's MPS fills uniform_/normal_ with Metal kernels that take one
+    # Philox round per 4 outputs and advance the offset by ceil(n / 4)
+    # (pytorch#182247, #182386; test_mps.py's test_default_mps_generator
+    # expects 4 after two randn(5)). mps_ext counts the same in both modes,
+    # so a seed draws the same numbers whichever mode is on.
+    torch.mps_ext.set_fidelity(mode)
+    try:
+        g = torch.mps_ext._get_default_mps_generator()
+        torch.manual_seed(230)
+        assert g.get_offset() == 0
+        steps = []
+        for n, draw in [(5, torch.randn), (5, torch.randn), (1, torch.rand), (4, torch.rand),
+                        (9, torch.randn), (17, torch.rand)]:
+            before = g.get_offset()
+            draw(n, device=DEV, dtype=dtype)
+            steps.append(g.get_offset() - before)
+        assert steps == [2, 2, 1, 1, 3, 5]
+        torch.mps_ext.manual_seed(230)
+        a = torch.randn(5, device=DEV, dtype=dtype)
+        state = torch.mps_ext.get_rng_state()
+        b = torch.randn(5, device=DEV, dtype=dtype)
+        assert g.get_offset() == 4 and not torch.equal(a, b)
+        torch.mps_ext.set_rng_state(state)
+        assert torch.equal(torch.randn(5, device=DEV, dtype=dtype), b)
+    finally:
+        torch.mps_ext.set_fidelity("off")

@@ -1175,3 +1175,34 @@ def test_test_mps_runner_tells_a_copy_for_another_torch_from_a_difference(tmp_pa
                                                       "fails where a Mac passes": 1}
     assert proc.returncode == 1  # the missing torch.mps_ext name is a difference
     assert "needs another torch: AttributeError: module 'torch._C' has no attribute" in proc.stderr
+
+
+@pytest.mark.parametrize("mode", ["off", "mps"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_float_rand_and_randn_advance_the_generator_as_mps_does(mode, dtype):
+    # torch 2.13's MPS fills uniform_/normal_ with Metal kernels that take one
+    # Philox round per 4 outputs and advance the offset by ceil(n / 4)
+    # (pytorch#182247, #182386; test_mps.py's test_default_mps_generator
+    # expects 4 after two randn(5)). mps_ext counts the same in both modes,
+    # so a seed draws the same numbers whichever mode is on.
+    torch.mps_ext.set_fidelity(mode)
+    try:
+        g = torch.mps_ext._get_default_mps_generator()
+        torch.manual_seed(230)
+        assert g.get_offset() == 0
+        steps = []
+        for n, draw in [(5, torch.randn), (5, torch.randn), (1, torch.rand), (4, torch.rand),
+                        (9, torch.randn), (17, torch.rand)]:
+            before = g.get_offset()
+            draw(n, device=DEV, dtype=dtype)
+            steps.append(g.get_offset() - before)
+        assert steps == [2, 2, 1, 1, 3, 5]
+        torch.mps_ext.manual_seed(230)
+        a = torch.randn(5, device=DEV, dtype=dtype)
+        state = torch.mps_ext.get_rng_state()
+        b = torch.randn(5, device=DEV, dtype=dtype)
+        assert g.get_offset() == 4 and not torch.equal(a, b)
+        torch.mps_ext.set_rng_state(state)
+        assert torch.equal(torch.randn(5, device=DEV, dtype=dtype), b)
+    finally:
+        torch.mps_ext.set_fidelity("off")

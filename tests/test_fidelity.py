@@ -1206,3 +1206,99 @@ def test_float_rand_and_randn_advance_the_generator_as_mps_does(mode, dtype):
         assert torch.equal(torch.randn(5, device=DEV, dtype=dtype), b)
     finally:
         torch.mps_ext.set_fidelity("off")
+
+
+# ------------------------------------------- scaled-dot-product attention's MPS route (mps mode)
+
+SDPA_MATH = "aten::_scaled_dot_product_attention_math_for_mps"
+SDPA_CPU_FLASH = "aten::_scaled_dot_product_flash_attention_for_cpu"
+
+
+def _sdpa_inputs(dtype=torch.float32, L=16, S=32, D=64, grad=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(2, 2, n, D, generator=g).to(dtype) for n in (L, S, S))
+    mask = torch.zeros(2, 2, L, S, dtype=dtype)
+    mask[..., 0, 0] = float("-inf")  # with is_causal, row 0 sees no key
+    dev = [t.to(DEV).requires_grad_(grad) for t in (q, k, v)]
+    return (q, k, v, mask), (*dev, mask.to(DEV))
+
+
+def test_sdpa_takes_mps_route_in_mps_mode(mps_mode):
+    import torch.nn.functional as F
+
+    _, (q, k, v, mask) = _sdpa_inputs()
+    # No grad needed: MPS's kernel, whatever the SDP flags say (MPS has no
+    # backend choice).
+    ops, _ = _reached_ops(lambda: F.scaled_dot_product_attention(q, k, v))
+    assert ops == [SDPA_MATH], ops
+    with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH]):
+        assert _reached_ops(lambda: F.scaled_dot_product_attention(q, k, v))[0] == [SDPA_MATH]
+        # Also under inference mode (where a dispatch mode sees the composite
+        # itself, on every device): MPS's kernel combines is_causal with the
+        # mask, ATen's composite would refuse.
+        with torch.inference_mode():
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=True)
+    assert torch.equal(out[:, :, 0].cpu(), torch.zeros(2, 2, 64))
+    # Inputs requiring grad, or dropout: ATen's math composite, as on a Mac.
+    qg = q.detach().requires_grad_()
+    ops, _ = _reached_ops(lambda: F.scaled_dot_product_attention(qg, k, v))
+    assert SDPA_MATH not in ops and SDPA_CPU_FLASH not in ops, ops
+    assert any("softmax" in op for op in ops) and "aten::bmm" in ops, ops
+    ops, _ = _reached_ops(lambda: F.scaled_dot_product_attention(q, k, v, dropout_p=0.5))
+    assert SDPA_MATH not in ops and SDPA_CPU_FLASH not in ops, ops
+    # CPU's flash kernel, which the default mode's backend choice picks, is
+    # refused when called on a Mac's device.
+    with pytest.raises(NotImplementedError) as info:
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)
+    assert str(info.value) == not_implemented(SDPA_CPU_FLASH)
+
+
+def test_sdpa_default_mode_keeps_cpus_route():
+    import torch.nn.functional as F
+
+    _, (q, k, v, mask) = _sdpa_inputs()
+    assert _reached_ops(lambda: F.scaled_dot_product_attention(q, k, v))[0] == [SDPA_CPU_FLASH]
+    with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH]):
+        with pytest.raises(RuntimeError) as info:
+            F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=True)
+    assert str(info.value) == ("_scaled_dot_product_attention: Explicit attn_mask should not be "
+                               "set when is_causal=True")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_sdpa_causal_with_mask_combines_as_mps_prefill_kernel_does(mps_mode, dtype):
+    # What a Mac accepts (test_mps.py's causal_with_inf): is_causal and a mask
+    # together, with the math backend; row 0 is fully masked and gives 0, as
+    # CPU's flash kernel gives.
+    import torch.nn.functional as F
+
+    (q, k, v, mask), dev = _sdpa_inputs(dtype)
+    with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH]):
+        got = F.scaled_dot_product_attention(*dev[:3], attn_mask=dev[3], is_causal=True).cpu()
+    want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask.float(),
+                                          is_causal=True)
+    assert got.dtype == dtype
+    assert torch.equal(got[:, :, 0], torch.zeros_like(got[:, :, 0]))
+    tol = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+    torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
+
+
+def test_sdpa_bfloat16_is_computed_as_mps_kernels_compute_it(mps_mode):
+    # test_mps.py's prefill sweep (bfloat16, head dim 80, the math backend)
+    # against CPU's flash kernel: a Mac's kernels compute in float32 with the
+    # probabilities rounded to bfloat16 for the product with V, as CPU's flash
+    # kernel does; ATen's composite (no such rounding) missed test_mps.py's
+    # tolerance by 0.078 mean relative error.
+    import torch.nn.functional as F
+
+    torch.manual_seed(1729)
+    q, k, v = (torch.randn(2, 4, n, 80, dtype=torch.bfloat16) for n in (16, 32, 32))
+    with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH]):
+        got = F.scaled_dot_product_attention(q.to(DEV), k.to(DEV), v.to(DEV)).cpu()
+    cpu_flash = F.scaled_dot_product_attention(q, k, v)
+    s = q.double() @ k.double().transpose(-2, -1) * 80 ** -0.5
+    e = (s - s.amax(-1, keepdim=True)).exp()
+    scheme = ((e.to(torch.bfloat16).double() @ v.double()) / e.sum(-1, keepdim=True))
+    assert (got == scheme.to(torch.bfloat16)).float().mean() > 0.95
+    denom = cpu_flash.abs().clamp_min(1e-6)
+    assert ((got - cpu_flash).abs() / denom).float().mean() < 0.05

@@ -1,7 +1,8 @@
 """What Apple's MPS backend computes and CPU does not (issue 23, items 3-4;
 csrc/aten/MpsOnlyOps.cpp, docs/fidelity.md): MPS's int4 weight packing and
-matmul with MPS's layout, Dirichlet sampling in float16/bfloat16, and mish's
-float16 backward computed as CPU's kernel computes it. Each is checked
+matmul with MPS's layout, Dirichlet sampling in float16/bfloat16, mish's
+float16 backward computed as CPU's kernel computes it, and MPS's attention
+operator _scaled_dot_product_attention_math_for_mps (csrc/aten/Attention.cpp). Each is checked
 against a float32/float64 reference computed here, in both modes."""
 
 import pytest
@@ -210,3 +211,183 @@ def test_complex32_normal_splits_the_variance_like_cpu(mode):
     r = torch.view_as_real(z.cpu()).float()
     # each part gets half the variance: std 2 / sqrt(2)
     torch.testing.assert_close(r.std(0), torch.full((2,), 2.0 / 2 ** 0.5), atol=0.05, rtol=0)
+
+
+# ------------------------------------------------- _scaled_dot_product_attention_math_for_mps
+
+MATH_FOR_MPS = torch.ops.aten._scaled_dot_product_attention_math_for_mps
+CAUSAL_WITH_MASK = ("_scaled_dot_product_attention: Explicit attn_mask should not be set when "
+                    "is_causal=True")
+
+
+def attention_reference(q, k, v, mask=None, causal=False, scale=None):
+    """float64 attention as MPS defines it: the group size from the head
+    counts, a bool mask selects, a float mask adds, causal keeps keys j <= i,
+    rows whose every score is -inf give 0. Returns (out, weights)."""
+    q, k, v = q.double(), k.double(), v.double()
+    g = q.shape[-3] // k.shape[-3]
+    k, v = k.repeat_interleave(g, dim=-3), v.repeat_interleave(g, dim=-3)
+    scale = 1 / q.shape[-1] ** 0.5 if scale is None else scale
+    s = q @ k.transpose(-2, -1) * scale
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.double()
+    if causal:
+        L, S = s.shape[-2:]
+        s = s.masked_fill(torch.ones(L, S, dtype=torch.bool).triu(1), float("-inf"))
+    w = torch.softmax(s, -1).masked_fill((s == float("-inf")).all(-1, keepdim=True), 0)
+    return w @ v, w
+
+
+def qkv(shape_q, shape_kv, dtype, seed=0, dv=None):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(shape_q, generator=g).to(dtype)
+    k = torch.randn(shape_kv, generator=g).to(dtype)
+    v_shape = shape_kv if dv is None else (*shape_kv[:-1], dv)
+    v = torch.randn(v_shape, generator=g).to(dtype)
+    return q, k, v
+
+
+# Each: query shape, key/value shape, mask maker (L, S) -> mask or None, causal.
+SDPA_CASES = {
+    "plain": ((2, 4, 16, 64), (2, 4, 32, 64), None, False),
+    "3d": ((4, 7, 32), (4, 9, 32), None, False),
+    "5d": ((2, 3, 2, 5, 16), (2, 3, 2, 6, 16), None, False),
+    "gqa": ((1, 8, 4, 64), (1, 2, 40, 64), None, False),
+    "bool_mask_2d": ((2, 2, 6, 32), (2, 2, 10, 32),
+                     lambda L, S: torch.rand(L, S, generator=torch.Generator().manual_seed(1)) > 0.3,
+                     False),
+    "float_mask": ((2, 2, 12, 32), (2, 2, 12, 32),
+                   lambda L, S: torch.randn(2, 1, L, S, generator=torch.Generator().manual_seed(2)),
+                   False),
+    "causal_wide": ((1, 2, 5, 16), (1, 2, 9, 16), None, True),
+    "causal_tall": ((1, 2, 9, 16), (1, 2, 5, 16), None, True),
+    # is_causal with a mask where MPS runs its prefill kernel (L > 8, head dim 64)
+    "causal_and_mask": ((2, 2, 16, 64), (2, 2, 32, 64),
+                        lambda L, S: torch.rand(L, S, generator=torch.Generator().manual_seed(3)) > 0.2,
+                        True),
+}
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 2e-6), (torch.float16, 1e-3),
+                                        (torch.bfloat16, 8e-3)])
+@pytest.mark.parametrize("case", sorted(SDPA_CASES))
+def test_sdpa_math_for_mps_matches_a_float64_reference(mode, case, dtype, atol):
+    shape_q, shape_kv, make_mask, causal = SDPA_CASES[case]
+    q, k, v = qkv(shape_q, shape_kv, dtype)
+    mask = make_mask(shape_q[-2], shape_kv[-2]) if make_mask else None
+    if mask is not None and mask.dtype != torch.bool:
+        mask = mask.to(dtype)
+    out, attn = MATH_FOR_MPS(q.to(DEV), k.to(DEV), v.to(DEV),
+                             None if mask is None else mask.to(DEV), 0.0, causal)
+    ref_out, ref_w = attention_reference(q, k, v, mask, causal)
+    assert out.device.type == DEV and out.dtype == dtype and out.shape == ref_out.shape
+    assert attn.device.type == DEV and attn.dtype == dtype and attn.shape == ref_w.shape
+    assert out.is_contiguous() and attn.is_contiguous()
+    # float16/bfloat16 computed in float32 and rounded once: within about one
+    # rounding of the exact result (half-precision arithmetic is not).
+    torch.testing.assert_close(out.cpu().double(), ref_out, atol=atol, rtol=atol)
+    torch.testing.assert_close(attn.cpu().double(), ref_w, atol=atol, rtol=atol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sdpa_math_for_mps_half_precision_is_computed_in_float32(mode, dtype):
+    # As MPS's kernels (and CPU's flash kernel) compute it: scores, softmax
+    # and sums in float32, e = exp(s - rowmax) rounded to the dtype for the
+    # product with V, divided by the row sum, the result rounded once; not
+    # half-precision arithmetic.
+    q, k, v = qkv((1, 2, 32, 80), (1, 2, 512, 80), dtype, seed=4)
+    out, _ = MATH_FOR_MPS(q.to(DEV), k.to(DEV), v.to(DEV))
+    s = q.double() @ k.double().transpose(-2, -1) * 80 ** -0.5
+    e = (s - s.amax(-1, keepdim=True)).exp()
+    flash = ((e.to(dtype).double() @ v.double()) / e.sum(-1, keepdim=True)).to(dtype)
+    in_half = torch.softmax((q @ k.transpose(-2, -1)) * 80 ** -0.5, -1) @ v
+    # (e rounds differently from the float64 reference's at a few ties)
+    assert (out.cpu() == flash).float().mean() > 0.95
+    assert (in_half == flash).float().mean() < 0.5
+
+
+def test_sdpa_math_for_mps_masked_rows_give_zero_and_nan_propagates(mode):
+    q, k, v = qkv((1, 2, 4, 16), (1, 2, 6, 16), torch.float32, seed=5)
+    mask = torch.ones(4, 6, dtype=torch.bool)
+    mask[1] = False  # row 1 sees no key
+    fmask = torch.zeros(4, 6)
+    fmask[2] = float("-inf")  # row 2 neither
+    out, attn = MATH_FOR_MPS(q.to(DEV), k.to(DEV), v.to(DEV), mask.to(DEV))
+    assert torch.equal(out.cpu()[:, :, 1], torch.zeros(1, 2, 16))
+    assert torch.equal(attn.cpu()[:, :, 1], torch.zeros(1, 2, 6))
+    out, _ = MATH_FOR_MPS(q.to(DEV), k.to(DEV), v.to(DEV), fmask.to(DEV))
+    assert torch.equal(out.cpu()[:, :, 2], torch.zeros(1, 2, 16))
+    assert not out.isnan().any()
+    q[0, 0, 3, 0] = float("nan")
+    out, _ = MATH_FOR_MPS(q.to(DEV), k.to(DEV), v.to(DEV))
+    assert out.cpu()[0, 0, 3].isnan().all() and not out.cpu()[0, 0, :3].isnan().any()
+
+
+@pytest.mark.parametrize("shape_q,shape_kv,mask_dtype,dtype", [
+    ((1, 2, 8, 64), (1, 2, 16, 64), torch.bool, torch.float32),       # L <= 8: MPS's vector/graph paths
+    ((1, 2, 16, 48), (1, 2, 16, 48), torch.bool, torch.float32),      # head dim without a prefill kernel
+    ((1, 2, 16, 64), (1, 2, 16, 64), torch.float32, torch.float16),   # mask dtype other than the query's
+])
+def test_sdpa_math_for_mps_refuses_causal_with_mask_where_mps_does(mode, shape_q, shape_kv,
+                                                                    mask_dtype, dtype):
+    q, k, v = qkv(shape_q, shape_kv, dtype)
+    mask = torch.ones(shape_q[-2], shape_kv[-2], dtype=mask_dtype)
+    with pytest.raises(RuntimeError) as info:
+        MATH_FOR_MPS(q.to(DEV), k.to(DEV), v.to(DEV), mask.to(DEV), 0.0, True)
+    assert str(info.value) == CAUSAL_WITH_MASK
+
+
+@pytest.mark.parametrize("call,kind,text", [
+    (lambda q: MATH_FOR_MPS(q, q, q, None, 0.1), NotImplementedError,
+     "scaled_dot_product_attention for MPS does not support dropout."),
+    (lambda q: MATH_FOR_MPS(q.int(), q.int(), q.int()), NotImplementedError,
+     "scaled_dot_product_attention for MPS does not support dtype Int"),
+    (lambda q: MATH_FOR_MPS(q[:, :3], q[:, :2], q[:, :2]), RuntimeError,
+     "For GQA, the query tensor's head dimension (3) must be divisible by the key tensor's "
+     "head dimension (2)."),
+    (lambda q: MATH_FOR_MPS(q[0, 0], q[0, 0], q[0, 0]), RuntimeError,
+     "_scaled_dot_product_attention_math_for_mps: expected query, key and value with the same "
+     "number of dimensions, at least 3 (..., heads, sequence, head dim), got 2, 2 and 2"),
+    (lambda q: MATH_FOR_MPS(q, q.half(), q), RuntimeError,
+     "_scaled_dot_product_attention_math_for_mps: expected query, key and value of one dtype, "
+     "got Float, Half and Float"),
+])
+def test_sdpa_math_for_mps_bad_input_is_refused(call, kind, text):
+    q = torch.randn(1, 4, 5, 8, device=DEV)
+    with pytest.raises(kind) as info:
+        call(q)
+    assert str(info.value).split("\n")[0] == text
+
+
+@pytest.mark.parametrize("shape_q,shape_kv", [((3, 5, 8), (3, 7, 8)), ((2, 3, 5, 8), (2, 3, 7, 8)),
+                                              ((2, 2, 3, 5, 8), (2, 2, 3, 7, 8))])
+def test_sdpa_math_for_mps_agrees_with_torchs_meta_kernel(shape_q, shape_kv):
+    q, k, v = qkv(shape_q, shape_kv, torch.float32, dv=6)
+    out, attn = MATH_FOR_MPS(q.to(DEV), k.to(DEV), v.to(DEV))
+    meta_out, meta_attn = MATH_FOR_MPS(q.to("meta"), k.to("meta"), v.to("meta"))
+    assert (out.shape, out.stride(), out.dtype) == (meta_out.shape, meta_out.stride(), meta_out.dtype)
+    assert (attn.shape, attn.dtype) == (meta_attn.shape, meta_attn.dtype)
+
+
+def test_sdpa_math_for_mps_runs_from_an_exported_program():
+    # torch.export with a dynamic sequence length traces through torch's meta
+    # kernel; the exported program then runs mps_ext's kernel.
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("k", torch.randn(1, 4, 16, 32))
+            self.register_buffer("v", torch.randn(1, 4, 16, 32))
+
+        def forward(self, q, mask):
+            return MATH_FOR_MPS(q, self.k, self.v, mask, 0.0, False, None)[0]
+
+    model = M().to(DEV)
+    seq = torch.export.Dim("seq", min=2, max=16)
+    q = torch.randn(1, 4, 4, 32, device=DEV)
+    mask = torch.rand(4, 16, device=DEV) > 0.5
+    ep = torch.export.export(model, (q, mask), dynamic_shapes={"q": {2: seq}, "mask": {0: seq}})
+    q2 = torch.randn(1, 4, 7, 32)
+    mask2 = torch.rand(7, 16) > 0.5
+    out = ep.module()(q2.to(DEV), mask2.to(DEV))
+    want, _ = attention_reference(q2, model.k.cpu(), model.v.cpu(), mask2)
+    torch.testing.assert_close(out.cpu().double(), want, atol=1e-5, rtol=1e-5)

@@ -1328,10 +1328,3 @@ def test_jit_trace_check_compares_in_float32_as_on_mps(mps_mode):
     traced = torch.jit.trace(lambda x: torch.nonzero(x), t)
     assert torch.equal(traced(t).cpu(), torch.nonzero(t.cpu()))
 
-
-def test_ldexp_of_complex64_runs_as_on_mps(mps_mode):
-    # MPS computes pow for complex64 (ldexp is self * pow(2, other)); common_mps
-    # leaves 'pow' out of SUPPORTED_COMPLEX_OPS for its numerics, not a refusal.
-    a = torch.tensor([1 + 2j, -0.5j], device=DEV)
-    b = torch.tensor([1 + 0j, 2 - 1j], device=DEV)
-    torch.testing.assert_close(torch.ldexp(a, b).cpu(), torch.ldexp(a.cpu(), b.cpu()))

@@ -201,26 +201,13 @@ def derive() -> dict[str, tuple[set[str], str, set[str]]]:
                 if v is not None and v.verdict == "mps":
                     owners[full].add(key)
     for full, keys in owners.items():
-        if (full in out or keys & supported or full in used_by_supported
-                or full in _REACHED_BY_SUPPORTED_COMPOSITES):
+        if full in out or keys & supported or full in used_by_supported:
             continue
         out[full] = ({"complex32", "complex64"}, COMPLEX_SET, keys)
     return out
 
 
 _INTEGRAL = frozenset({"bool", "uint8", "int8", "int16", "int32", "int64"})
-
-# Operators an OpInfo of SUPPORTED_COMPLEX_OPS reaches with a complex input
-# inside a CompositeExplicitAutograd kernel, where the dispatch mode of
-# derive() does not see them (it sees the composite only): MPS runs them for
-# complex, so the unlisted OpInfo that owns them fails on a Mac for another
-# reason (numerics), not a dtype refusal.
-_REACHED_BY_SUPPORTED_COMPOSITES = {
-    # ldexp (listed) is self * pow(2, other): pow_Scalar_out_mps computes it
-    # with pow.Tensor_Tensor_out on a wrapped scalar, and test_mps.py's
-    # test_output_match_ldexp_mps_complex64 passes on a Mac.
-    "aten::pow.Tensor_Tensor": "ldexp",
-}
 
 
 def _norm_op(full: str) -> str:

@@ -16,6 +16,9 @@ def test_private_apis_resolve():
     assert isinstance(_compat.distributed_backend_plugins(), dict)
     assert _compat.gloo().ProcessGroupGloo is not None
     assert callable(_compat.augment_memory_snapshot_stack_traces())
+    assert _compat.has_kernel_for_dispatch_key(
+        "aten::_linalg_svd", "CompositeExplicitAutogradNonFunctional")
+    assert not _compat.has_kernel_for_dispatch_key("aten::_linalg_svd", "CompositeImplicitAutograd")
     ns = _compat.inductor()
     assert all(v is not None for v in vars(ns).values())
 

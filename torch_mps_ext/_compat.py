@@ -340,6 +340,14 @@ def common_mps_path() -> str:
     return os.path.join(os.path.dirname(torch.__file__), "testing", "_internal", "common_mps.py")
 
 
+def has_kernel_for_dispatch_key(operator: str, key: str) -> bool:
+    """Whether the dispatcher has a kernel of ``operator`` ("aten::name.overload")
+    registered for dispatch key ``key`` (an alias key like
+    "CompositeExplicitAutogradNonFunctional" included). Checked against torch
+    2.13.0's torch._C._dispatch_has_kernel_for_dispatch_key."""
+    return bool(torch._C._dispatch_has_kernel_for_dispatch_key(operator, key))
+
+
 def op_db():
     """PyTorch's OpInfo database (maintainer tool only: slow to import)."""
     from torch.testing._internal.common_methods_invocations import op_db as db

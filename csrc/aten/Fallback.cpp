@@ -443,6 +443,7 @@ void checkFidelity(const c10::OperatorHandle& op, const c10::FunctionSchema& sch
       return;
     }
   }
+  fidelity::checkKernelArguments(op, stack, begin);
   if (fidelity::checkOperator(op) != fidelity::Verdict::Accept) return;
   for (std::size_t i = 0; i < schema.arguments().size(); ++i) {  // per-dtype refusals: `self`
     const c10::IValue& v = stack[begin + i];
@@ -600,7 +601,11 @@ void fallbackAt(const c10::OperatorHandle& op, torch::jit::Stack* stack,
   const std::size_t begin = stack->size() - nargs;
   // Sparse operators are not modelled (docs/fidelity.md).
   const bool fidelity_on = C10_UNLIKELY(fidelity::on()) && !cpu_key;
-  if (fidelity_on && !t_widened_rerun) checkFidelity(op, schema, *stack, begin);
+  if (fidelity_on && !t_widened_rerun) {
+    checkFidelity(op, schema, *stack, begin);
+    if (fidelity::runAsComposite(op, *stack, begin)) return;
+    fidelity::adaptKernelArguments(op, *stack, begin);
+  }
   // Kept for a widened rerun (runWidened); only in fidelity mode.
   std::vector<c10::IValue> saved;
   if (fidelity_on) saved.assign(stack->begin() + static_cast<std::ptrdiff_t>(begin), stack->end());
@@ -630,6 +635,10 @@ void fallbackAt(const c10::OperatorHandle& op, torch::jit::Stack* stack,
     } else {
       op.redispatchBoxed(c10::DispatchKeySet(c10::DispatchKey::CPU), stack);
     }
+  } catch (const c10::IndexError& e) {
+    // MPS's indexing kernels find a bad index on the device: AcceleratorError.
+    if (!fidelity_on || !fidelity::indexErrorIsDeferred(op)) throw;
+    throw c10::AcceleratorError({__func__, __FILE__, static_cast<uint32_t>(__LINE__)}, 1, e.msg());
   } catch (const c10::NotImplementedError& e) {
     const auto low = fidelity_on ? missingDtype(e.what_without_backtrace()) : std::nullopt;
     if (!low) throw;

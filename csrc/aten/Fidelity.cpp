@@ -14,6 +14,7 @@
 #include "aten/Fallback.h"
 #include "core/Allocator.h"
 
+#include <ATen/core/Tensor.h>
 #include <caffe2/core/common.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
@@ -21,6 +22,7 @@
 #include <atomic>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <sstream>
 #include <unordered_map>
 #include <unordered_set>
@@ -28,13 +30,18 @@
 namespace torch_mps_ext::fidelity {
 namespace {
 
-using Table = std::unordered_map<c10::OperatorHandle, Verdict>;
+struct Entry {
+  Verdict verdict = Verdict::Accept;
+  std::string shown;  // the name MPS prints, if not the operator's own
+};
+using Table = std::unordered_map<c10::OperatorHandle, Entry>;
 
 std::atomic<const Table*> g_table{nullptr};
 
 struct DtypeRefusal {
   uint64_t mask = 0;  // bit i: c10::ScalarType i
   std::string reason;
+  std::string mps_text;  // MPS's own text, if known (mps_kernel_dtypes.txt)
 };
 using DtypeTable = std::unordered_map<c10::OperatorHandle, DtypeRefusal>;
 std::atomic<const DtypeTable*> g_dtypes{nullptr};
@@ -117,6 +124,16 @@ void record(const char* kind, const std::string& what, const std::string& op) {
       "this will be slower than running natively on MPS.");
 }
 
+// The name MPS's error fallback prints for `op` (see setOperatorVerdicts).
+std::string shownName(const c10::OperatorHandle& op) {
+  const Table* t = g_table.load(std::memory_order_acquire);
+  if (t != nullptr) {
+    auto it = t->find(op);
+    if (it != t->end() && !it->second.shown.empty()) return it->second.shown;
+  }
+  return nameOf(op);
+}
+
 void warnOnce(const c10::OperatorHandle& op) {
   {
     std::lock_guard<std::mutex> lock(g_mu);
@@ -126,7 +143,7 @@ void warnOnce(const c10::OperatorHandle& op) {
   // that would name this file where a Mac names MPSFallback.mm.
   c10::warn(c10::Warning(
       c10::UserWarning(), {__func__, __FILE__, static_cast<uint32_t>(__LINE__)},
-      "The operator '" + nameOf(op) +
+      "The operator '" + shownName(op) +
           "' is not currently supported on the MPS backend and will fall back to run on "
           "the CPU. This may have performance implications.",
       /*verbatim=*/true));
@@ -138,16 +155,17 @@ const char* dtypeName(at::ScalarType t) {
 
 } // namespace
 
-void setOperatorVerdicts(const std::vector<std::pair<std::string, int>>& verdicts) {
+void setOperatorVerdicts(
+    const std::vector<std::tuple<std::string, int, std::string>>& verdicts) {
   auto table = std::make_unique<Table>();
   auto& d = c10::Dispatcher::singleton();
-  for (const auto& [full, v] : verdicts) {
+  for (const auto& [full, v, shown] : verdicts) {
     auto dot = full.find('.');
     c10::OperatorName name{full.substr(0, dot),
                            dot == std::string::npos ? "" : full.substr(dot + 1)};
     if (auto op = d.findOp(name)) {
       TORCH_CHECK(v >= 0 && v <= 2, "bad fidelity verdict ", v, " for ", full);
-      (*table)[*op] = static_cast<Verdict>(v);
+      (*table)[*op] = Entry{static_cast<Verdict>(v), shown};
     }
   }
   // Readers may still hold the previous table: it is kept (a few KiB, set
@@ -156,16 +174,17 @@ void setOperatorVerdicts(const std::vector<std::pair<std::string, int>>& verdict
 }
 
 void setDtypeRefusals(
-    const std::vector<std::tuple<std::string, std::vector<int>, std::string>>& refusals) {
+    const std::vector<std::tuple<std::string, std::vector<int>, std::string, std::string>>&
+        refusals) {
   auto table = std::make_unique<DtypeTable>();
   auto& d = c10::Dispatcher::singleton();
-  for (const auto& [full, dtypes, reason] : refusals) {
+  for (const auto& [full, dtypes, reason, mps_text] : refusals) {
     auto dot = full.find('.');
     c10::OperatorName name{full.substr(0, dot),
                            dot == std::string::npos ? "" : full.substr(dot + 1)};
     auto op = d.findOp(name);
     if (!op) continue;
-    DtypeRefusal r{0, reason};
+    DtypeRefusal r{0, reason, mps_text};
     for (int t : dtypes) {
       TORCH_CHECK(t >= 0 && t < 64, "bad dtype code ", t, " for ", full);
       r.mask |= uint64_t{1} << t;
@@ -185,8 +204,9 @@ void checkSelfDtype(const c10::OperatorHandle& op, at::ScalarType self) {
     record("dtype", c10::toString(self), nameOf(op));
     return;
   }
-  // MPS's kernels refuse with texts of their own, per operator; this one
-  // names the operator, the dtype and the list that says so.
+  // MPS's kernels refuse with texts of their own, per operator: the kernel's
+  // where it is known, else one naming the operator, the dtype and the list.
+  TORCH_CHECK(it->second.mps_text.empty(), it->second.mps_text);
   TORCH_CHECK(false, "The operator '", nameOf(op), "' has no MPS kernel for dtype ",
               c10::toString(self), " (torch.testing._internal.common_mps: ",
               it->second.reason, ")");
@@ -196,7 +216,7 @@ Verdict verdictOf(const c10::OperatorHandle& op) {
   const Table* t = g_table.load(std::memory_order_acquire);
   if (t == nullptr) return Verdict::Accept;
   auto it = t->find(op);
-  return it == t->end() ? Verdict::Accept : it->second;
+  return it == t->end() ? Verdict::Accept : it->second.verdict;
 }
 
 namespace {
@@ -219,7 +239,7 @@ void registerMpsKernels(bool mps) {
   if (table == nullptr) return;
   std::vector<std::string> names;
   for (const auto& [op, v] : *table) {
-    if (v == Verdict::CpuFallback &&
+    if (v.verdict == Verdict::CpuFallback &&
         !op.hasKernelForDispatchKey(c10::DispatchKey::PrivateUse1) &&
         op.hasKernelForDispatchKey(c10::DispatchKey::CompositeImplicitAutograd)) {
       const auto& name = op.operator_name();
@@ -266,10 +286,10 @@ Verdict checkOperator(const c10::OperatorHandle& op) {
   if (v == Verdict::Accept) return v;
   auto options = runtime::fidelity::options();
   if (options.record) {
-    record(v == Verdict::Refuse ? "operator" : "cpu", "", nameOf(op));
+    record(v == Verdict::Refuse ? "operator" : "cpu", "", shownName(op));
     return v;
   }
-  if (v == Verdict::Refuse && !options.cpu_fallback) refuse(nameOf(op));
+  if (v == Verdict::Refuse && !options.cpu_fallback) refuse(shownName(op));
   warnOnce(op);
   return v;
 }
@@ -277,6 +297,161 @@ Verdict checkOperator(const c10::OperatorHandle& op) {
 void checkOperator(const char* name, const char* overload) {
   auto op = c10::Dispatcher::singleton().findOp({name, overload});
   if (op) checkOperator(*op);
+}
+
+namespace {
+
+constexpr auto kDev = c10::DeviceType::PrivateUse1;
+
+// The operators whose MPS kernels check their arguments in ways CPU's do not
+// (or with other texts); looked up once.
+struct KernelChecks {
+  std::optional<c10::OperatorHandle> isin, isin_out, slow_conv2d, embedding_bag,
+      embedding_bag_fwd, index, index_put, index_put_impl, nll_backward, nll_backward_out,
+      nll2d_backward, nll2d_backward_out, narrow_copy, convolution;
+  KernelChecks() {
+    auto& d = c10::Dispatcher::singleton();
+    isin = d.findOp({"aten::isin", "Tensor_Tensor"});
+    isin_out = d.findOp({"aten::isin", "Tensor_Tensor_out"});
+    slow_conv2d = d.findOp({"aten::_slow_conv2d_forward", ""});
+    embedding_bag = d.findOp({"aten::_embedding_bag", ""});
+    embedding_bag_fwd = d.findOp({"aten::_embedding_bag_forward_only", ""});
+    index = d.findOp({"aten::index", "Tensor"});
+    index_put = d.findOp({"aten::index_put_", ""});
+    index_put_impl = d.findOp({"aten::_index_put_impl_", ""});
+    nll_backward = d.findOp({"aten::nll_loss_backward", ""});
+    nll_backward_out = d.findOp({"aten::nll_loss_backward", "grad_input"});
+    nll2d_backward = d.findOp({"aten::nll_loss2d_backward", ""});
+    nll2d_backward_out = d.findOp({"aten::nll_loss2d_backward", "grad_input"});
+    narrow_copy = d.findOp({"aten::narrow_copy", ""});
+    convolution = d.findOp({"aten::convolution_overrideable", ""});
+  }
+};
+
+const KernelChecks& kernelChecks() {
+  static const KernelChecks checks;
+  return checks;
+}
+
+// A tensor's type as ATen's convolution check prints it, for an MPS tensor
+// where mps_ext's is on the device ("MPSFloatType", "torch.FloatTensor").
+std::string convolutionTypeName(const at::Tensor& t) {
+  if (t.device().type() != kDev) return t.toString();
+  return std::string("MPS") + c10::toString(t.scalar_type()) + "Type";
+}
+
+bool is(const std::optional<c10::OperatorHandle>& h, const c10::OperatorHandle& op) {
+  return h && *h == op;
+}
+
+const at::Tensor* tensorAt(const torch::jit::Stack& stack, std::size_t i) {
+  if (i >= stack.size() || !stack[i].isTensor()) return nullptr;
+  const at::Tensor& t = stack[i].toTensor();
+  return t.defined() ? &t : nullptr;
+}
+
+} // namespace
+
+void checkKernelArguments(const c10::OperatorHandle& op, const torch::jit::Stack& stack,
+                          std::size_t begin) {
+  const KernelChecks& k = kernelChecks();
+  if (is(k.isin, op) || is(k.isin_out, op)) {
+    // isin_Tensor_Tensor_out_mps (operations/TensorCompare.mm) runs for either
+    // argument on MPS and checks both.
+    const at::Tensor* elements = tensorAt(stack, begin);
+    const at::Tensor* test = tensorAt(stack, begin + 1);
+    if (elements && test) {
+      TORCH_CHECK(elements->device().type() == kDev && test->device().type() == kDev,
+                  "Expected elements.is_mps() && test_elements.is_mps(), got ",
+                  elements->device(), " and ", test->device());
+    }
+  } else if (is(k.convolution, op)) {
+    // On MPS, convolution selects its own backend and checks input, weight
+    // and bias for one type (ATen's check_input_same_type_as_parameters);
+    // PrivateUse1's convolution_overrideable is reached without that check.
+    const at::Tensor* input = tensorAt(stack, begin);
+    const at::Tensor* weight = tensorAt(stack, begin + 1);
+    const at::Tensor* bias = tensorAt(stack, begin + 2);
+    if (input && weight) {
+      TORCH_CHECK(input->options().type_equal(weight->options()), "Input type (",
+                  convolutionTypeName(*input), ") and weight type (", convolutionTypeName(*weight),
+                  ") should be the same");
+    }
+    if (input && bias) {
+      TORCH_CHECK(input->options().type_equal(bias->options()), "Input type (",
+                  convolutionTypeName(*input), ") and bias type (", convolutionTypeName(*bias),
+                  ") should be the same");
+    }
+  } else if (is(k.slow_conv2d, op)) {
+    // MPSFallback.mm registers slow_conv2d_forward_mps, reached only when one
+    // of input and weight is on the CPU (convolution picks CPU's slow path
+    // for a CPU input): it names the devices.
+    const at::Tensor* self = tensorAt(stack, begin);
+    const at::Tensor* weight = tensorAt(stack, begin + 1);
+    if (self && weight && self->device() != weight->device()) {
+      TORCH_CHECK(false, "slow_conv2d_forward_mps: input(device='", self->device(),
+                  "') and weight(device=", weight->device(), "')  must be on the same device");
+    }
+  } else if (is(k.embedding_bag, op) || is(k.embedding_bag_fwd, op)) {
+    // MPS's embedding_bag kernel checks each index on the device and reports
+    // through the stream's error buffer: torch.AcceleratorError at the next
+    // synchronization. Here: at the call, before CPU's own check.
+    const at::Tensor* weight = tensorAt(stack, begin);
+    const at::Tensor* indices = tensorAt(stack, begin + 1);
+    if (weight && indices && weight->dim() == 2 && indices->numel() > 0 &&
+        at::isIntegralType(indices->scalar_type(), /*includeBool=*/false)) {
+      const int64_t rows = weight->size(0);
+      const at::Tensor flat = indices->to(at::kCPU, at::kLong).reshape({-1}).contiguous();
+      const int64_t* data = flat.const_data_ptr<int64_t>();
+      for (int64_t i = 0; i < flat.numel(); ++i) {
+        if (data[i] < 0 || data[i] >= rows) {
+          std::ostringstream os;
+          os << "Index " << i << " is out of bounds: " << data[i] << ", range 0 to " << rows;
+          throw c10::AcceleratorError({__func__, __FILE__, static_cast<uint32_t>(__LINE__)}, 1,
+                                      os.str());
+        }
+      }
+    }
+  }
+}
+
+void adaptKernelArguments(const c10::OperatorHandle& op, torch::jit::Stack& stack,
+                          std::size_t begin) {
+  const KernelChecks& k = kernelChecks();
+  if (is(k.nll_backward, op) || is(k.nll_backward_out, op) || is(k.nll2d_backward, op) ||
+      is(k.nll2d_backward_out, op)) {
+    // (grad_output, self, target, weight, reduction, ignore_index, total_weight[, grad_input])
+    const at::Tensor* self = tensorAt(stack, begin + 1);
+    const at::Tensor* total = tensorAt(stack, begin + 6);
+    if (self && total && total->scalar_type() != self->scalar_type() &&
+        at::isFloatingType(self->scalar_type()) && at::isFloatingType(total->scalar_type())) {
+      stack[begin + 6] = total->to(self->scalar_type());
+    }
+  }
+}
+
+bool runAsComposite(const c10::OperatorHandle& op, torch::jit::Stack& stack, std::size_t begin) {
+  const KernelChecks& k = kernelChecks();
+  if (is(k.narrow_copy, op)) {
+    // narrow_copy has no MPS kernel: a Mac runs its
+    // CompositeExplicitAutogradNonFunctional one, narrow() and a clone, with
+    // narrow's checks (IndexError for the dimension and start, a negative
+    // length refused) where CPU's kernel asserts its own.
+    const at::Tensor self = stack[begin].toTensor();
+    const int64_t dim = stack[begin + 1].toInt();
+    const c10::SymInt start = stack[begin + 2].toSymInt();
+    const c10::SymInt length = stack[begin + 3].toSymInt();
+    at::Tensor out = self.narrow_symint(dim, start, length).clone(at::MemoryFormat::Contiguous);
+    stack.resize(begin);
+    stack.emplace_back(std::move(out));
+    return true;
+  }
+  return false;
+}
+
+bool indexErrorIsDeferred(const c10::OperatorHandle& op) {
+  const KernelChecks& k = kernelChecks();
+  return is(k.index, op) || is(k.index_put, op) || is(k.index_put_impl, op);
 }
 
 void checkOperandDtype(at::ScalarType t, const c10::OperatorHandle* op) {

@@ -14,6 +14,7 @@
 #include "runtime/Fidelity.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
 #include <c10/core/ScalarType.h>
 
 #include <functional>
@@ -33,17 +34,25 @@ enum class Verdict : int {
 };
 
 // Replaces the table of operators MPS does not run itself: ("aten::name" or
-// "aten::name.overload", Verdict). Names this torch does not register are
-// ignored. Set before the mode is turned on.
-void setOperatorVerdicts(const std::vector<std::pair<std::string, int>>& verdicts);
+// "aten::name.overload", Verdict, the name MPS's error and warning print, or
+// "" for the operator's own). A Mac names another operator where a composite
+// kernel runs first: the functional variant of a structured operator runs its
+// generated CompositeExplicitAutogradNonFunctional kernel, which calls the out
+// variant (`_linalg_svd` -> 'aten::_linalg_svd.U'); mps_ext's fallback gets
+// the functional itself. Names this torch does not register are ignored. Set
+// before the mode is turned on.
+void setOperatorVerdicts(const std::vector<std::tuple<std::string, int, std::string>>& verdicts);
 Verdict verdictOf(const c10::OperatorHandle& op);
 
 // Replaces the per-dtype refusals (issue 23; torch_mps_ext/fidelity/
 // _commonmps.py): ("aten::name.overload", dtype codes (c10::ScalarType),
-// reason) for operators MPS has a kernel for that refuses those dtypes of its
-// first tensor argument (common_mps's UNIMPLEMENTED_XFAILLIST).
+// reason, MPS's text) for operators MPS has a kernel for that refuses those
+// dtypes of its first tensor argument (common_mps's UNIMPLEMENTED_XFAILLIST;
+// mps_kernel_dtypes.txt). With MPS's text (non-empty), that is the
+// RuntimeError's text; else ours names the operator, the dtype and the reason.
 void setDtypeRefusals(
-    const std::vector<std::tuple<std::string, std::vector<int>, std::string>>& refusals);
+    const std::vector<std::tuple<std::string, std::vector<int>, std::string, std::string>>&
+        refusals);
 // An operator MPS runs itself, about to run with `self` (its first tensor
 // argument; undefined if none) of that dtype: refused (or recorded) if listed.
 void checkSelfDtype(const c10::OperatorHandle& op, at::ScalarType self);
@@ -77,6 +86,29 @@ inline bool wideDtype(at::ScalarType t) {
 Verdict checkOperator(const c10::OperatorHandle& op);
 // The same for a native kernel of this backend, by schema name.
 void checkOperator(const char* name, const char* overload);
+// The argument checks of MPS's kernels that run before anything else, with
+// MPS's texts (mixed devices: isin, _slow_conv2d_forward; embedding_bag's
+// index range, found inside the kernel on MPS: torch.AcceleratorError).
+// `stack[begin..]` are the operator's arguments.
+void checkKernelArguments(const c10::OperatorHandle& op, const torch::jit::Stack& stack,
+                          std::size_t begin);
+// Where MPS's kernel accepts arguments CPU's refuses and the difference is
+// only a dtype CPU wants converted: converts them in `stack` (nll_loss's
+// backward with a float32 total_weight for float16/bfloat16 input; MPS
+// casts it inside its graph, CPU's kernel requires the input's dtype).
+void adaptKernelArguments(const c10::OperatorHandle& op, torch::jit::Stack& stack,
+                          std::size_t begin);
+// Operators a Mac runs through their composite kernel (MPS has none of its
+// own) where mps_ext's fallback runs CPU's kernel, whose argument checks
+// differ: in mps mode they run as the composite does (narrow_copy: narrow,
+// then a contiguous clone). Returns true when it ran `op` (results on the
+// stack in place of the arguments).
+bool runAsComposite(const c10::OperatorHandle& op, torch::jit::Stack& stack, std::size_t begin);
+// CPU's IndexError from an indexing operator whose MPS kernel finds the bad
+// index on the device (index.Tensor, index_put): on MPS a
+// torch.AcceleratorError with the same text (raised at the next
+// synchronization there, at the call here). Returns whether `op` is one.
+bool indexErrorIsDeferred(const c10::OperatorHandle& op);
 // A float64/complex128 operand that `op` (may be null) computes on.
 void checkOperandDtype(at::ScalarType t, const c10::OperatorHandle* op);
 // A tensor of dtype `t` created on the device (empty, empty_strided).

@@ -115,14 +115,20 @@ def _excused() -> bool:
 
     if branches.excusing():
         return True
-    frame = sys._getframe(1)  # the Python code that called into torch
-    if frame is None or _branches is None:
+    if _branches is None:
         return False
-    filename = os.path.realpath(frame.f_code.co_filename)
-    if not filename.startswith(_torch_dir):
-        return False
-    functions = _branches.get(filename[len(_torch_dir):].replace(os.sep, "/"), False)
-    return functions is None or (functions is not False and frame.f_code.co_name in functions)
+    # The Python code that called into torch, or code it was called from: a
+    # branch covers what it calls (torch.jit.trace's check converts, then
+    # compares in torch.testing).
+    frame = sys._getframe(1)
+    while frame is not None:
+        filename = os.path.realpath(frame.f_code.co_filename)
+        if filename.startswith(_torch_dir):
+            functions = _branches.get(filename[len(_torch_dir):].replace(os.sep, "/"), False)
+            if functions is None or (functions is not False and frame.f_code.co_name in functions):
+                return True
+        frame = frame.f_back
+    return False
 
 
 def operator_table() -> dict[str, Verdict]:
@@ -143,19 +149,41 @@ def operator_table() -> dict[str, Verdict]:
         return _table
 
 
+def shown_name(verdict: Verdict) -> str:
+    """The operator MPS's error (or fallback warning) names for ``verdict``'s,
+    or "" for its own. A structured operator's functional variant without an
+    MPS kernel (``structured_delegate:`` in the table) runs, on a Mac, the
+    CompositeExplicitAutogradNonFunctional kernel torch generates for it,
+    which calls the out variant: MPS names that one
+    (``aten::_linalg_svd.U`` for ``torch.linalg.matrix_rank``, as test_mps.py
+    and common_mps say). mps_ext's fallback is the functional's kernel, so it
+    reaches the functional itself."""
+    prefix = "structured_delegate: "
+    if verdict.source != "table" or not verdict.why.startswith(prefix):
+        return ""
+    delegate = verdict.why[len(prefix):].split(" ", 1)[0]
+    from .._compat import has_kernel_for_dispatch_key
+
+    if not has_kernel_for_dispatch_key(verdict.name, "CompositeExplicitAutogradNonFunctional"):
+        return ""
+    return f"aten::{delegate}"
+
+
 def _push_table() -> None:
     global _pushed, _branches, _torch_dir
     if _pushed:
         return
-    verdicts = [(name, _NATIVE_VERDICT[v.verdict]) for name, v in operator_table().items()
-                if v.verdict in _NATIVE_VERDICT]
+    verdicts = [(name, _NATIVE_VERDICT[v.verdict], shown_name(v))
+                for name, v in operator_table().items() if v.verdict in _NATIVE_VERDICT]
     _C._fidelity_set_verdicts(verdicts)
     from . import _commonmps
 
-    _C._fidelity_set_dtype_refusals(
-        [(name, [_commonmps.SCALAR_TYPE_CODES[d] for d in sorted(dtypes)],
-          _commonmps.reason(source, keys))
-         for name, (dtypes, source, keys) in _commonmps.read_data().items()])
+    codes = _commonmps.SCALAR_TYPE_CODES
+    refusals = {name: ([codes[d] for d in sorted(dtypes)], _commonmps.reason(source, keys), "")
+                for name, (dtypes, source, keys) in _commonmps.read_data().items()}
+    for name, (dtypes, text) in _commonmps.read_kernel_dtypes().items():
+        refusals[name] = ([codes[d] for d in sorted(dtypes)], "", text)
+    _C._fidelity_set_dtype_refusals([(name, *r) for name, r in refusals.items()])
     import torch
 
     _torch_dir = os.path.realpath(os.path.dirname(torch.__file__)) + os.sep

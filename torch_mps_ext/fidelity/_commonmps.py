@@ -105,6 +105,26 @@ def read_data(path: str = DATA_PATH) -> dict[str, tuple[frozenset[str], str, str
     return out
 
 
+KERNEL_DTYPES_PATH = os.path.join(os.path.dirname(__file__), "mps_kernel_dtypes.txt")
+
+
+def read_kernel_dtypes(path: str = KERNEL_DTYPES_PATH) -> dict[str, tuple[frozenset[str], str]]:
+    """``{"aten::gelu": (frozenset({"int8", ...}), "GELU is only implemented for
+    floating types")}``: dtypes MPS's kernels refuse with their own text, read
+    in its sources (common_mps lists nothing for them)."""
+    out: dict[str, tuple[frozenset[str], str]] = {}
+    for number, line, parts in records(path, 3):
+        dtypes = frozenset(parts[1].split(",")) if len(parts) == 3 else frozenset()
+        if (len(parts) != 3 or not parts[0].startswith("aten::")
+                or not dtypes <= SCALAR_TYPE_CODES.keys()):
+            raise ValueError(f"{path}:{number}: expected '<aten::op> <dtype,...> <MPS's text>' "
+                             f"(dtypes among {sorted(SCALAR_TYPE_CODES)}), got {line!r}")
+        if parts[0] in out:
+            raise ValueError(f"{path}:{number}: {parts[0]} listed twice")
+        out[parts[0]] = (dtypes, parts[2])
+    return out
+
+
 def derive() -> dict[str, tuple[set[str], str, set[str]]]:
     """Traces common_mps's per-dtype entries to ATen operators (slow: imports
     op_db and runs samples on the CPU)."""

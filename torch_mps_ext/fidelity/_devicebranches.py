@@ -13,6 +13,14 @@ on mps_ext, reproduced in mps mode where the operator table cannot see it
   names it, ``privateuseone``) after the input checks and the
   ``num_batches_tracked`` update, as the module does.
 
+* ``torch.nn.functional.linear`` (``nn.Linear``): MPS registers its own
+  kernel for ``aten::linear`` (``_mps_linear``, operations/Linear.mm), which
+  checks its arguments before computing -- floating or complex dtypes, every
+  tensor on the device -- with texts of its own; on mps_ext ``linear`` is
+  ATen's composite, whose ``addmm``/``matmul`` would answer with CPU's texts.
+  The wrapper makes the same checks, in the same order, when a tensor is on
+  the device (the call MPS's kernel would get).
+
 Installed by ``set_fidelity("mps")``, removed by ``set_fidelity("off")``: the
 wrappers replace the attributes of ``torch.linalg``, ``torch`` and
 ``torch.Tensor``, so a name imported from them earlier is not covered.
@@ -76,6 +84,39 @@ def _sync_batch_norm_forward(original):
     return forward
 
 
+def _linear_supported(t) -> bool:
+    return t.dtype.is_floating_point or t.dtype.is_complex
+
+
+def _linear_wrapper(fn):
+    @functools.wraps(fn)
+    def linear(input, weight, bias=None):
+        tensors = [t for t in (input, weight, bias) if isinstance(t, torch.Tensor)]
+        if any(t.device.type == DEVICE for t in tensors) and len(tensors) == len(
+                [t for t in (input, weight, bias) if t is not None]):
+            # _mps_linear's checks, in its order, with its texts.
+            if not _linear_supported(input):
+                raise RuntimeError("MPS device does not support linear for non-float inputs")
+            if input.device.type != DEVICE:
+                raise RuntimeError(f"Tensor for argument input is on {input.device} "
+                                   "but expected on mps")
+            if not _linear_supported(weight):
+                raise RuntimeError("MPS device does not support linear for non-float weights")
+            if weight.device.type != DEVICE:
+                raise RuntimeError(f"Tensor for argument weight is on {weight.device} "
+                                   "but expected on mps")
+            if bias is not None:
+                if bias.device.type != DEVICE:
+                    raise RuntimeError(f"Tensor for argument bias is on {bias.device} "
+                                       "but expected on mps")
+                if not _linear_supported(bias):
+                    raise RuntimeError("MPS device does not support linear for non-float bias")
+        return fn(input, weight, bias)
+
+    linear.__torch_mps_ext_branch__ = fn
+    return linear
+
+
 def _targets():
     return [
         (torch.linalg, "matrix_rank", _tolerance_wrapper),
@@ -83,6 +124,7 @@ def _targets():
         (torch, "pinverse", _tolerance_wrapper),
         (torch.Tensor, "pinverse", _tolerance_wrapper),
         (torch.nn.SyncBatchNorm, "forward", _sync_batch_norm_forward),
+        (torch.nn.functional, "linear", _linear_wrapper),
     ]
 
 

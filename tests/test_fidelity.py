@@ -607,6 +607,30 @@ def test_override_file_is_reviewed_and_current():
             assert entry.verdict != fidelity.CPU, name
 
 
+def test_mps_kernels_torch_registers_from_python_are_accepted(mps_mode):
+    # torch/_refs/linalg registers linalg_lu_solve.out for MPS at import (on
+    # every build); the table names CPU and CUDA only. A Mac runs it, and the
+    # backward of det/slogdet/solve, which calls it.
+    table = fidelity.operator_table()
+    for name in ("aten::linalg_lu_solve.out", "aten::linalg_lu_solve"):
+        v = table[name]
+        assert (v.verdict, v.source) == (fidelity.MPS, "registered"), v
+        assert "torch/_refs/linalg/__init__.py" in v.why
+    assert _optable.load()["linalg_lu_solve.out"].verdict == _optable.NONE  # the table alone
+    A = torch.tensor([[4.0, 1.0, 2.0], [1.0, 5.0, 3.0], [2.0, 3.0, 6.0]])
+    B = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
+    LU, piv = torch.linalg.lu_factor(A)
+    got = torch.linalg.lu_solve(LU.to(DEV), piv.to(DEV), B.to(DEV))
+    torch.testing.assert_close(got.cpu(), torch.linalg.lu_solve(LU, piv, B))
+    a = A.to(DEV).requires_grad_()
+    (grad,) = torch.autograd.grad(torch.linalg.det(a), a)
+    a_cpu = A.clone().requires_grad_()
+    torch.testing.assert_close(grad.cpu(), torch.autograd.grad(torch.linalg.det(a_cpu), a_cpu)[0])
+    # An operator neither the table nor Python gives MPS stays refused.
+    with pytest.raises(NotImplementedError, match="'aten::linalg_eig' is not currently implemented"):
+        torch.linalg.eig(a.detach())
+
+
 def _reached_ops(fn):
     """The ATen operators the call reaches at the backend with mps_ext
     tensors (after composite decompositions), and whether any involves a

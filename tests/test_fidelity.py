@@ -1094,6 +1094,81 @@ def test_common_mps_dtype_data_is_current_with_the_installed_torch():
     assert set(_commonmps.SCALAR_TYPE_CODES) >= {d for ds, _, _ in data.values() for d in ds}
 
 
+CONV_INT = "Convolution is supported only for Floating types"
+CONV_T3D_HALF = "ConvTranspose 3D with BF16 or FP16 types is not supported on MPS"
+POOL_TAIL = (" Non-divisible input sizes are not implemented on MPS device yet. For now, you can "
+             "manually transfer tensor to cpu in this case. Please refer to [this "
+             "issue](https://github.com/pytorch/pytorch/issues/96056)")
+
+
+def test_mps_mode_refuses_what_mps_kernels_refuse_with_their_texts(mps_mode):
+    F = torch.nn.functional
+    xi = torch.ones(1, 2, 5, dtype=torch.int64, device=DEV)
+    wi = torch.ones(3, 2, 2, dtype=torch.int64, device=DEV)
+    raises_exactly(RuntimeError, CONV_INT, lambda: F.conv1d(xi, wi))
+    raises_exactly(RuntimeError, CONV_INT, lambda: F.conv_transpose1d(xi, wi.transpose(0, 1)))
+    for dtype in (torch.float16, torch.bfloat16):
+        x5 = torch.ones(1, 2, 3, 3, 3, dtype=dtype, device=DEV)
+        w5 = torch.ones(2, 2, 2, 2, 2, dtype=dtype, device=DEV)
+        raises_exactly(RuntimeError, CONV_T3D_HALF, lambda: F.conv_transpose3d(x5, w5))
+        assert F.conv3d(x5, w5).shape == (1, 2, 2, 2, 2)  # not transposed: MPS has it
+        x4, w4 = x5[:, :, 0], w5[:, :, 0]
+        assert F.conv_transpose2d(x4, w4).shape == (1, 2, 4, 4)
+    assert F.conv1d(xi.float(), wi.float()).cpu().tolist() == [[[4.0] * 4] * 3]
+    v = torch.arange(3, dtype=torch.int32, device=DEV)
+    raises_exactly(RuntimeError, "MPS device does not support addr for non-float input",
+                   lambda: torch.addr(torch.zeros(3, 3, dtype=torch.int32, device=DEV), v, v))
+    assert torch.equal(torch.addr(torch.zeros(3, 3, device=DEV), v.float(), v.float()).cpu(),
+                       torch.outer(torch.arange(3.0), torch.arange(3.0)))
+    # complex addr keeps common_mps's refusal ('addr' is not in SUPPORTED_COMPLEX_OPS)
+    c = v.to(torch.complex64)
+    with pytest.raises(RuntimeError, match="'addr' is not in SUPPORTED_COMPLEX_OPS"):
+        torch.addr(torch.zeros(3, 3, dtype=torch.complex64, device=DEV), c, c)
+    u8 = torch.ones(1, 1, 4, 4, dtype=torch.uint8, device=DEV)
+    raises_exactly(RuntimeError, "_upsample_bicubic2d_aa_out_mps only supports floating-point dtypes",
+                   lambda: torch.ops.aten._upsample_bicubic2d_aa(u8, [8, 8], False, None, None))
+
+
+def test_default_mode_computes_what_mps_kernels_refuse():
+    F = torch.nn.functional
+    xi = torch.ones(1, 2, 5, dtype=torch.int64, device=DEV)
+    wi = torch.ones(3, 2, 2, dtype=torch.int64, device=DEV)
+    assert F.conv1d(xi, wi).cpu().tolist() == [[[4] * 4] * 3]
+    v = torch.arange(3, dtype=torch.int32, device=DEV)
+    assert torch.addr(torch.zeros(3, 3, dtype=torch.int32, device=DEV), v, v).cpu().tolist() == \
+        [[0, 0, 0], [0, 1, 2], [0, 2, 4]]
+    x = torch.arange(70.0).reshape(1, 2, 5, 7)
+    torch.testing.assert_close(F.adaptive_avg_pool2d(x.to(DEV), (2, 3)).cpu(),
+                               F.adaptive_avg_pool2d(x, (2, 3)))
+
+
+def test_mps_mode_refuses_adaptive_avg_pool_sizes_mps_cannot_pool(mps_mode):
+    F = torch.nn.functional
+    x = torch.arange(70.0).reshape(1, 2, 5, 7)
+    raises_exactly(NotImplementedError,
+                   "Adaptive pool MPS: input sizes must be divisible by output sizes." + POOL_TAIL,
+                   lambda: F.adaptive_avg_pool2d(x.to(DEV), (2, 3)))
+    raises_exactly(NotImplementedError,
+                   "Adaptive pool MPS: input sizes must be divisible by output sizes." + POOL_TAIL,
+                   lambda: F.adaptive_avg_pool1d(x[0].to(DEV), 3))
+    small = torch.arange(12.0).reshape(1, 2, 2, 3)
+    raises_exactly(NotImplementedError,
+                   "Adaptive pool MPS: output sizes must be divisible by input sizes." + POOL_TAIL,
+                   lambda: F.adaptive_avg_pool2d(small.to(DEV), (5, 6)))
+    raises_exactly(NotImplementedError,
+                   "Adaptive pool MPS: Input height and width must both be greater than, or equal "
+                   "to, or lesser than output height and width",
+                   lambda: F.adaptive_avg_pool2d(small.to(DEV), (1, 6)))
+    # sizes that divide pool as on CPU, forward and backward; (1, 1) is a mean
+    for inp, size in ((x[..., :4, :6], (2, 3)), (small, (4, 6)), (x, (1, 1)), (x, (5, 7))):
+        a = inp.contiguous().to(DEV).requires_grad_()
+        out = F.adaptive_avg_pool2d(a, size)
+        (grad,) = torch.autograd.grad(out.sum(), a)
+        ref = inp.contiguous().requires_grad_()
+        torch.testing.assert_close(out.detach().cpu(), F.adaptive_avg_pool2d(ref, size).detach())
+        torch.testing.assert_close(grad.cpu(), torch.ones_like(inp) * (out.numel() / inp.numel()))
+
+
 # ------------------------------------------- half precision CPU lacks (mps mode)
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

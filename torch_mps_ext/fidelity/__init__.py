@@ -171,10 +171,7 @@ def _push_table() -> None:
     _C._fidelity_set_verdicts(verdicts)
     from . import _commonmps
 
-    _C._fidelity_set_dtype_refusals(
-        [(name, [_commonmps.SCALAR_TYPE_CODES[d] for d in sorted(dtypes)],
-          _commonmps.reason(source, keys))
-         for name, (dtypes, source, keys) in _commonmps.read_data().items()])
+    _C._fidelity_set_dtype_refusals(_commonmps.refusals())
     import torch
 
     _torch_dir = os.path.realpath(os.path.dirname(torch.__file__)) + os.sep

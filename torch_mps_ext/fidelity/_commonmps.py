@@ -105,6 +105,36 @@ def read_data(path: str = DATA_PATH) -> dict[str, tuple[frozenset[str], str, str
     return out
 
 
+KERNEL_DATA_PATH = os.path.join(os.path.dirname(__file__), "mps_kernel_dtypes.txt")
+
+
+def read_kernel_data(path: str = KERNEL_DATA_PATH) -> dict[str, tuple[frozenset[str], str, str]]:
+    """``{"aten::addr": (frozenset({"int32", ...}), "aten/src/ATen/native/mps/
+    operations/LinearAlgebra.mm", "MPS device does not support addr for
+    non-float input")}``: the dtypes MPS's own kernels refuse, with their text
+    (the hand-reviewed ``mps_kernel_dtypes.txt``)."""
+    out: dict[str, tuple[frozenset[str], str, str]] = {}
+    for number, line, parts in records(path, 4):
+        if (len(parts) != 4 or not parts[0].startswith("aten::")
+                or not parts[2].startswith("aten/src/ATen/") or parts[0] in out
+                or not set(parts[1].split(",")) <= set(SCALAR_TYPE_CODES)):
+            raise ValueError(f"{path}:{number}: expected '<aten::op> <dtype,...> "
+                             f"<aten/src/ATen/... source> <MPS's message>' (each operator once), "
+                             f"got {line!r}")
+        out[parts[0]] = (frozenset(parts[1].split(",")), parts[2], parts[3])
+    return out
+
+
+def refusals() -> list[tuple[str, list[int], str, bool]]:
+    """What the native core checks: MPS's own refusals (verbatim texts)
+    first, then common_mps's per-dtype entries (our text naming the list)."""
+    out = [(name, [SCALAR_TYPE_CODES[d] for d in sorted(dtypes)], text, True)
+           for name, (dtypes, _, text) in read_kernel_data().items()]
+    out += [(name, [SCALAR_TYPE_CODES[d] for d in sorted(dtypes)], reason(source, keys), False)
+            for name, (dtypes, source, keys) in read_data().items()]
+    return out
+
+
 def derive() -> dict[str, tuple[set[str], str, set[str]]]:
     """Traces common_mps's per-dtype entries to ATen operators (slow: imports
     op_db and runs samples on the CPU)."""

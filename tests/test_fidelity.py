@@ -1142,6 +1142,34 @@ def test_default_mode_computes_what_mps_kernels_refuse():
                                F.adaptive_avg_pool2d(x, (2, 3)))
 
 
+def test_mps_mode_runs_complex_pow_ldexp_reaches_and_refuses_complex_lu_solve(mps_mode):
+    from torch_mps_ext.fidelity import _commonmps
+
+    assert not set(_commonmps.NOT_REFUSED) & set(_commonmps.read_data())
+    x = torch.tensor([1 + 1j, 2 - 1j], device=DEV)
+    e = torch.tensor([2 + 0j, -1 + 0j], device=DEV)
+    # ldexp (in SUPPORTED_COMPLEX_OPS) computes x * 2**e: pow.Tensor_Tensor in complex64
+    torch.testing.assert_close(torch.ldexp(x, e).cpu(), torch.ldexp(x.cpu(), e.cpu()))
+    A = torch.eye(2, dtype=torch.complex64, device=DEV)
+    LU, piv = torch.linalg.lu_factor(A.real)
+    with pytest.raises(RuntimeError, match="'linalg.lu_solve' is not in SUPPORTED_COMPLEX_OPS"):
+        torch.linalg.lu_solve(LU.to(torch.complex64), piv, A)
+
+
+def test_narrow_copy_out_of_range_dim_is_mps_indexerror_in_mps_mode_only():
+    x = torch.ones(10, 5, 20, device=DEV)
+    with pytest.raises(RuntimeError, match=r"Expected dim < static_cast<int64_t>\(self_sizes"):
+        torch.narrow_copy(x, 3, 0, 0)  # CPU's kernel, as on CPU
+    torch.mps_ext.set_fidelity("mps")
+    try:
+        for dim in (3, -4):
+            raises_exactly(IndexError, "Dimension out of range (expected to be in range of "
+                           f"[-3, 2], but got {dim})", lambda: torch.narrow_copy(x, dim, 0, 0))
+        assert torch.equal(torch.narrow_copy(x, -2, 1, 2).cpu(), torch.ones(10, 2, 20))
+    finally:
+        torch.mps_ext.set_fidelity("off")
+
+
 def test_mps_mode_refuses_adaptive_avg_pool_sizes_mps_cannot_pool(mps_mode):
     F = torch.nn.functional
     x = torch.arange(70.0).reshape(1, 2, 5, 7)
@@ -1246,6 +1274,13 @@ def test_test_mps_runner_gives_mps_ext_the_sample_inputs_torch_gives_mps():
             "from torch.testing._internal.common_methods_invocations import op_db\n"
             "op = next(o for o in op_db if o.name == 'full_like')\n"
             "dts = {s.kwargs.get('dtype') for s in op.sample_inputs('mps_ext:0', torch.float32)}\n"
-            "print(highest_precision_float('mps_ext:0'), highest_precision_float('cpu'), torch.float64 in dts)\n")
+            "bd = next(o for o in op_db if o.name == 'block_diag')\n"
+            "real = {s.input.dtype for s in bd.sample_inputs('mps_ext:0', torch.complex64)}\n"
+            "print(highest_precision_float('mps_ext:0'), highest_precision_float('cpu'), torch.float64 in dts,\n"
+            "      sorted(map(str, real)))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["torch.float32", "torch.float64", "False"]
+    # block_diag's mixed sample asks `device == 'mps:0'`: float32 beside complex64, not float64
+    assert out.stdout.split() == ["torch.float32", "torch.float64", "False",
+                                  "['torch.complex64',", "'torch.float32']"]
+    assert widen_sample_branches("if device == 'mps:0' and x:") == (
+        "if device in (\"mps:0\", \"mps_ext:0\") and x:", 1)

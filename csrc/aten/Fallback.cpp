@@ -501,6 +501,19 @@ void checkMpsKernelShapes(const c10::OperatorHandle& op, const torch::jit::Stack
     }
     return;
   }
+  // narrow_copy: mps_ext runs CPU's kernel (preferCpuKernels), whose check
+  // of `dim` is an internal assert; MPS runs the composite (narrow, clone),
+  // which wraps the dimension: IndexError, as test_mps.py's error inputs
+  // expect off the CPU.
+  static const c10::OperatorHandle narrow_copy = d.findSchemaOrThrow("aten::narrow_copy", "");
+  if (op == narrow_copy) {  // (self, dim, start, length)
+    const int64_t ndim = stack[begin].toTensor().dim();
+    const int64_t dim = stack[begin + 1].toInt();
+    TORCH_CHECK_INDEX(ndim == 0 || (dim >= -ndim && dim < ndim),
+                      "Dimension out of range (expected to be in range of [", -ndim, ", ",
+                      ndim - 1, "], but got ", dim, ")");
+    return;
+  }
   // MPS's adaptive average pooling is avg_pool2d with one kernel size and
   // stride: sizes that do not divide each other are NotImplementedError
   // (AdaptivePooling.mm, set_kernel_params), forward and backward.

@@ -1165,6 +1165,9 @@ def test_narrow_copy_out_of_range_dim_is_mps_indexerror_in_mps_mode_only():
         for dim in (3, -4):
             raises_exactly(IndexError, "Dimension out of range (expected to be in range of "
                            f"[-3, 2], but got {dim})", lambda: torch.narrow_copy(x, dim, 0, 0))
+        y = torch.ones(10, device=DEV)
+        with pytest.raises(RuntimeError, match=r"^narrow\(\): length must be non-negative\.$"):
+            torch.narrow_copy(y, 0, 0, -1)  # CPU: "start (0) + length (-1) exceeds ..."
         assert torch.equal(torch.narrow_copy(x, -2, 1, 2).cpu(), torch.ones(10, 2, 20))
     finally:
         torch.mps_ext.set_fidelity("off")

@@ -23,6 +23,7 @@
 #include <ATen/NestedTensorImpl.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/op_registration/op_registration.h>
+#include <ATen/ops/narrow.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/util/SmallVector.h>
 #include <torch/library.h>
@@ -501,17 +502,16 @@ void checkMpsKernelShapes(const c10::OperatorHandle& op, const torch::jit::Stack
     }
     return;
   }
-  // narrow_copy: mps_ext runs CPU's kernel (preferCpuKernels), whose check
-  // of `dim` is an internal assert; MPS runs the composite (narrow, clone),
-  // which wraps the dimension: IndexError, as test_mps.py's error inputs
-  // expect off the CPU.
+  // narrow_copy: mps_ext runs CPU's kernel (preferCpuKernels), which checks
+  // its arguments its own way (an internal assert on `dim`); MPS runs the
+  // composite, narrow then clone, so its errors are narrow's (IndexError for
+  // a dimension or start out of range, "narrow(): length must be
+  // non-negative."), as test_mps.py's error inputs expect off the CPU. The
+  // view made to check is dropped.
   static const c10::OperatorHandle narrow_copy = d.findSchemaOrThrow("aten::narrow_copy", "");
   if (op == narrow_copy) {  // (self, dim, start, length)
-    const int64_t ndim = stack[begin].toTensor().dim();
-    const int64_t dim = stack[begin + 1].toInt();
-    TORCH_CHECK_INDEX(ndim == 0 || (dim >= -ndim && dim < ndim),
-                      "Dimension out of range (expected to be in range of [", -ndim, ", ",
-                      ndim - 1, "], but got ", dim, ")");
+    (void)at::narrow_symint(stack[begin].toTensor(), stack[begin + 1].toInt(),
+                            stack[begin + 2].toSymInt(), stack[begin + 3].toSymInt());
     return;
   }
   // MPS's adaptive average pooling is avg_pool2d with one kernel size and

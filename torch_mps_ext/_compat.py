@@ -60,6 +60,9 @@ _may_generate_cpu_cpp_code``;
 text), ``common_methods_invocations.op_db``,           mapped to ATen operators (maintainer tool,
 ``torch.utils._python_dispatch.TorchDispatchMode``,    ``--write``)
 ``torch.utils._pytree.tree_leaves``
+``torch._C._dispatch_get_all_op_names``,               fidelity: operators with an MPS kernel
+``_dispatch_has_kernel_for_dispatch_key``,             registered from Python at import, outside
+``_dispatch_dump`` (its "MPS: registered at" line)     the table (``python_mps_kernels()``)
 ``nn.SyncBatchNorm._check_input_dim``,                 fidelity/_devicebranches.py: a Mac's
 ``_check_non_zero_input_channels``                     SyncBatchNorm ValueError after its checks
 =====================================================  ===========================================
@@ -346,6 +349,30 @@ def has_kernel_for_dispatch_key(operator: str, key: str) -> bool:
     "CompositeExplicitAutogradNonFunctional" included). Checked against torch
     2.13.0's torch._C._dispatch_has_kernel_for_dispatch_key."""
     return bool(torch._C._dispatch_has_kernel_for_dispatch_key(operator, key))
+
+
+def python_mps_kernels(names=None) -> dict[str, str]:
+    """``{"aten::linalg_lu_solve.out": "torch/_refs/linalg/__init__.py:437"}``:
+    the operators (of ``names``, or all) this process has a kernel for the
+    ``MPS`` dispatch key for, with where it was registered. A CPU build of torch compiles no MPS
+    kernels, so each was registered from Python at import (torch 2.13:
+    ``torch/_refs/linalg`` registers ``linalg_lu_solve.out`` for MPS), code
+    that runs on a Mac too."""
+    import os
+    import re
+
+    C = torch._C
+    found = {}
+    for name in C._dispatch_get_all_op_names() if names is None else names:
+        if not C._dispatch_has_kernel_for_dispatch_key(name, "MPS"):
+            continue
+        m = re.search(r"^MPS: registered at (\S+?)(?::(\d+))? ::", C._dispatch_dump(name), re.M)
+        where = (m.group(1) + (":" + m.group(2) if m.group(2) else "")) if m else "unknown"
+        marker = os.sep + "torch" + os.sep
+        if marker in where:
+            where = "torch/" + where.rsplit(marker, 1)[1].replace(os.sep, "/")
+        found[name] = where
+    return found
 
 
 def op_db():

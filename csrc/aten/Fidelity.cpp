@@ -41,9 +41,9 @@ std::atomic<const Table*> g_table{nullptr};
 struct DtypeRefusal {
   uint64_t mask = 0;  // bit i: c10::ScalarType i
   std::string reason;
-  std::string mps_text;  // MPS's own text, if known (mps_kernel_dtypes.txt)
+  bool verbatim = false;  // reason is MPS's own message
 };
-using DtypeTable = std::unordered_map<c10::OperatorHandle, DtypeRefusal>;
+using DtypeTable = std::unordered_map<c10::OperatorHandle, std::vector<DtypeRefusal>>;
 std::atomic<const DtypeTable*> g_dtypes{nullptr};
 
 std::mutex g_mu;  // g_warned, g_recorder, g_allowance
@@ -174,22 +174,21 @@ void setOperatorVerdicts(
 }
 
 void setDtypeRefusals(
-    const std::vector<std::tuple<std::string, std::vector<int>, std::string, std::string>>&
-        refusals) {
+    const std::vector<std::tuple<std::string, std::vector<int>, std::string, bool>>& refusals) {
   auto table = std::make_unique<DtypeTable>();
   auto& d = c10::Dispatcher::singleton();
-  for (const auto& [full, dtypes, reason, mps_text] : refusals) {
+  for (const auto& [full, dtypes, reason, verbatim] : refusals) {
     auto dot = full.find('.');
     c10::OperatorName name{full.substr(0, dot),
                            dot == std::string::npos ? "" : full.substr(dot + 1)};
     auto op = d.findOp(name);
     if (!op) continue;
-    DtypeRefusal r{0, reason, mps_text};
+    DtypeRefusal r{0, reason, verbatim};
     for (int t : dtypes) {
       TORCH_CHECK(t >= 0 && t < 64, "bad dtype code ", t, " for ", full);
       r.mask |= uint64_t{1} << t;
     }
-    (*table)[*op] = std::move(r);
+    (*table)[*op].push_back(std::move(r));
   }
   // Kept like the operator table (readers may hold the previous one).
   g_dtypes.store(table.release(), std::memory_order_release);
@@ -199,17 +198,30 @@ void checkSelfDtype(const c10::OperatorHandle& op, at::ScalarType self) {
   const DtypeTable* t = g_dtypes.load(std::memory_order_acquire);
   if (t == nullptr) return;
   auto it = t->find(op);
-  if (it == t->end() || !(it->second.mask & (uint64_t{1} << static_cast<int>(self)))) return;
+  if (it == t->end()) return;
+  const uint64_t bit = uint64_t{1} << static_cast<int>(self);
+  for (const DtypeRefusal& r : it->second) {
+    if (!(r.mask & bit)) continue;
+    if (recording()) {
+      record("dtype", c10::toString(self), nameOf(op));
+      return;
+    }
+    // MPS's own text where it was read in its source; else one that names
+    // the operator, the dtype and the common_mps list that says so.
+    TORCH_CHECK(!r.verbatim, r.reason);
+    TORCH_CHECK(false, "The operator '", nameOf(op), "' has no MPS kernel for dtype ",
+                c10::toString(self), " (torch.testing._internal.common_mps: ", r.reason, ")");
+  }
+}
+
+void refuseKernel(const c10::OperatorHandle& op, at::ScalarType dtype, const std::string& message,
+                  bool not_implemented) {
   if (recording()) {
-    record("dtype", c10::toString(self), nameOf(op));
+    record("dtype", c10::toString(dtype), nameOf(op));
     return;
   }
-  // MPS's kernels refuse with texts of their own, per operator: the kernel's
-  // where it is known, else one naming the operator, the dtype and the list.
-  TORCH_CHECK(it->second.mps_text.empty(), it->second.mps_text);
-  TORCH_CHECK(false, "The operator '", nameOf(op), "' has no MPS kernel for dtype ",
-              c10::toString(self), " (torch.testing._internal.common_mps: ",
-              it->second.reason, ")");
+  TORCH_CHECK_NOT_IMPLEMENTED(!not_implemented, message);
+  TORCH_CHECK(false, message);
 }
 
 Verdict verdictOf(const c10::OperatorHandle& op) {

@@ -45,17 +45,21 @@ void setOperatorVerdicts(const std::vector<std::tuple<std::string, int, std::str
 Verdict verdictOf(const c10::OperatorHandle& op);
 
 // Replaces the per-dtype refusals (issue 23; torch_mps_ext/fidelity/
-// _commonmps.py): ("aten::name.overload", dtype codes (c10::ScalarType),
-// reason, MPS's text) for operators MPS has a kernel for that refuses those
-// dtypes of its first tensor argument (common_mps's UNIMPLEMENTED_XFAILLIST;
-// mps_kernel_dtypes.txt). With MPS's text (non-empty), that is the
-// RuntimeError's text; else ours names the operator, the dtype and the reason.
+// _commonmps.py, mps_kernel_dtypes.txt): ("aten::name.overload", dtype codes
+// (c10::ScalarType), text, verbatim) for operators MPS has a kernel for that
+// refuses those dtypes of its first tensor argument. verbatim: the text is
+// MPS's own message (RuntimeError); otherwise it is the reason in our message
+// (common_mps's UNIMPLEMENTED_XFAILLIST). An operator may have several.
 void setDtypeRefusals(
-    const std::vector<std::tuple<std::string, std::vector<int>, std::string, std::string>>&
-        refusals);
+    const std::vector<std::tuple<std::string, std::vector<int>, std::string, bool>>& refusals);
 // An operator MPS runs itself, about to run with `self` (its first tensor
 // argument; undefined if none) of that dtype: refused (or recorded) if listed.
 void checkSelfDtype(const c10::OperatorHandle& op, at::ScalarType self);
+// An MPS kernel's refusal found by the caller (a dtype with a shape, or a
+// shape): raises `message` (RuntimeError, or NotImplementedError where MPS
+// raises that), or records it in report mode as a refusal of that dtype.
+void refuseKernel(const c10::OperatorHandle& op, at::ScalarType dtype, const std::string& message,
+                  bool not_implemented = false);
 
 // Turns mps mode on or off: the allocator's limits, then the switch.
 void setMode(bool mps);

@@ -55,7 +55,7 @@ class Verdict:
     name: str       # "aten::add.Tensor"
     verdict: str    # MPS, COMPOSITE, ROUTE, CPU or NONE
     why: str        # the table entry, or the override's reason
-    source: str     # "table" or "override"
+    source: str     # "table", "registered" (from Python, at import) or "override"
 
     @property
     def accepted(self) -> bool:
@@ -140,8 +140,27 @@ def operator_table() -> dict[str, Verdict]:
         if _table is None:
             from . import _optable
 
+            entries = _optable.load()
             table = {f"aten::{name}": Verdict(f"aten::{name}", e.verdict, e.why, "table")
-                     for name, e in _optable.load().items()}
+                     for name, e in entries.items()}
+            # torch's own Python registers a few MPS kernels at import, on
+            # every build (torch/_refs/linalg: linalg_lu_solve.out): a Mac
+            # runs those operators though the table names no MPS kernel, and
+            # their functional forms (structured delegates) through the
+            # generated composite that calls them.
+            from .._compat import python_mps_kernels
+
+            lacking = [name for name, v in table.items() if v.verdict == NONE]
+            registered = python_mps_kernels(lacking)
+            for name, where in registered.items():
+                table[name] = Verdict(name, MPS, f"MPS kernel registered from Python at {where}",
+                                      "registered")
+            for name, e in entries.items():
+                target = f"aten::{e.delegate}" if e.delegate else None
+                if target in registered and table[f"aten::{name}"].verdict == NONE:
+                    table[f"aten::{name}"] = Verdict(
+                        f"aten::{name}", MPS, f"structured_delegate: {e.delegate} (MPS kernel "
+                        f"registered from Python at {registered[target]})", "registered")
             for name, (verdict, reason) in read_overrides().items():
                 if verdict != BRANCH:
                     table[name] = Verdict(name, verdict, reason, "override")
@@ -178,12 +197,7 @@ def _push_table() -> None:
     _C._fidelity_set_verdicts(verdicts)
     from . import _commonmps
 
-    codes = _commonmps.SCALAR_TYPE_CODES
-    refusals = {name: ([codes[d] for d in sorted(dtypes)], _commonmps.reason(source, keys), "")
-                for name, (dtypes, source, keys) in _commonmps.read_data().items()}
-    for name, (dtypes, text) in _commonmps.read_kernel_dtypes().items():
-        refusals[name] = ([codes[d] for d in sorted(dtypes)], "", text)
-    _C._fidelity_set_dtype_refusals([(name, *r) for name, r in refusals.items()])
+    _C._fidelity_set_dtype_refusals(_commonmps.refusals())
     import torch
 
     _torch_dir = os.path.realpath(os.path.dirname(torch.__file__)) + os.sep

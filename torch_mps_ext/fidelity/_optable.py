@@ -51,6 +51,7 @@ class Entry:
     name: str        # "add.Tensor", "linalg_eig" (no namespace)
     verdict: str     # MPS, COMPOSITE or NONE
     why: str         # what in the table gave the verdict
+    delegate: str | None = None  # the structured_delegate's name, if any
 
 
 def table_path() -> str:
@@ -125,7 +126,7 @@ def load(path: str | None = None) -> dict[str, Entry]:
     table: dict[str, Entry] = {}
     for e in raw:
         verdict, why = judge(e)
-        table[e["name"]] = Entry(e["name"], verdict, why)
+        table[e["name"]] = Entry(e["name"], verdict, why, e["delegate"])
     for e in raw:
         for gen in e["autogen"]:
             table.setdefault(gen, Entry(gen, COMPOSITE, f"autogen of {e['name']}"))

@@ -252,11 +252,17 @@ def _sample_branch_modules() -> tuple[str, ...]:
 
     return _compat.SAMPLE_BRANCH_MODULES
 _MPS_TYPE_TEST = re.compile(r"torch\.device\((\w+)\)\.type == (['\"])mps\2")
+# The same question asked of the device string (block_diag's mixed-dtype
+# sample, _unsafe_masked_index_put_accumulate's normalized half values).
+_MPS_STRING_TEST = re.compile(r"\bdevice == (['\"])mps:0\1")
 
 
 def widen_sample_branches(source: str) -> tuple[str, int]:
-    """``torch.device(d).type == "mps"`` -> ``... in ("mps", "mps_ext")``."""
-    return _MPS_TYPE_TEST.subn(r'torch.device(\1).type in ("mps", "mps_ext")', source)
+    """``torch.device(d).type == "mps"`` -> ``... in ("mps", "mps_ext")``;
+    ``device == "mps:0"`` -> ``device in ("mps:0", "mps_ext:0")``."""
+    source, n = _MPS_TYPE_TEST.subn(r'torch.device(\1).type in ("mps", "mps_ext")', source)
+    source, m = _MPS_STRING_TEST.subn(r'device in ("mps:0", "mps_ext:0")', source)
+    return source, n + m
 
 
 class _BranchLoader(importlib.abc.Loader):

@@ -600,6 +600,18 @@ bool isScalarTypeArg(const c10::Argument& arg) {
   return t->kind() == c10::TypeKind::ScalarTypeType;
 }
 
+// v = f(v) for a tensor, each element for a tensor list; other values stay.
+template <class F>
+void mapTensors(c10::IValue& v, const F& f) {
+  if (v.isTensor()) {
+    v = f(v.toTensor());
+  } else if (v.isTensorList()) {
+    c10::List<at::Tensor> out;
+    for (const at::Tensor& t : v.toTensorList()) out.push_back(f(t));
+    v = std::move(out);
+  }
+}
+
 void runWidened(const c10::OperatorHandle& op, torch::jit::Stack* stack,
                 std::vector<c10::IValue> args, at::ScalarType low) {
   const c10::FunctionSchema& schema = op.schema();
@@ -619,27 +631,20 @@ void runWidened(const c10::OperatorHandle& op, torch::jit::Stack* stack,
       return f;
     };
     c10::IValue& v = args[i];
-    if (v.isTensor()) {
-      v = widen(v.toTensor());
-    } else if (v.isTensorList()) {
-      c10::List<at::Tensor> out;
-      for (const at::Tensor& t : v.toTensorList()) out.push_back(widen(t));
-      v = std::move(out);
-    } else if (v.isInt() && isScalarTypeArg(arg) && narrowed(static_cast<at::ScalarType>(v.toInt()))) {
+    if (v.isInt() && isScalarTypeArg(arg) && narrowed(static_cast<at::ScalarType>(v.toInt()))) {
       v = static_cast<int64_t>(wideOf(static_cast<at::ScalarType>(v.toInt())));
+    } else {
+      mapTensors(v, widen);
     }
   }
   for (c10::IValue& v : args) stack->push_back(std::move(v));
   {
-    const bool outer = t_widened_rerun;
-    t_widened_rerun = true;
-    try {
-      op.callBoxed(stack);
-    } catch (...) {
-      t_widened_rerun = outer;
-      throw;
-    }
-    t_widened_rerun = outer;
+    struct Rerun {
+      bool outer = t_widened_rerun;
+      Rerun() { t_widened_rerun = true; }
+      ~Rerun() { t_widened_rerun = outer; }
+    } rerun;
+    op.callBoxed(stack);
   }
   for (auto& [orig, w] : written) {
     if (orig.sizes() != w.sizes()) orig.resize_(w.sizes());  // out= grown by the kernel
@@ -658,16 +663,7 @@ void runWidened(const c10::OperatorHandle& op, torch::jit::Stack* stack,
     return t.scalar_type() == at::kFloat ? t.to(low) : t;
   };
   const std::size_t nret = schema.returns().size();
-  for (std::size_t i = stack->size() - nret; i < stack->size(); ++i) {
-    c10::IValue& v = (*stack)[i];
-    if (v.isTensor()) {
-      v = narrow(v.toTensor());
-    } else if (v.isTensorList()) {
-      c10::List<at::Tensor> out;
-      for (const at::Tensor& t : v.toTensorList()) out.push_back(narrow(t));
-      v = std::move(out);
-    }
-  }
+  for (std::size_t i = stack->size() - nret; i < stack->size(); ++i) mapTensors((*stack)[i], narrow);
 }
 
 void fallbackAt(const c10::OperatorHandle& op, torch::jit::Stack* stack,

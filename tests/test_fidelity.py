@@ -1588,6 +1588,10 @@ def test_out_of_range_indices_raise_accelerator_error_as_on_mps(mps_mode):
     x = torch.rand(10, 1, 10, device=DEV)
     raises_exactly(torch.AcceleratorError, "index 1 is out of bounds for dimension 0 with size 1",
                    lambda: x[:, [1]])
+    # an index into an empty dimension is refused before any kernel, on MPS too
+    empty = torch.empty(10, 0, device=DEV)
+    raises_exactly(IndexError, "index is out of bounds for dimension with size 0",
+                   lambda: empty[:, [0, 1]])
     weight = torch.randn(4, 2, device=DEV)
     raises_exactly(torch.AcceleratorError, "Index 2 is out of bounds: 6, range 0 to 4",
                    lambda: torch.nn.functional.embedding_bag(

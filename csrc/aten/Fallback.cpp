@@ -709,7 +709,12 @@ void fallbackAt(const c10::OperatorHandle& op, torch::jit::Stack* stack,
     }
   } catch (const c10::IndexError& e) {
     // MPS's indexing kernels find a bad index on the device: AcceleratorError.
-    if (!fidelity_on || !fidelity::indexErrorIsDeferred(op)) throw;
+    // An index into an empty dimension is refused before any kernel runs
+    // (ATen's own check, IndexError on MPS too).
+    if (!fidelity_on || !fidelity::indexErrorIsDeferred(op) ||
+        std::string_view(e.msg()).find("for dimension with size 0") != std::string_view::npos) {
+      throw;
+    }
     throw c10::AcceleratorError({__func__, __FILE__, static_cast<uint32_t>(__LINE__)}, 1, e.msg());
   } catch (const c10::NotImplementedError& e) {
     const auto low = fidelity_on ? missingDtype(e.what_without_backtrace()) : std::nullopt;

@@ -799,3 +799,19 @@ def test_every_generator_op_has_a_device_kernel():
         if not dump or "csrc/aten/Random" not in dump[0]:
             missing.append(full)
     assert missing == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_uniform_draws_that_round_up_to_the_bound_stay_below_it(dtype):
+    # float32 draws in [1 - 2**-12, 1) round to 1.0 in float16: they take the
+    # largest value below 1, not `from` (Dirichlet(torch.rand(n)) must not see
+    # a zero concentration 1 time in 4096, which MPS's kernel never gives)
+    torch.mps_ext.manual_seed(0)
+    x = torch.rand(1_000_000, dtype=dtype, device=DEV).cpu().float()
+    top = 1.0 - torch.finfo(dtype).eps / 2
+    assert x.max().item() == top and (x < 1).all()
+    assert (x == 0).sum().item() <= 2
+    assert (x == top).sum().item() > 100  # the rounded-up draws land here
+    torch.distributions.Dirichlet(torch.rand(10_000, dtype=dtype, device=DEV))  # validates > 0
+    y = torch.empty(100_000, dtype=dtype, device=DEV).uniform_(-2.0, -1.0).cpu().float()
+    assert y.min().item() >= -2.0 and y.max().item() < -1.0

@@ -128,6 +128,22 @@ constexpr bool isReducedFloat() {
   return std::is_same_v<T, at::Half> || std::is_same_v<T, at::BFloat16>;
 }
 
+// The largest Half/BFloat16 below `to` (both: 16 bits, sign in bit 15).
+template <typename T>
+T largestBelow(float to) {
+  if constexpr (isReducedFloat<T>()) {
+    T h = static_cast<T>(to);
+    while (static_cast<float>(h) >= to) {
+      const float f = static_cast<float>(h);
+      h.x = f > 0 ? static_cast<uint16_t>(h.x - 1)
+                  : (f == 0 ? static_cast<uint16_t>(0x8001) : static_cast<uint16_t>(h.x + 1));
+    }
+    return h;
+  } else {
+    return static_cast<T>(std::nextafter(to, -std::numeric_limits<float>::infinity()));
+  }
+}
+
 // ---------------------------------------------------------------- uniform_
 
 at::Tensor& uniform_(at::Tensor& self, double from, double to,
@@ -179,11 +195,14 @@ at::Tensor& uniform_(at::Tensor& self, double from, double to,
           } else {
             float tmp[kChunk];
             k.uniformFloat(buf, count, from_f, to_f, tmp);
-            const scalar_t lo = static_cast<scalar_t>(from_f);
+            // Rounding to the narrow type may reach `to`: those draws take
+            // the largest value below it, keeping [from, to) (and no excess
+            // of `from`: 1 in 4096 float16 draws would round up to 1.0).
+            const scalar_t top = from_f < to_f ? largestBelow<scalar_t>(to_f)
+                                               : static_cast<scalar_t>(from_f);
             for (int64_t i = 0; i < count; ++i) {
               const scalar_t v = static_cast<scalar_t>(tmp[i]);
-              // Rounding to the narrow type may reach `to`: keep [from, to).
-              data[begin + i] = static_cast<float>(v) >= to_f ? lo : v;
+              data[begin + i] = static_cast<float>(v) >= to_f ? top : v;
             }
           }
         });

@@ -95,6 +95,13 @@ def test_int4_matmul_as_torchs_quantizer_builds_it():
                                atol=1e-4, rtol=1e-5)
 
 
+def int4_mm(a, b, group, sz, a_dtype=torch.float32, sz_dtype=torch.float32):
+    """A _weight_int4pack_mm call on zero tensors of these shapes (for its argument checks)."""
+    return lambda: torch._weight_int4pack_mm(
+        torch.zeros(a, dtype=a_dtype, device=DEV), torch.zeros(b, dtype=torch.int32, device=DEV),
+        group, torch.zeros(sz, dtype=sz_dtype, device=DEV))
+
+
 @pytest.mark.parametrize("make,kind,text", [
     (lambda: torch._convert_weight_to_int4pack(torch.zeros(8, 64, dtype=torch.int32, device=DEV), 2),
      RuntimeError, "_convert_weight_to_int4pack_mps : expect weight to be kByte."),
@@ -104,25 +111,15 @@ def test_int4_matmul_as_torchs_quantizer_builds_it():
      RuntimeError, "_convert_weight_to_int4pack_mps : innerKTiles need to be 2, 4, or 8, got 3"),
     (lambda: torch._convert_weight_to_int4pack(torch.zeros(6, 64, dtype=torch.uint8, device=DEV), 2),
      RuntimeError, "_convert_weight_to_int4pack_mps : expect N (weight.size(0)) to be a multiple of 8"),
-    (lambda: torch._weight_int4pack_mm(torch.zeros(2, 64, dtype=torch.int32, device=DEV),
-                                       torch.zeros(1, 2, 32, 1, dtype=torch.int32, device=DEV), 32,
-                                       torch.zeros(2, 8, 2, device=DEV)),
+    (int4_mm((2, 64), (1, 2, 32, 1), 32, (2, 8, 2), a_dtype=torch.int32),
      RuntimeError, "_weight_int4pack_mm_mps : expect A to be either 32-bit or 16-bit float tensor."),
-    (lambda: torch._weight_int4pack_mm(torch.zeros(2, 64, device=DEV),
-                                       torch.zeros(1, 2, 32, 1, dtype=torch.int32, device=DEV), 16,
-                                       torch.zeros(2, 8, 2, device=DEV)),
+    (int4_mm((2, 64), (1, 2, 32, 1), 16, (2, 8, 2)),
      RuntimeError, "_weight_int4pack_mm_mps: expect qGroupSize to be 32, 64, 128 or 256, got 16"),
-    (lambda: torch._weight_int4pack_mm(torch.zeros(2, 64, device=DEV),
-                                       torch.zeros(1, 2, 32, 1, dtype=torch.int32, device=DEV), 32,
-                                       torch.zeros(2, 4, 2, device=DEV)),
+    (int4_mm((2, 64), (1, 2, 32, 1), 32, (2, 4, 2)),
      RuntimeError, "_weight_int4pack_mm_mps: expect qScaleAndZeros to be 3d tensor with sizes [:, 8, 2]"),
-    (lambda: torch._weight_int4pack_mm(torch.zeros(2, 128, device=DEV),
-                                       torch.zeros(1, 2, 32, 1, dtype=torch.int32, device=DEV), 32,
-                                       torch.zeros(4, 8, 2, device=DEV)),
+    (int4_mm((2, 128), (1, 2, 32, 1), 32, (4, 8, 2)),
      RuntimeError, "_weight_int4pack_mm_mps : expect B to pack A.size(1) = 128 4-bit values"),
-    (lambda: torch._weight_int4pack_mm(torch.zeros(2, 64, device=DEV),
-                                       torch.zeros(1, 1, 32, 2, dtype=torch.int32, device=DEV), 32,
-                                       torch.zeros(2, 8, 2, dtype=torch.float16, device=DEV)),
+    (int4_mm((2, 64), (1, 1, 32, 2), 32, (2, 8, 2), sz_dtype=torch.float16),
      RuntimeError, "_weight_int4pack_mm_mps : expect qScaleAndZeros to have A's dtype Float, got Half"),
 ])
 def test_int4_bad_input_is_refused_with_mps_text(make, kind, text):

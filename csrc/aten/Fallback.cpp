@@ -427,9 +427,6 @@ const Redirect* redirectFor(const c10::OperatorHandle& op) {
   return nullptr;
 }
 
-void checkMpsKernelShapes(const c10::OperatorHandle& op, const torch::jit::Stack& stack,
-                          std::size_t begin);
-
 // MPS fidelity mode (Fidelity.h): the operator's verdict first, as MPS's
 // boxed fallback refuses before looking at arguments; then, for an operator
 // MPS runs itself, what its kernel would refuse to compute on (view
@@ -456,7 +453,7 @@ void checkFidelity(const c10::OperatorHandle& op, const c10::FunctionSchema& sch
       break;
     }
   }
-  checkMpsKernelShapes(op, stack, begin);
+  fidelity::checkKernelShapes(op, stack, begin);
   auto wide = [](const at::Tensor& t) {
     return t.defined() && t.device().type() == kDev && fidelity::wideDtype(t.scalar_type());
   };
@@ -487,73 +484,6 @@ void checkFidelity(const c10::OperatorHandle& op, const c10::FunctionSchema& sch
 // Refusals of MPS kernels that depend on shapes or arguments, not only on
 // the operator and its dtype (the tables' business): checked in mps mode
 // before the operator runs, with MPS's texts.
-void checkMpsKernelShapes(const c10::OperatorHandle& op, const torch::jit::Stack& stack,
-                          std::size_t begin) {
-  auto& d = c10::Dispatcher::singleton();
-  // MPS's transposed convolution has no 3-D half kernel (Convolution.mm,
-  // _mps_convolution_transpose). convolution_overrideable(input, weight,
-  // bias, stride, padding, dilation, transposed, ...).
-  static const c10::OperatorHandle conv = d.findSchemaOrThrow("aten::convolution_overrideable", "");
-  if (op == conv && stack[begin + 6].toBool()) {
-    const at::Tensor& input = stack[begin].toTensor();
-    if (input.dim() == 5 && (input.scalar_type() == at::kHalf ||
-                             input.scalar_type() == at::kBFloat16)) {
-      fidelity::refuseKernel(op, input.scalar_type(),
-                             "ConvTranspose 3D with BF16 or FP16 types is not supported on MPS");
-    }
-    return;
-  }
-  // MPS's adaptive average pooling is avg_pool2d with one kernel size and
-  // stride: sizes that do not divide each other are NotImplementedError
-  // (AdaptivePooling.mm, set_kernel_params), forward and backward.
-  static const c10::OperatorHandle pool = d.findSchemaOrThrow("aten::_adaptive_avg_pool2d", "");
-  static const c10::OperatorHandle pool_back =
-      d.findSchemaOrThrow("aten::_adaptive_avg_pool2d_backward", "");
-  int64_t ih = 0, iw = 0, oh = 0, ow = 0;
-  const at::Tensor* input = nullptr;
-  if (op == pool) {  // (self, output_size)
-    input = &stack[begin].toTensor();
-    auto out = stack[begin + 1].toIntVector();
-    if (out.size() != 2) return;
-    oh = out[0];
-    ow = out[1];
-  } else if (op == pool_back) {  // (grad_output, self)
-    const at::Tensor& grad = stack[begin].toTensor();
-    input = &stack[begin + 1].toTensor();
-    if (grad.dim() < 2) return;
-    oh = grad.size(-2);
-    ow = grad.size(-1);
-  } else {
-    return;
-  }
-  if (input->dim() < 3) return;  // CPU's own checks speak first
-  for (int64_t i = 1; i < input->dim(); ++i) {
-    if (input->size(i) == 0) return;
-  }
-  ih = input->size(-2);
-  iw = input->size(-1);
-  if (oh <= 0 || ow <= 0) return;
-  const char* tail =
-      " Non-divisible input sizes are not implemented on MPS device yet. For now, you can "
-      "manually transfer tensor to cpu in this case. Please refer to [this "
-      "issue](https://github.com/pytorch/pytorch/issues/96056)";
-  if (!((ih >= oh && iw >= ow) || (ih <= oh && iw <= ow))) {
-    fidelity::refuseKernel(op, input->scalar_type(),
-                           "Adaptive pool MPS: Input height and width must both be greater than, "
-                           "or equal to, or lesser than output height and width",
-                           /*not_implemented=*/true);
-  } else if (ih >= oh && (ih % oh != 0 || iw % ow != 0)) {
-    fidelity::refuseKernel(op, input->scalar_type(),
-                           std::string("Adaptive pool MPS: input sizes must be divisible by output "
-                                       "sizes.") + tail,
-                           /*not_implemented=*/true);
-  } else if (ih < oh && (oh % ih != 0 || ow % iw != 0)) {
-    fidelity::refuseKernel(op, input->scalar_type(),
-                           std::string("Adaptive pool MPS: output sizes must be divisible by "
-                                       "input sizes.") + tail,
-                           /*not_implemented=*/true);
-  }
-}
 
 // cpu_key: the CPU kernel to run when it is not the arguments' (SparseCPU for
 // a sparse factory); else CPU's, NestedTensorCPU's or a sparse key's by the

@@ -83,6 +83,12 @@ inline bool wideDtype(at::ScalarType t) {
   return t == at::kDouble || t == at::kComplexDouble;
 }
 
+// For an operator MPS runs itself, after its dtype refusals: what MPS's kernel
+// refuses for its arguments' shapes (3-D half transposed convolution,
+// adaptive average pooling over sizes that do not divide), with its texts.
+void checkKernelShapes(const c10::OperatorHandle& op, const torch::jit::Stack& stack,
+                       std::size_t begin);
+
 // The checks; call them only when on().
 // An operator about to run on the device. Returns its verdict after acting
 // on it (raised, warned, recorded); operands are MPS's to check only when

@@ -13,8 +13,10 @@
 #include <torch/csrc/distributed/c10d/Backend.hpp>
 #include <torch/csrc/distributed/c10d/Work.hpp>
 
+#include <chrono>
 #include <memory>
 #include <mutex>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -75,7 +77,6 @@ class Aliases {
     }
     return v;
   }
-  bool empty() const { return pairs_.empty(); }
 
  private:
   // (alias storage, device storage); both held, so no address is reused
@@ -93,7 +94,12 @@ at::Tensor flat(const at::Tensor& t) {
 }
 
 // The engine's work, reporting device tensors where the engine reports
-// aliases of their memory.
+// aliases of their memory. Waiting for it also waits until the engine's
+// thread has let go of it (gloo's worker drops its references just after
+// completing a work), so the waiter, not that thread, releases the tensors
+// last: a tensor whose Python object it keeps alive needs the GIL to be
+// released, which a gloo thread cannot take once the interpreter is shutting
+// down (std::terminate at exit, after a last collective on CPU tensors).
 class MpsExtWork final : public c10d::Work {
  public:
   MpsExtWork(c10::intrusive_ptr<c10d::Work> engine, std::shared_ptr<const Aliases> aliases,
@@ -107,8 +113,15 @@ class MpsExtWork final : public c10d::Work {
   std::exception_ptr exception() const override { return engine_->exception(); }
   int sourceRank() const override { return engine_->sourceRank(); }
   std::vector<at::Tensor> result() override { return aliases_->device(engine_->result()); }
-  void synchronize() override { engine_->synchronize(); }
-  bool wait(std::chrono::milliseconds timeout) override { return engine_->wait(timeout); }
+  void synchronize() override {
+    engine_->synchronize();
+    awaitEngineRelease();
+  }
+  bool wait(std::chrono::milliseconds timeout) override {
+    bool done = engine_->wait(timeout);
+    if (done) awaitEngineRelease();
+    return done;
+  }
   void blockCurrentStream() override { engine_->blockCurrentStream(); }
   void abort() override { engine_->abort(); }
   c10::intrusive_ptr<c10::ivalue::Future> getFutureResult() override {
@@ -130,6 +143,22 @@ class MpsExtWork final : public c10d::Work {
   }
 
  private:
+  // Until this work holds the engine's last reference; bounded, so that an
+  // engine keeping its works longer costs a second, never a hang.
+  void awaitEngineRelease() const {
+    using Clock = std::chrono::steady_clock;
+    const Clock::time_point deadline = Clock::now() + std::chrono::seconds(1);
+    for (int spin = 0; engine_.use_count() > 1; ++spin) {
+      if (spin < 64) {
+        std::this_thread::yield();
+      } else if (Clock::now() < deadline) {
+        std::this_thread::sleep_for(std::chrono::microseconds(20));
+      } else {
+        return;
+      }
+    }
+  }
+
   c10::intrusive_ptr<c10d::Work> engine_;
   std::shared_ptr<const Aliases> aliases_;
   std::mutex future_mutex_;
@@ -313,7 +342,7 @@ class MpsExtBackend final : public c10d::Backend {
   }
 
   c10::intrusive_ptr<c10d::Work> barrier(const c10d::BarrierOptions& opts) override {
-    return engine_->barrier(opts);
+    return run([&](Aliases&) { return engine_->barrier(opts); });
   }
 
   void monitoredBarrier(const c10d::BarrierOptions& opts, bool wait_all_ranks) override {
@@ -322,13 +351,14 @@ class MpsExtBackend final : public c10d::Backend {
   void setSequenceNumberForGroup() override { engine_->setSequenceNumberForGroup(); }
   uint64_t getSequenceNumberForGroup() override { return engine_->getSequenceNumberForGroup(); }
   void enableCollectivesTiming() override { engine_->enableCollectivesTiming(); }
+  void shutdown() override { engine_->shutdown(); }
+  void abort() override { engine_->abort(); }
 
  private:
   template <typename F>
   c10::intrusive_ptr<c10d::Work> run(F&& start) {
     auto aliases = std::make_shared<Aliases>();
     c10::intrusive_ptr<c10d::Work> work = start(*aliases);
-    if (aliases->empty()) return work;  // no device tensor: the engine's own
     return c10::make_intrusive<MpsExtWork>(std::move(work), std::move(aliases), rank_);
   }
 
@@ -356,12 +386,13 @@ c10::intrusive_ptr<c10d::ProcessGroup> processGroupOver(
   TORCH_CHECK(plain->getDeviceTypes().size() == 1 &&
                   plain->getDeviceTypes()[0].type() == c10::DeviceType::CPU,
               "mps_ext process group: expected a group with one backend, for CPU tensors");
-  c10::intrusive_ptr<c10d::Backend> engine = plain->getBackend(c10::DeviceType::CPU);
+  auto backend = c10::make_intrusive<MpsExtBackend>(plain->getBackend(c10::DeviceType::CPU));
   auto pg = c10::make_intrusive<MpsExtProcessGroup>(plain->getStore(), plain->getRank(),
                                                     plain->getSize());
-  pg->setBackend(c10::DeviceType::CPU, BackendType::GLOO, engine);
-  pg->setBackend(c10::DeviceType::PrivateUse1, BackendType::CUSTOM,
-                 c10::make_intrusive<MpsExtBackend>(engine));
+  // CPU tensors go through the backend too (as they are, to the engine), so
+  // their works are waited for as the device tensors' are.
+  pg->setBackend(c10::DeviceType::CPU, BackendType::GLOO, backend);
+  pg->setBackend(c10::DeviceType::PrivateUse1, BackendType::CUSTOM, backend);
   pg->setDefaultBackend(BackendType::CUSTOM);
   return pg;
 }

@@ -15,9 +15,9 @@ namespace torch_mps_ext::distributed {
 
 // The process group torch_mps_ext.distributed hands to torch.distributed:
 // `plain` is a ProcessGroup with the engine registered for CPU tensors; the
-// result has the same store, rank, size and CPU backend, reports the name
-// "mps_ext", and has the mps_ext backend over that engine for mps_ext
-// tensors (its default backend).
+// result has the same store, rank and size, reports the name "mps_ext", and
+// has the mps_ext backend over that engine for both CPU and mps_ext tensors
+// (CPU tensors go to the engine as they are).
 c10::intrusive_ptr<c10d::ProcessGroup> processGroupOver(
     const c10::intrusive_ptr<c10d::ProcessGroup>& plain);
 

@@ -1044,6 +1044,31 @@ def test_grid_sample_half_precision_is_computed_in_float32_in_mps_mode(dims, dty
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("weights_dtype, mps_dtype", [
+    (torch.float32, torch.float32), (torch.float16, torch.float16),
+    (torch.bfloat16, torch.bfloat16), (torch.int32, torch.int32), (torch.int8, torch.int32),
+    (torch.uint8, torch.int32), (torch.int64, torch.int32), (torch.bool, torch.int32)])
+def test_weighted_bincount_has_mps_result_dtype_in_mps_mode(weights_dtype, mps_dtype):
+    x = torch.tensor([0, 1, 1, 1, 4], dtype=torch.int32)
+    w = torch.tensor([1, 2, 3, 4, 5]).to(weights_dtype)
+    cpu = torch.bincount(x, w)
+    torch.mps_ext.set_fidelity("mps")
+    try:
+        got = torch.bincount(x.to(DEV), w.to(DEV))
+        # MPS sums other integer weights as int32 (truncated first): wraps at 32 bits
+        big = torch.bincount(x.to(DEV), torch.tensor([2**32 + 7, 1, 2, 3, 2**31 - 1]).to(DEV))
+        empty = torch.bincount(torch.tensor([], dtype=torch.long, device=DEV),
+                               torch.tensor([], device=DEV), minlength=3)
+    finally:
+        torch.mps_ext.set_fidelity("off")
+    assert got.dtype == mps_dtype and got.device.type == DEV
+    assert torch.equal(got.cpu(), cpu.to(mps_dtype))
+    assert big.dtype == torch.int32 and big.cpu().tolist() == [7, 6, 0, 0, 2**31 - 1]
+    assert empty.dtype == torch.int64 and empty.cpu().tolist() == [0, 0, 0]
+    # default mode: CPU's dtypes, as before
+    assert torch.bincount(x.to(DEV), w.to(DEV)).dtype == cpu.dtype
+
+
 # ---------------------------------------------------------------- common_mps's per-dtype lists (issue 23, item 1)
 
 def common_mps_text(op, dtype, key):

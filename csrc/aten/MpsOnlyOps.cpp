@@ -23,6 +23,12 @@
 //     the results; CPU's kernels compute in half precision (the difference
 //     grows without bound with the grid's magnitude). Off, CPU's kernels as
 //     before.
+//   - bincount with weights, in mps fidelity mode only: MPS's kernel returns
+//     float32 for float32 weights, int32 for int32 weights, the weights'
+//     dtype for float16/bfloat16 (summed in float32), and int32 for every
+//     other dtype (each weight truncated to int32 first); CPU's returns
+//     float32 or float64 (an empty input: int64 zeros on MPS). Off, CPU's
+//     dtypes as before.
 //   - (_sample_dirichlet in float16/bfloat16, which MPS samples and CPU's
 //     kernel does not: RandomCpuDerived.cpp samples them in float32.)
 #include "aten/Fallback.h"
@@ -179,6 +185,39 @@ void inFloat32OnMps(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   }
 }
 
+// bincount(self, weights, minlength): CPU's kernel, with the result in the
+// dtype MPS's kernel gives for the weights' dtype in mps mode.
+void bincountOnMps(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  const size_t first = stack->size() - op.schema().arguments().size();
+  const c10::IValue& w = (*stack)[first + 1];
+  std::optional<at::ScalarType> result;
+  if (runtime::fidelity::on() && w.isTensor() && w.toTensor().defined()) {
+    const at::ScalarType wt = w.toTensor().scalar_type();
+    if ((*stack)[first].toTensor().numel() == 0) {
+      result = at::kLong;  // MPS's early return for an empty input
+    } else if (wt == at::kFloat || wt == at::kHalf || wt == at::kBFloat16) {
+      result = wt;
+    } else {
+      result = at::kInt;
+      // Truncated to int32 first, as MPS's kernel sums int32 weights.
+      if (wt != at::kInt) (*stack)[first + 1] = w.toTensor().to(at::kInt);
+    }
+  }
+  runFallback(op, stack);
+  if (!result) return;
+  const at::Tensor& out = stack->back().toTensor();
+  if (out.scalar_type() == *result) return;
+  // Converted on the host: CPU's float64 result is this kernel's own
+  // intermediate, not a float64 tensor the user made. Integer sums wrap at
+  // 32 bits as MPS's int32 accumulator does (exact in float64, which CPU's
+  // kernel sums int weights in).
+  at::Tensor host = hostView(out);
+  if (*result == at::kInt) host = host.to(at::kLong);
+  at::Tensor converted = at::empty(out.sizes(), out.options().dtype(*result));
+  hostView(converted).copy_(host);
+  stack->back() = converted;
+}
+
 } // namespace
 
 TORCH_LIBRARY_IMPL(aten, PrivateUse1, m) {
@@ -189,6 +228,7 @@ TORCH_LIBRARY_IMPL(aten, PrivateUse1, m) {
   m.impl("_convert_weight_to_int4pack", TORCH_FN(convertWeightToInt4pack));
   m.impl("_weight_int4pack_mm", TORCH_FN(weightInt4packMm));
   m.impl("mish_backward", torch::CppFunction::makeFromBoxedFunction<&runFallback>());
+  m.impl("bincount", torch::CppFunction::makeFromBoxedFunction<&bincountOnMps>());
 }
 
 } // namespace torch_mps_ext

@@ -118,3 +118,47 @@ def test_checkpoint_with_reentrant_backward():
         grads.append((wd.grad.cpu(), xd.grad.cpu()))
     for a, b in zip(*grads):
         assert torch.equal(a, b)
+
+
+def autocast_dtypes():
+    """Result dtypes of a few operators under torch.autocast("mps_ext")."""
+    F = torch.nn.functional
+    g = torch.Generator().manual_seed(0)
+    x5 = torch.randn(1, 2, 3, 4, 4, generator=g).to(DEV)
+    half = torch.randn(2, 3, generator=g).to(DEV).half()
+    with torch.autocast(DEV):
+        out = {
+            "conv_transpose3d": F.conv_transpose3d(x5, torch.ones(2, 2, 2, 2, 2, device=DEV)),
+            "conv3d": F.conv3d(x5, torch.ones(2, 2, 1, 1, 1, device=DEV)),
+            "mm": torch.ones(2, 2, device=DEV) @ torch.ones(2, 2, device=DEV),
+            "exp": torch.exp(half),
+            "interpolate": F.interpolate(half[None, None], scale_factor=2),
+            "batch_norm": F.batch_norm(half, None, None, training=True),
+            "gru_cell": torch.nn.GRUCell(3, 3).to(DEV)(torch.ones(2, 3, device=DEV)),
+        }
+        try:
+            out["binary_cross_entropy"] = F.binary_cross_entropy(
+                torch.full((3,), 0.5, device=DEV), torch.ones(3, device=DEV))
+        except RuntimeError as e:
+            assert "unsafe to autocast" in str(e)
+            out["binary_cross_entropy"] = None
+    return {k: v if v is None else v.dtype for k, v in out.items()}
+
+
+def test_mps_mode_autocasts_with_mps_lists():
+    f16, f32 = torch.float16, torch.float32
+    shared = {"conv_transpose3d": f16, "conv3d": f16, "mm": f16, "exp": f32,
+              "interpolate": f32, "batch_norm": f16, "gru_cell": f16,
+              "binary_cross_entropy": None}
+    # MPS (torch 2.13's AutocastMPS lists): no half 3-D transposed convolution,
+    # batch_norm in float32; gru_cell and upsampling are not listed (they keep
+    # their dtypes), binary_cross_entropy is not refused.
+    mps = dict(shared, conv_transpose3d=f32, batch_norm=f32, gru_cell=f32, interpolate=f16,
+               binary_cross_entropy=f32)
+    assert autocast_dtypes() == shared
+    torch.mps_ext.set_fidelity("mps")
+    try:
+        assert autocast_dtypes() == mps
+    finally:
+        torch.mps_ext.set_fidelity("off")
+    assert autocast_dtypes() == shared  # the mode is read per call

@@ -21,6 +21,26 @@ def test_conj_and_neg_views_copy_both_ways():
     assert torch.equal(r._neg_view().to(DEV).cpu(), -r)
 
 
+def test_negative_view_copied_into_another_dtype_keeps_its_sign():
+    # CPU's dense float32<->float16 conversion copy ignores the negative bit
+    # (torch 2.13, the CPU bug test_mps.py's test_neg_bit guards MPS against):
+    # every copy to, from and on the device converts the resolved values.
+    v = torch.randn(4, 4)
+    for layout in (lambda t: t, lambda t: t.T):
+        for src, want in ((v, -v), (v.half(), -v.half()), (v.bfloat16(), -v.bfloat16())):
+            for dtype in (torch.float16, torch.float32, torch.int32):
+                expected = layout(want).to(dtype)
+                host = torch.empty(4, 4, dtype=dtype)
+                host.copy_(layout(src.to(DEV))._neg_view())  # device -> CPU
+                on_dev = torch.empty(4, 4, dtype=dtype, device=DEV)
+                on_dev.copy_(layout(src.to(DEV))._neg_view())  # device -> device
+                up = torch.empty(4, 4, dtype=dtype, device=DEV)
+                up.copy_(layout(src)._neg_view())  # CPU -> device
+                assert torch.equal(host, expected)
+                assert torch.equal(on_dev.cpu(), expected)
+                assert torch.equal(up.cpu(), expected)
+
+
 def test_convolution_forward_and_backward_run_cpu_kernels():
     # convolution_overrideable / convolution_backward_overrideable have no
     # CPU kernel: the fallback runs convolution / convolution_backward.

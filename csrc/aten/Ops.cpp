@@ -210,6 +210,12 @@ at::Tensor copy_from(const at::Tensor& self, const at::Tensor& dst,
   } else {
     dst_h = hostView(dst);
   }
+  if (C10_UNLIKELY(src_h.is_neg() || dst_h.is_neg()) && src_h.scalar_type() != dst_h.scalar_type()) {
+    // CPU's float32<->float16 conversion copy of a dense tensor ignores the
+    // negative bit (torch 2.13: a `_neg_view` copied into a half tensor keeps
+    // its sign). Convert a resolved copy, then copy within one dtype.
+    src_h = src_h.resolve_neg().to(dst_h.scalar_type());
+  }
   at::native::copy_(dst_h, src_h, false);
   return dst;
 }

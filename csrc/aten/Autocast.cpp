@@ -30,11 +30,14 @@ namespace {
 
 // As on CUDA: binary_cross_entropy on autocast float16 inputs loses too much
 // precision to be safe, so autocast refuses it (MPS lets it through).
-at::Tensor binaryCrossEntropyBanned(const at::Tensor& self, const at::Tensor& target,
+at::Tensor binaryCrossEntropyBanned(c10::DispatchKeySet ks, const at::Tensor& self,
+                                    const at::Tensor& target,
                                     const std::optional<at::Tensor>& weight, int64_t reduction) {
   if (runtime::fidelity::on()) {
-    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastPrivateUse1);
-    return at::_ops::binary_cross_entropy::call(self, target, weight, reduction);
+    return at::_ops::binary_cross_entropy::redispatch(
+        ks & c10::DispatchKeySet(c10::DispatchKeySet::FULL_AFTER,
+                                 c10::DispatchKey::AutocastPrivateUse1),
+        self, target, weight, reduction);
   }
   TORCH_CHECK(
       false,
@@ -87,16 +90,28 @@ MpsPolicy mpsPolicy(std::string_view name) {
   return MpsPolicy::kNone;
 }
 
-// The operator below autocast, dtypes as given: what autocast does to an
-// operator it does not list.
-template <class Sig, Sig* F>
+// Keys after AutocastPrivateUse1: what an operator autocast does not list
+// reaches. Like the dispatcher's fallthrough, the operators it calls in turn
+// are autocast again (a composite's matmuls, say).
+constexpr c10::DispatchKeySet kAfterAutocast(c10::DispatchKeySet::FULL_AFTER,
+                                             c10::DispatchKey::AutocastPrivateUse1);
+
+// The operator `Op` (at::_ops::...) below autocast, dtypes as given.
+template <class Op, class Sig>
 struct Below;
-template <class Ret, class... Args, Ret (*F)(Args...)>
-struct Below<Ret(Args...), F> {
-  static Ret call(Args... args) {
-    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastPrivateUse1);
-    return (*F)(args...);
+template <class Op, class Ret, class... Args>
+struct Below<Op, Ret(Args...)> {
+  static Ret call(c10::DispatchKeySet ks, Args... args) {
+    return Op::redispatch(ks & kAfterAutocast, args...);
   }
+};
+
+// A torch autocast wrapper (no key set), as `Below` is called.
+template <class Wrapped, class Sig>
+struct Keyed;
+template <class Wrapped, class Ret, class... Args>
+struct Keyed<Wrapped, Ret(Args...)> {
+  static Ret call(c10::DispatchKeySet, Args... args) { return Wrapped::call(args...); }
 };
 
 // `Default` off, `InMps` in mps fidelity mode.
@@ -104,36 +119,40 @@ template <class Sig, class Default, class InMps>
 struct ByMode;
 template <class Ret, class... Args, class Default, class InMps>
 struct ByMode<Ret(Args...), Default, InMps> {
-  static Ret call(Args... args) {
-    if (C10_UNLIKELY(runtime::fidelity::on())) return InMps::call(args...);
-    return Default::call(args...);
+  static Ret call(c10::DispatchKeySet ks, Args... args) {
+    if (C10_UNLIKELY(runtime::fidelity::on())) return InMps::call(ks, args...);
+    return Default::call(ks, args...);
   }
 };
 
-template <at::autocast::CastPolicy policy, class Sig, Sig* F>
-using Wrap = typename at::autocast::WrapFunction<policy, c10::DeviceType::PrivateUse1, Sig, Sig,
-                                                 F>::type;
+template <at::autocast::CastPolicy policy, class Op>
+using Wrap = Keyed<typename at::autocast::WrapFunction<policy, c10::DeviceType::PrivateUse1,
+                                                       typename Op::schema, typename Op::schema,
+                                                       &Op::call>::type,
+                   typename Op::schema>;
 
-// Registers `name` with the shared list's `policy`, made MPS's in mps mode:
+// Registers `Op` with the shared list's `policy`, made MPS's in mps mode:
 // the same where MPS lists it with that policy, fp32 or none otherwise.
-template <at::autocast::CastPolicy policy, class Sig, Sig* F>
+template <at::autocast::CastPolicy policy, class Op>
 void registerShared(torch::Library& m, const char* name, MpsPolicy same) {
   using at::autocast::CastPolicy;
-  using Shared = Wrap<policy, Sig, F>;
+  using Sig = typename Op::schema;
   const MpsPolicy mps = mpsPolicy(name);
   if (mps == same) {
-    m.impl(name, &Shared::call);
+    m.impl(name, &at::autocast::WrapFunction<policy, c10::DeviceType::PrivateUse1, Sig, Sig,
+                                             &Op::call>::type::call);
   } else if (mps == MpsPolicy::kFp32) {
-    m.impl(name, &ByMode<Sig, Shared, Wrap<CastPolicy::fp32, Sig, F>>::call);
+    m.impl(name, &ByMode<Sig, Wrap<policy, Op>, Wrap<CastPolicy::fp32, Op>>::call);
   } else {
-    m.impl(name, &ByMode<Sig, Shared, Below<Sig, F>>::call);
+    m.impl(name, &ByMode<Sig, Wrap<policy, Op>, Below<Op, Sig>>::call);
   }
 }
 
 // An operator only MPS lists, with `policy`: in mps mode only.
-template <at::autocast::CastPolicy policy, class Sig, Sig* F>
+template <at::autocast::CastPolicy policy, class Op>
 void registerMpsOnly(torch::Library& m, const char* name) {
-  m.impl(name, &ByMode<Sig, Below<Sig, F>, Wrap<policy, Sig, F>>::call);
+  using Sig = typename Op::schema;
+  m.impl(name, &ByMode<Sig, Below<Op, Sig>, Wrap<policy, Op>>::call);
 }
 
 } // namespace
@@ -148,12 +167,11 @@ TORCH_LIBRARY_IMPL(_, AutocastPrivateUse1, m) {
 
 TORCH_LIBRARY_IMPL(aten, AutocastPrivateUse1, m) {
   using torch_mps_ext::MpsPolicy;
-#define MPS_EXT_SHARED1(POLICY, SAME, OP, _)                                           \
-  torch_mps_ext::registerShared<CastPolicy::POLICY, decltype(ATEN_FN(OP)), &ATEN_FN(OP)>( \
-      m, "aten::" #OP, SAME);
-#define MPS_EXT_SHARED2(POLICY, SAME, OP, OVERLOAD, _)                           \
-  torch_mps_ext::registerShared<CastPolicy::POLICY, decltype(ATEN_FN2(OP, OVERLOAD)), \
-                                &ATEN_FN2(OP, OVERLOAD)>(m, "aten::" #OP "." #OVERLOAD, SAME);
+#define MPS_EXT_SHARED1(POLICY, SAME, OP, _) \
+  torch_mps_ext::registerShared<CastPolicy::POLICY, ATEN_OP(OP)>(m, "aten::" #OP, SAME);
+#define MPS_EXT_SHARED2(POLICY, SAME, OP, OVERLOAD, _)                          \
+  torch_mps_ext::registerShared<CastPolicy::POLICY, ATEN_OP2(OP, OVERLOAD)>( \
+      m, "aten::" #OP "." #OVERLOAD, SAME);
 #define MPS_EXT_SHARED_N(NARG, ...) C10_CONCATENATE(MPS_EXT_SHARED, NARG)(__VA_ARGS__)
 // (OP) or (OP, OVERLOAD): counted as KERNEL counts them, with one more argument.
 #define MPS_EXT_SHARED(POLICY, SAME, ...) \
@@ -171,8 +189,7 @@ TORCH_LIBRARY_IMPL(aten, AutocastPrivateUse1, m) {
   AT_FORALL_DIFFERENT_REDISPATCH_SIGNATURE(
       KERNEL_DIFFERENT_REDISPATCH_SIGNATURE_PRIVATEUSEONE)
   AT_FORALL_PROMOTE(MPS_EXT_PROMOTE)
-  torch_mps_ext::registerMpsOnly<CastPolicy::fp32, decltype(ATEN_FN(batch_norm)),
-                                 &ATEN_FN(batch_norm)>(m, "aten::batch_norm");
+  torch_mps_ext::registerMpsOnly<CastPolicy::fp32, ATEN_OP(batch_norm)>(m, "aten::batch_norm");
 
 #undef MPS_EXT_SHARED1
 #undef MPS_EXT_SHARED2

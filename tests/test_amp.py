@@ -135,6 +135,7 @@ def autocast_dtypes():
             "interpolate": F.interpolate(half[None, None], scale_factor=2),
             "batch_norm": F.batch_norm(half, None, None, training=True),
             "gru_cell": torch.nn.GRUCell(3, 3).to(DEV)(torch.ones(2, 3, device=DEV)),
+            "rnn_tanh_cell": torch.rnn_tanh_cell(*(torch.ones(3, 3, device=DEV),) * 4),
         }
         try:
             out["binary_cross_entropy"] = F.binary_cross_entropy(
@@ -148,11 +149,12 @@ def autocast_dtypes():
 def test_mps_mode_autocasts_with_mps_lists():
     f16, f32 = torch.float16, torch.float32
     shared = {"conv_transpose3d": f16, "conv3d": f16, "mm": f16, "exp": f32,
-              "interpolate": f32, "batch_norm": f16, "gru_cell": f16,
+              "interpolate": f32, "batch_norm": f16, "gru_cell": f16, "rnn_tanh_cell": f16,
               "binary_cross_entropy": None}
     # MPS (torch 2.13's AutocastMPS lists): no half 3-D transposed convolution,
     # batch_norm in float32; gru_cell and upsampling are not listed (they keep
-    # their dtypes), binary_cross_entropy is not refused.
+    # their dtypes; what they call is autocast again: rnn_tanh_cell's linears
+    # run in float16), binary_cross_entropy is not refused.
     mps = dict(shared, conv_transpose3d=f32, batch_norm=f32, gru_cell=f32, interpolate=f16,
                binary_cross_entropy=f32)
     assert autocast_dtypes() == shared

@@ -102,6 +102,9 @@ def test_waits_answer_ctrl_c(wait):
     # wait within about a second (the kernel itself runs on).
     out = _run(f"""
 import os, signal, threading, time
+# Python leaves SIGINT ignored when it starts with it ignored (a background
+# job of a non-interactive shell): Ctrl-C's handler, as in a terminal.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 lib.spin(x, 10**13, threads=1)
 ev = torch.mps_ext.Event()
 ev.record()

@@ -1069,6 +1069,34 @@ def test_weighted_bincount_has_mps_result_dtype_in_mps_mode(weights_dtype, mps_d
     assert torch.bincount(x.to(DEV), w.to(DEV)).dtype == cpu.dtype
 
 
+def test_renorm_backward_runs_in_mps_mode_as_on_a_mac():
+    # ATen's renorm backward accumulates in toAccumulateType(dtype, device):
+    # float32 on MPS, float64 here, intermediates a Mac never has.
+    x = torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(0))
+    g = torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(1))
+    want = torch.autograd.grad(torch.renorm(x.requires_grad_(), 2, 1, 1.0), x, g)[0]
+    xd = x.detach().to(DEV).requires_grad_()
+    torch.mps_ext.set_fidelity("mps")
+    try:
+        got = torch.autograd.grad(torch.renorm(xd, 2, 1, 1.0), xd, g.to(DEV))[0]
+        # float64 made in any other backward stays refused
+        class Widen(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, t):
+                return t * 2
+
+            @staticmethod
+            def backward(ctx, grad):
+                return grad.double().float() * 2
+
+        with pytest.raises(TypeError, match="doesn't support float64"):
+            Widen.apply(xd).sum().backward()
+    finally:
+        torch.mps_ext.set_fidelity("off")
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.cpu(), want)
+
+
 # ---------------------------------------------------------------- common_mps's per-dtype lists (issue 23, item 1)
 
 def common_mps_text(op, dtype, key):

@@ -23,7 +23,6 @@
 #include <ATen/NestedTensorImpl.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/op_registration/op_registration.h>
-#include <ATen/ops/narrow.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/util/SmallVector.h>
 #include <torch/library.h>
@@ -480,10 +479,6 @@ void checkFidelity(const c10::OperatorHandle& op, const c10::FunctionSchema& sch
     return;
   }
 }
-
-// Refusals of MPS kernels that depend on shapes or arguments, not only on
-// the operator and its dtype (the tables' business): checked in mps mode
-// before the operator runs, with MPS's texts.
 
 // cpu_key: the CPU kernel to run when it is not the arguments' (SparseCPU for
 // a sparse factory); else CPU's, NestedTensorCPU's or a sparse key's by the

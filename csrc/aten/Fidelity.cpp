@@ -331,7 +331,8 @@ constexpr auto kDev = c10::DeviceType::PrivateUse1;
 struct KernelChecks {
   std::optional<c10::OperatorHandle> isin, isin_out, slow_conv2d, embedding_bag,
       embedding_bag_fwd, index, index_put, index_put_impl, nll_backward, nll_backward_out,
-      nll2d_backward, nll2d_backward_out, narrow_copy, convolution;
+      nll2d_backward, nll2d_backward_out, narrow_copy, convolution, adaptive_avg_pool2d,
+      adaptive_avg_pool2d_backward;
   KernelChecks() {
     auto& d = c10::Dispatcher::singleton();
     isin = d.findOp({"aten::isin", "Tensor_Tensor"});
@@ -348,6 +349,8 @@ struct KernelChecks {
     nll2d_backward_out = d.findOp({"aten::nll_loss2d_backward", "grad_input"});
     narrow_copy = d.findOp({"aten::narrow_copy", ""});
     convolution = d.findOp({"aten::convolution_overrideable", ""});
+    adaptive_avg_pool2d = d.findOp({"aten::_adaptive_avg_pool2d", ""});
+    adaptive_avg_pool2d_backward = d.findOp({"aten::_adaptive_avg_pool2d_backward", ""});
   }
 };
 
@@ -455,35 +458,31 @@ void adaptKernelArguments(const c10::OperatorHandle& op, torch::jit::Stack& stac
 
 void checkKernelShapes(const c10::OperatorHandle& op, const torch::jit::Stack& stack,
                        std::size_t begin) {
-  auto& d = c10::Dispatcher::singleton();
+  const KernelChecks& k = kernelChecks();
   // MPS's transposed convolution has no 3-D half kernel (Convolution.mm,
   // _mps_convolution_transpose). convolution_overrideable(input, weight,
   // bias, stride, padding, dilation, transposed, ...).
-  static const c10::OperatorHandle conv = d.findSchemaOrThrow("aten::convolution_overrideable", "");
-  if (op == conv && stack[begin + 6].toBool()) {
+  if (is(k.convolution, op) && stack[begin + 6].toBool()) {
     const at::Tensor& input = stack[begin].toTensor();
     if (input.dim() == 5 && (input.scalar_type() == at::kHalf ||
                              input.scalar_type() == at::kBFloat16)) {
       refuseKernel(op, input.scalar_type(),
-                             "ConvTranspose 3D with BF16 or FP16 types is not supported on MPS");
+                   "ConvTranspose 3D with BF16 or FP16 types is not supported on MPS");
     }
     return;
   }
   // MPS's adaptive average pooling is avg_pool2d with one kernel size and
   // stride: sizes that do not divide each other are NotImplementedError
   // (AdaptivePooling.mm, set_kernel_params), forward and backward.
-  static const c10::OperatorHandle pool = d.findSchemaOrThrow("aten::_adaptive_avg_pool2d", "");
-  static const c10::OperatorHandle pool_back =
-      d.findSchemaOrThrow("aten::_adaptive_avg_pool2d_backward", "");
   int64_t ih = 0, iw = 0, oh = 0, ow = 0;
   const at::Tensor* input = nullptr;
-  if (op == pool) {  // (self, output_size)
+  if (is(k.adaptive_avg_pool2d, op)) {  // (self, output_size)
     input = &stack[begin].toTensor();
     auto out = stack[begin + 1].toIntVector();
     if (out.size() != 2) return;
     oh = out[0];
     ow = out[1];
-  } else if (op == pool_back) {  // (grad_output, self)
+  } else if (is(k.adaptive_avg_pool2d_backward, op)) {  // (grad_output, self)
     const at::Tensor& grad = stack[begin].toTensor();
     input = &stack[begin + 1].toTensor();
     if (grad.dim() < 2) return;
@@ -505,19 +504,19 @@ void checkKernelShapes(const c10::OperatorHandle& op, const torch::jit::Stack& s
       "issue](https://github.com/pytorch/pytorch/issues/96056)";
   if (!((ih >= oh && iw >= ow) || (ih <= oh && iw <= ow))) {
     refuseKernel(op, input->scalar_type(),
-                           "Adaptive pool MPS: Input height and width must both be greater than, "
-                           "or equal to, or lesser than output height and width",
-                           /*not_implemented=*/true);
+                 "Adaptive pool MPS: Input height and width must both be greater than, "
+                 "or equal to, or lesser than output height and width",
+                 /*not_implemented=*/true);
   } else if (ih >= oh && (ih % oh != 0 || iw % ow != 0)) {
     refuseKernel(op, input->scalar_type(),
-                           std::string("Adaptive pool MPS: input sizes must be divisible by output "
-                                       "sizes.") + tail,
-                           /*not_implemented=*/true);
+                 std::string("Adaptive pool MPS: input sizes must be divisible by output sizes.") +
+                     tail,
+                 /*not_implemented=*/true);
   } else if (ih < oh && (oh % ih != 0 || ow % iw != 0)) {
     refuseKernel(op, input->scalar_type(),
-                           std::string("Adaptive pool MPS: output sizes must be divisible by "
-                                       "input sizes.") + tail,
-                           /*not_implemented=*/true);
+                 std::string("Adaptive pool MPS: output sizes must be divisible by input sizes.") +
+                     tail,
+                 /*not_implemented=*/true);
   }
 }
 

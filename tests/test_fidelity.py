@@ -17,6 +17,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import ROOT, run_python
 import torch_mps_ext
@@ -1690,3 +1691,43 @@ def test_jit_trace_check_compares_in_float32_as_on_mps(mps_mode):
     t = torch.randn(3, 3, device=DEV)
     traced = torch.jit.trace(lambda x: torch.nonzero(x), t)
     assert torch.equal(traced(t).cpu(), torch.nonzero(t.cpu()))
+
+
+def test_max_pool2d_refuses_bool_where_mps_kernel_does(mps_mode):
+    # MPS's own max_pool2d kernel (for ATen's composite) refuses bool; the
+    # operator the composite reaches, max_pool2d_with_indices, runs it.
+    x = torch.rand(1, 4, 4, generator=torch.Generator().manual_seed(0)) > 0.5
+    refused = ("The operator 'aten::max_pool2d' has no MPS kernel for dtype Bool "
+               "(torch.testing._internal.common_mps: "
+               "UNIMPLEMENTED_XFAILLIST['nn.functional.max_pool2d'])")
+    raises_exactly(RuntimeError, refused, lambda: F.max_pool2d(x.to(DEV), 2))
+    with torch.inference_mode():  # below autograd too
+        raises_exactly(RuntimeError, refused, lambda: torch.max_pool2d(x.to(DEV), 2))
+    # (CPU has no bool kernel: computed in float32, as MPS computes it)
+    values, indices = F.max_pool2d(x.to(DEV), 2, return_indices=True)
+    want_v, want_i = F.max_pool2d(x.float(), 2, return_indices=True)
+    assert values.dtype == torch.bool and torch.equal(values.cpu(), want_v.bool())
+    assert torch.equal(indices.cpu(), want_i)
+    # float pooling and its gradient, through the composite, as before
+    f = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(1))
+    fd = f.to(DEV).requires_grad_()
+    F.max_pool2d(fd, 2).sum().backward()
+    fc = f.clone().requires_grad_()
+    F.max_pool2d(fc, 2).sum().backward()
+    assert torch.equal(fd.grad.cpu(), fc.grad)
+
+
+def test_empty_batch_batch_norm_runs_in_mps_mode(mps_mode):
+    # ATen's batch_norm of an empty batch makes its (unused) statistics in
+    # toAccumulateType(dtype, device): float32 on MPS, float64 here.
+    x = torch.randn(0, 3, 4, device=DEV, requires_grad=True)
+    w = torch.ones(3, device=DEV, requires_grad=True)
+    b = torch.zeros(3, device=DEV, requires_grad=True)
+    for training in (True, False):
+        out = F.batch_norm(x, torch.zeros(3, device=DEV), torch.ones(3, device=DEV), w, b,
+                           training=training)
+        assert out.shape == (0, 3, 4) and out.dtype == torch.float32
+        gw, gb = torch.autograd.grad(out.sum(), (w, b))
+        assert gw.cpu().tolist() == gb.cpu().tolist() == [0.0, 0.0, 0.0]
+    with pytest.raises(TypeError, match="doesn't support float64"):  # still refused after
+        torch.zeros(3, dtype=torch.float64, device=DEV)

@@ -51,7 +51,7 @@ std::mutex g_mu;  // g_warned, g_recorder, g_allowance
 Allowance g_allowance;
 std::mutex g_mode_mu;  // setMode, g_mps_kernels
 // Kernels registered only while mps mode is on (see registerMpsKernels).
-std::unique_ptr<torch::Library> g_mps_kernels;
+std::unique_ptr<torch::Library> g_mps_kernels, g_composite_kernels, g_composite_autograd;
 std::unordered_set<c10::OperatorHandle> g_warned;
 Recorder g_recorder;
 
@@ -84,17 +84,22 @@ bool recording() {
   return runtime::fidelity::options().record;
 }
 
-// Autograd formulas of ATen that pick their accumulation type by device
-// type (at::toAccumulateType(dtype, device)): float32 on MPS, float64 on
-// every other device, PrivateUse1 included. A Mac never sees the float64
-// intermediates they make here, so mps mode lets them be.
-bool inDeviceTypedFormula() {
+// ATen code that picks its accumulation type by device type
+// (at::toAccumulateType(dtype, device)): float32 on MPS, float64 on every
+// other device, PrivateUse1 included. A Mac never sees the float64
+// intermediates it makes here, so mps mode lets them be: renorm's backward
+// formula (an autograd node), and the composites runCheckedComposite marks
+// (empty-batch batch_norm's statistics).
+thread_local int t_device_typed_composite = 0;
+
+bool inDeviceTypedCode() {
+  if (t_device_typed_composite > 0) return true;
   const c10::intrusive_ptr<torch::autograd::Node> node = torch::autograd::get_current_node();
   return node && node->name() == "RenormBackward0";
 }
 
 bool excused() {
-  if (inDeviceTypedFormula()) return true;
+  if (inDeviceTypedCode()) return true;
   Allowance a;
   {
     std::lock_guard<std::mutex> lock(g_mu);
@@ -244,6 +249,65 @@ Verdict verdictOf(const c10::OperatorHandle& op) {
 
 namespace {
 
+std::string schemaName(const c10::OperatorHandle& op) {
+  const auto& name = op.operator_name();
+  std::string n = name.name.substr(name.name.find("::") + 2);
+  if (!name.overload_name.empty()) n += "." + name.overload_name;
+  return n;
+}
+
+std::unique_ptr<torch::Library> registerBoxed(c10::DispatchKey key,
+                                              const std::vector<std::string>& names,
+                                              torch::CppFunction (*make)()) {
+  if (names.empty()) return nullptr;
+  auto lib = std::make_unique<torch::Library>(torch::Library::IMPL, "aten", key, __FILE__,
+                                              __LINE__);
+  for (const auto& n : names) lib->impl(n.c_str(), make());
+  return lib;
+}
+
+bool isCompositeOnly(const c10::OperatorHandle& op) {
+  return !op.hasKernelForDispatchKey(c10::DispatchKey::PrivateUse1) &&
+         op.hasKernelForDispatchKey(c10::DispatchKey::CompositeImplicitAutograd);
+}
+
+// MPS registers kernels of its own for a few composite operators
+// (mps_max_pool2d for max_pool2d), and their dtype refusals sit there, not
+// on the operator the composite reaches (max_pool2d_with_indices, which MPS
+// runs for bool). ATen's empty-batch batch_norm (_batch_norm_impl_index)
+// makes its statistics in toAccumulateType(dtype, device): float32 on MPS.
+// While mps mode is on these composites get this kernel, on PrivateUse1 and
+// AutogradPrivateUse1 alike: the check, then the composite itself (whose
+// operators dispatch, and record autograd, as they would without it).
+void runCheckedComposite(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  const std::size_t begin = stack->size() - op.schema().arguments().size();
+  const at::Tensor* self = nullptr;
+  for (std::size_t i = begin; i < stack->size() && self == nullptr; ++i) {
+    if ((*stack)[i].isTensor()) self = &(*stack)[i].toTensor();
+  }
+  if (self != nullptr) checkSelfDtype(op, self->scalar_type());
+  static const auto batch_norm_impl =
+      c10::Dispatcher::singleton().findOp({"aten::_batch_norm_impl_index", ""});
+  const bool device_typed = self != nullptr && batch_norm_impl && op == *batch_norm_impl &&
+                            self->sym_numel() == 0;
+  if (device_typed) ++t_device_typed_composite;
+  struct Leave {
+    bool on;
+    ~Leave() {
+      if (on) --t_device_typed_composite;
+    }
+  } leave{device_typed};
+  op.callBoxedForDispatchKey(c10::DispatchKey::CompositeImplicitAutograd, *stack);
+}
+
+torch::CppFunction makeFallback() {
+  return torch::CppFunction::makeFromBoxedFunction<&runFallback>();
+}
+
+torch::CppFunction makeCheckedComposite() {
+  return torch::CppFunction::makeFromBoxedFunction<&runCheckedComposite>();
+}
+
 // MPS registers its CPU fallback as the MPS kernel of a few composite
 // operators (MPSFallback.mm: linalg_svd, ...), so on a Mac they run whole on
 // the CPU, with the warning, where the composite would have reached an
@@ -251,33 +315,38 @@ namespace {
 // verdict, a composite kernel and no kernel of ours) get the boxed fallback
 // as their PrivateUse1 kernel the same way: the fallback warns and runs
 // CPU's composite on host views. Autograd then sees a backend kernel and no
-// derivative, as on MPS. Removed when the mode goes off.
+// derivative, as on MPS. The composites with MPS's checks (above) get
+// runCheckedComposite. Removed when the mode goes off.
 void registerMpsKernels(bool mps) {
   if (!mps) {
     g_mps_kernels.reset();
+    g_composite_kernels.reset();
+    g_composite_autograd.reset();
     return;
   }
-  if (g_mps_kernels) return;
+  if (g_mps_kernels || g_composite_kernels) return;
   const Table* table = g_table.load(std::memory_order_acquire);
   if (table == nullptr) return;
-  std::vector<std::string> names;
+  std::vector<std::string> fallback, checked;
   for (const auto& [op, v] : *table) {
-    if (v.verdict == Verdict::CpuFallback &&
-        !op.hasKernelForDispatchKey(c10::DispatchKey::PrivateUse1) &&
-        op.hasKernelForDispatchKey(c10::DispatchKey::CompositeImplicitAutograd)) {
-      const auto& name = op.operator_name();
-      std::string n = name.name.substr(name.name.find("::") + 2);
-      if (!name.overload_name.empty()) n += "." + name.overload_name;
-      names.push_back(std::move(n));
+    if (v.verdict == Verdict::CpuFallback && isCompositeOnly(op)) {
+      fallback.push_back(schemaName(op));
     }
   }
-  if (names.empty()) return;
-  auto lib = std::make_unique<torch::Library>(torch::Library::IMPL, "aten",
-                                              c10::DispatchKey::PrivateUse1, __FILE__, __LINE__);
-  for (const auto& n : names) {
-    lib->impl(n.c_str(), torch::CppFunction::makeFromBoxedFunction<&runFallback>());
+  if (const DtypeTable* dtypes = g_dtypes.load(std::memory_order_acquire)) {
+    for (const auto& [op, refusals] : *dtypes) {
+      if (isCompositeOnly(op)) checked.push_back(schemaName(op));
+    }
   }
-  g_mps_kernels = std::move(lib);
+  if (auto op = c10::Dispatcher::singleton().findOp({"aten::_batch_norm_impl_index", ""});
+      op && isCompositeOnly(*op)) {
+    checked.push_back(schemaName(*op));
+  }
+  g_mps_kernels = registerBoxed(c10::DispatchKey::PrivateUse1, fallback, &makeFallback);
+  g_composite_kernels = registerBoxed(c10::DispatchKey::PrivateUse1, checked,
+                                      &makeCheckedComposite);
+  g_composite_autograd = registerBoxed(c10::DispatchKey::AutogradPrivateUse1, checked,
+                                       &makeCheckedComposite);
 }
 
 } // namespace

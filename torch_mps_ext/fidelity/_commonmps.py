@@ -187,7 +187,7 @@ def derive() -> dict[str, tuple[set[str], str, set[str]]]:
             continue
         for op in ops.get(key, []):
             for name in dtypes:
-                full = first_op(op, getattr(torch, name))
+                full = _mps_composite(first_op(op, getattr(torch, name)), table)
                 if full is None or not _kept(full, key, name, table):
                     continue
                 entry = out.setdefault(full, (set(), LIST, set()))
@@ -241,6 +241,24 @@ def _norm_op(full: str) -> str:
 
 def _norm_key(key: str) -> str:
     return key.removeprefix("nn.functional.").replace(".", "").replace("_", "")
+
+
+def _mps_composite(full: str | None, table) -> str | None:
+    """The composite whose own MPS kernel refuses: max_pool2d's composite
+    reaches max_pool2d_with_indices (all a trace below autograd sees), but
+    MPS registers a kernel of its own for aten::max_pool2d (mps_max_pool2d),
+    where the refusal sits; a Mac runs max_pool2d_with_indices for bool."""
+    if full is None:
+        return None
+    import torch
+
+    base = full.split(".")[0]
+    own = base.removesuffix("_with_indices")
+    v = table.get(own)
+    if own != base and v is not None and v.verdict == "mps" and \
+            torch._C._dispatch_has_kernel_for_dispatch_key(own, "CompositeImplicitAutograd"):
+        return own
+    return full
 
 
 def _kept(full: str, key: str, dtype: str, table) -> bool:

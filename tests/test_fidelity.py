@@ -1731,3 +1731,54 @@ def test_empty_batch_batch_norm_runs_in_mps_mode(mps_mode):
         assert gw.cpu().tolist() == gb.cpu().tolist() == [0.0, 0.0, 0.0]
     with pytest.raises(TypeError, match="doesn't support float64"):  # still refused after
         torch.zeros(3, dtype=torch.float64, device=DEV)
+
+
+# 40 writes into 3 elements: the last of each index is 38, 37, 39; the first 0, 6, 4.
+DUPLICATES = [0, 0, 0, 0, 2, 2, 1, 0, 2, 1, 0, 1, 2, 1, 0, 2, 2, 2, 2, 2,
+              0, 0, 2, 1, 2, 1, 0, 0, 2, 0, 2, 1, 1, 2, 2, 0, 2, 1, 0, 2]
+
+
+def scripted_index_put(x: torch.Tensor, i: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return x.index_put_((i,), v)  # TorchScript passes the indices as a generic list
+
+
+def put_duplicates():
+    t = torch.zeros(3, dtype=torch.long, device=DEV)
+    t.index_put_((torch.tensor(DUPLICATES),), torch.arange(40, device=DEV))
+    return t.cpu().tolist()
+
+
+def test_index_put_with_duplicates_does_not_keep_the_last_write_in_mps_mode():
+    # MPS writes in parallel: which duplicate write survives is undefined (a
+    # Mac keeps another than the last); deterministic mode keeps the last.
+    assert put_duplicates() == [38, 37, 39]  # default mode: CPU's order
+    torch.mps_ext.set_fidelity("mps")
+    try:
+        assert put_duplicates() == [0, 6, 4]
+        torch.use_deterministic_algorithms(True)
+        try:
+            assert put_duplicates() == [38, 37, 39]
+        finally:
+            torch.use_deterministic_algorithms(False)
+        got = torch.jit.script(scripted_index_put)(torch.zeros(3, device=DEV), torch.tensor(DUPLICATES, device=DEV),
+                       torch.arange(40.0, device=DEV))
+        assert got.cpu().tolist() == [0.0, 6.0, 4.0]
+        # several index tensors apart (the result's index dimensions first),
+        # values broadcast: each element gets the first of its writes
+        x = torch.zeros(2, 3, 4, device=DEV)
+        i0, i2 = torch.tensor([[1, 1], [0, 1]]), torch.tensor([3, 3])
+        x[i0, :, i2] = torch.arange(3.0, device=DEV) + 10
+        x[torch.tensor([0, 0]), torch.tensor([2, 2])] = torch.tensor([[1.0], [2.0]], device=DEV)
+        want = torch.zeros(2, 3, 4)
+        want[1, :, 3] = want[0, :, 3] = torch.arange(3.0) + 10
+        want[0, 2] = 1.0
+        assert torch.equal(x.cpu(), want)
+        one = torch.zeros(3, device=DEV)  # one value for every write, a CPU scalar too
+        one[torch.tensor(DUPLICATES, device=DEV)] = torch.tensor(7.0)
+        one[torch.tensor([2, 2], device=DEV)] = 5.0
+        assert one.cpu().tolist() == [7.0, 7.0, 5.0]
+        mask = torch.zeros(3, device=DEV)  # a mask writes each element once
+        mask[torch.tensor([True, False, True], device=DEV)] = torch.tensor([1.0, 2.0], device=DEV)
+        assert mask.cpu().tolist() == [1.0, 0.0, 2.0]
+    finally:
+        torch.mps_ext.set_fidelity("off")

@@ -14,12 +14,15 @@
 #include "aten/Fallback.h"
 #include "core/Allocator.h"
 
+#include <ATen/Context.h>
+#include <ATen/ExpandUtils.h>
 #include <ATen/core/Tensor.h>
 #include <caffe2/core/common.h>
 #include <c10/util/Exception.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <memory>
 #include <mutex>
@@ -510,9 +513,67 @@ void checkKernelArguments(const c10::OperatorHandle& op, const torch::jit::Stack
   }
 }
 
+// MPS's index_put kernel writes every element in parallel: with duplicate
+// indices and accumulate=False, which write survives is undefined (a Mac
+// keeps some other than the last; under use_deterministic_algorithms(True)
+// the last). CPU's kernel writes in order, so the last one wins. mps mode
+// applies the writes in reverse order, so the first one wins: code that
+// counts on the last write fails here as it can on a Mac. Masks (bool
+// indices) never repeat an element and are left as they are.
+// (self, indices, values, accumulate, unsafe)
+void reverseIndexPutWrites(torch::jit::Stack& stack, std::size_t begin) {
+  if (stack[begin + 3].toBool() || at::globalContext().deterministicAlgorithms()) return;
+  const at::Tensor& self = stack[begin].toTensor();
+  // A list of optional tensors (TorchScript passes it as a generic list).
+  c10::List<std::optional<at::Tensor>> indices;
+  for (const c10::IValue& e : stack[begin + 1].toListRef()) {
+    indices.push_back(e.isNone() ? std::nullopt : std::optional<at::Tensor>(e.toTensor()));
+  }
+  std::vector<int64_t> dims;
+  at::DimVector shape_b;  // the indices broadcast together
+  for (std::size_t i = 0; i < indices.size(); ++i) {
+    const std::optional<at::Tensor> t = indices.get(i);
+    if (!t.has_value() || !t->defined()) continue;
+    if (t->scalar_type() == at::kBool || t->scalar_type() == at::kByte) return;
+    dims.push_back(static_cast<int64_t>(i));
+    shape_b = dims.size() == 1 ? at::DimVector(t->sizes()) : at::infer_size_dimvector(shape_b, t->sizes());
+  }
+  if (dims.empty() || shape_b.empty()) return;
+  // Where the broadcast index dimensions sit in the indexed result: in place
+  // of adjacent indexed dimensions, else first (NumPy's rule).
+  const bool adjacent = dims.back() - dims.front() + 1 == static_cast<int64_t>(dims.size());
+  const int64_t at_b = adjacent ? dims.front() : 0;
+  at::DimVector shape;
+  for (int64_t d = 0; d < self.dim(); ++d) {
+    if (d == at_b) shape.append(shape_b.begin(), shape_b.end());
+    if (std::find(dims.begin(), dims.end(), d) == dims.end()) shape.push_back(self.size(d));
+  }
+  const at::Tensor& values = stack[begin + 2].toTensor();
+  // One value for every write (a scalar, perhaps a CPU one) has no order;
+  // arguments CPU refuses keep CPU's error.
+  if (values.dim() == 0 || values.device() != self.device() || dims.back() >= self.dim() ||
+      !at::is_expandable_to(values.sizes(), shape)) {
+    return;
+  }
+  std::vector<int64_t> flip_b(shape_b.size()), flip_v(shape_b.size());
+  for (std::size_t i = 0; i < shape_b.size(); ++i) {
+    flip_b[i] = static_cast<int64_t>(i);
+    flip_v[i] = at_b + static_cast<int64_t>(i);
+  }
+  for (int64_t d : dims) {
+    indices.set(d, indices.get(d)->expand(shape_b).flip(flip_b));
+  }
+  stack[begin + 1] = std::move(indices);
+  stack[begin + 2] = values.expand(shape).flip(flip_v);
+}
+
 void adaptKernelArguments(const c10::OperatorHandle& op, torch::jit::Stack& stack,
                           std::size_t begin) {
   const KernelChecks& k = kernelChecks();
+  if (is(k.index_put_impl, op)) {
+    reverseIndexPutWrites(stack, begin);
+    return;
+  }
   if (is(k.nll_backward, op) || is(k.nll_backward_out, op) || is(k.nll2d_backward, op) ||
       is(k.nll2d_backward_out, op)) {
     // (grad_output, self, target, weight, reduction, ignore_index, total_weight[, grad_input])

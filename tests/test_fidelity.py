@@ -1782,3 +1782,20 @@ def test_index_put_with_duplicates_does_not_keep_the_last_write_in_mps_mode():
         assert mask.cpu().tolist() == [1.0, 0.0, 2.0]
     finally:
         torch.mps_ext.set_fidelity("off")
+
+
+@pytest.mark.parametrize("p", [float("inf"), 2.0, 1.0])
+def test_half_cdist_backward_matches_float32_in_mps_mode(mps_mode, p):
+    # CPU has no half cdist: mps mode computes it in float32 as MPS does, and
+    # the backward needs the float32 forward (p=inf: the elements whose
+    # distance equals it), not the one rounded to half.
+    g = torch.Generator().manual_seed(0)
+    x1, x2 = torch.randn(4, 5, 3, generator=g).half(), torch.randn(4, 6, 3, generator=g).half()
+    grad = torch.rand(4, 5, 6, generator=g).half()
+    a, b = x1.float().requires_grad_(), x2.float().requires_grad_()
+    want = torch.autograd.grad(torch.cdist(a, b, p=p), (a, b), grad.float())
+    a, b = x1.to(DEV).requires_grad_(), x2.to(DEV).requires_grad_()
+    got = torch.autograd.grad(torch.cdist(a, b, p=p), (a, b), grad.to(DEV))
+    for g_, w in zip(got, want):
+        assert g_.dtype == torch.float16
+        assert torch.equal(g_.cpu(), w.half())

@@ -136,6 +136,10 @@ def autocast_dtypes():
             "batch_norm": F.batch_norm(half, None, None, training=True),
             "gru_cell": torch.nn.GRUCell(3, 3).to(DEV)(torch.ones(2, 3, device=DEV)),
             "rnn_tanh_cell": torch.rnn_tanh_cell(*(torch.ones(3, 3, device=DEV),) * 4),
+            # the overloads autocast appends float32 to (torch.norm itself reaches
+            # linalg_vector_norm, listed in both)
+            "norm.Scalar": torch.ops.aten.norm.Scalar(half, 2),
+            "norm.ScalarOpt_dim": torch.ops.aten.norm.ScalarOpt_dim(half, 2, [1]),
         }
         try:
             out["binary_cross_entropy"] = F.binary_cross_entropy(
@@ -150,13 +154,14 @@ def test_mps_mode_autocasts_with_mps_lists():
     f16, f32 = torch.float16, torch.float32
     shared = {"conv_transpose3d": f16, "conv3d": f16, "mm": f16, "exp": f32,
               "interpolate": f32, "batch_norm": f16, "gru_cell": f16, "rnn_tanh_cell": f16,
-              "binary_cross_entropy": None}
+              "norm.Scalar": f32, "norm.ScalarOpt_dim": f32, "binary_cross_entropy": None}
     # MPS (torch 2.13's AutocastMPS lists): no half 3-D transposed convolution,
     # batch_norm in float32; gru_cell and upsampling are not listed (they keep
     # their dtypes; what they call is autocast again: rnn_tanh_cell's linears
-    # run in float16), binary_cross_entropy is not refused.
+    # run in float16), nor are norm's dtype-appending overloads; binary_cross_entropy
+    # is not refused.
     mps = dict(shared, conv_transpose3d=f32, batch_norm=f32, gru_cell=f32, interpolate=f16,
-               binary_cross_entropy=f32)
+               binary_cross_entropy=f32, **{"norm.Scalar": f16, "norm.ScalarOpt_dim": f16})
     assert autocast_dtypes() == shared
     torch.mps_ext.set_fidelity("mps")
     try:

@@ -13,8 +13,8 @@
 // the upsample family; binary_cross_entropy is not refused), conv_transpose3d
 // runs in float32 (MPS has no half 3-D transposed convolution) and batch_norm
 // in float32. The choice is made per call (`ByMode`), so the mode can change
-// at any time. Not modelled: norm's dtype-appending overloads, which MPS does
-// not list either, still get float32 in mps mode.
+// at any time; norm's dtype-appending overloads, which MPS does not list
+// either, keep their dtypes in mps mode.
 //
 // This file includes the full ATen operator headers (autocast_mode.h needs
 // them); it is the only one that does, so ccache keeps rebuilds cheap.
@@ -23,6 +23,7 @@
 #include <ATen/autocast_mode.h>
 #include <torch/library.h>
 
+#include <string>
 #include <string_view>
 
 namespace torch_mps_ext {
@@ -106,6 +107,27 @@ struct Below<Op, Ret(Args...)> {
   }
 };
 
+// The operator `Name::get()` ("aten::norm.Scalar") below autocast, for the
+// registrations whose macros name an operator only by its string.
+template <class Name, class Sig>
+struct BelowNamed;
+template <class Name, class Ret, class... Args>
+struct BelowNamed<Name, Ret(Args...)> {
+  static Ret call(c10::DispatchKeySet ks, Args... args) {
+    static const auto op = [] {
+      const std::string_view full = Name::get();
+      const auto dot = full.find('.');
+      return c10::Dispatcher::singleton()
+          .findSchemaOrThrow(std::string(full.substr(0, dot)).c_str(),
+                             dot == std::string_view::npos
+                                 ? ""
+                                 : std::string(full.substr(dot + 1)).c_str())
+          .template typed<Ret(Args...)>();
+    }();
+    return op.redispatch(ks & kAfterAutocast, args...);
+  }
+};
+
 // A torch autocast wrapper (no key set), as `Below` is called.
 template <class Wrapped, class Sig>
 struct Keyed;
@@ -186,8 +208,25 @@ TORCH_LIBRARY_IMPL(aten, AutocastPrivateUse1, m) {
   AT_FORALL_LOWER_PRECISION_FP(MPS_EXT_LOWER_PRECISION_FP)
   AT_FORALL_FP32(MPS_EXT_FP32)
   AT_FORALL_FP32_SET_OPT_DTYPE(MPS_EXT_FP32_SET_OPT_DTYPE)
-  AT_FORALL_DIFFERENT_REDISPATCH_SIGNATURE(
-      KERNEL_DIFFERENT_REDISPATCH_SIGNATURE_PRIVATEUSEONE)
+  // norm's overloads that append float32 as their dtype: MPS lists none of
+  // them, so in mps mode they keep their dtypes.
+#define MPS_EXT_DIFFERENT_REDISPATCH(REDISPATCH_FUNC, REGISTER_NAME, REGISTER_SIGNATURE,      \
+                                     REDISPATCH_SIGNATURE, POLICY)                           \
+  {                                                                                          \
+    struct Name {                                                                            \
+      static const char* get() { return "aten::" REGISTER_NAME; }                           \
+    };                                                                                       \
+    m.impl(TORCH_SELECTIVE_NAME("aten::" REGISTER_NAME),                                     \
+           &torch_mps_ext::ByMode<                                                           \
+               REGISTER_SIGNATURE,                                                           \
+               torch_mps_ext::Keyed<                                                         \
+                   WrapFunction<CastPolicy::POLICY, c10::DeviceType::PrivateUse1,            \
+                                REGISTER_SIGNATURE, REDISPATCH_SIGNATURE,                    \
+                                &REDISPATCH_FUNC>::type,                                     \
+                   REGISTER_SIGNATURE>,                                                      \
+               torch_mps_ext::BelowNamed<Name, REGISTER_SIGNATURE>>::call);                  \
+  }
+  AT_FORALL_DIFFERENT_REDISPATCH_SIGNATURE(MPS_EXT_DIFFERENT_REDISPATCH)
   AT_FORALL_PROMOTE(MPS_EXT_PROMOTE)
   torch_mps_ext::registerMpsOnly<CastPolicy::fp32, ATEN_OP(batch_norm)>(m, "aten::batch_norm");
 
@@ -199,6 +238,7 @@ TORCH_LIBRARY_IMPL(aten, AutocastPrivateUse1, m) {
 #undef MPS_EXT_FP32
 #undef MPS_EXT_FP32_SET_OPT_DTYPE
 #undef MPS_EXT_PROMOTE
+#undef MPS_EXT_DIFFERENT_REDISPATCH
 
   m.impl(TORCH_SELECTIVE_NAME("aten::binary_cross_entropy"),
          TORCH_FN((&torch_mps_ext::binaryCrossEntropyBanned)));

@@ -355,6 +355,10 @@ def test_the_float32_training_path_runs_without_a_word(mps_mode):
                 loss.float().backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 opt.step()
+        # an empty last batch trains through the CNN too (batch_norm's empty path)
+        out = cnn(torch.randn(0, 3, 12, 12, device=DEV, requires_grad=True))
+        out.sum().backward()
+        assert out.shape == (0, 4)
         tr.eval()
         with torch.no_grad():  # the encoder layer's inference fast path
             tr(torch.randint(0, 20, (2, 6), device=DEV))

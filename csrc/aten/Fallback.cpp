@@ -21,7 +21,6 @@
 #include "runtime/Stream.h"
 
 #include <ATen/NestedTensorImpl.h>
-#include <ATen/ops/_cdist_forward.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/op_registration/op_registration.h>
 #include <c10/core/DeviceGuard.h>
@@ -563,17 +562,7 @@ void runWidened(const c10::OperatorHandle& op, torch::jit::Stack* stack,
       mapTensors(v, widen);
     }
   }
-  // _cdist_backward(grad, x1, x2, p, cdist) takes the forward's result, which
-  // was rounded to the low dtype: the float32 backward needs the float32
-  // forward (p=inf picks the elements whose distance equals it; p=2 divides
-  // by it), as MPS's kernel, computing in the low dtype throughout, finds its
-  // own rounded values equal.
-  static const auto cdist_backward =
-      c10::Dispatcher::singleton().findOp({"aten::_cdist_backward", ""});
-  if (cdist_backward && op == *cdist_backward) {
-    args[4] = at::_cdist_forward(args[1].toTensor(), args[2].toTensor(), args[3].toDouble(),
-                                 std::nullopt);
-  }
+  fidelity::adaptWidenedArguments(op, args);
   for (c10::IValue& v : args) stack->push_back(std::move(v));
   {
     struct Rerun {

@@ -17,6 +17,7 @@
 #include <ATen/Context.h>
 #include <ATen/ExpandUtils.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/_cdist_forward.h>
 #include <caffe2/core/common.h>
 #include <c10/util/Exception.h>
 #include <torch/csrc/autograd/function.h>
@@ -252,6 +253,45 @@ Verdict verdictOf(const c10::OperatorHandle& op) {
 
 namespace {
 
+// The operators whose MPS kernels check their arguments in ways CPU's do not
+// (or with other texts), or that mps mode treats on their own; looked up once.
+struct KernelChecks {
+  std::optional<c10::OperatorHandle> isin, isin_out, slow_conv2d, embedding_bag,
+      embedding_bag_fwd, index, index_put, index_put_impl, nll_backward, nll_backward_out,
+      nll2d_backward, nll2d_backward_out, narrow_copy, convolution, adaptive_avg_pool2d,
+      adaptive_avg_pool2d_backward, batch_norm_impl, cdist_backward;
+  KernelChecks() {
+    auto& d = c10::Dispatcher::singleton();
+    isin = d.findOp({"aten::isin", "Tensor_Tensor"});
+    isin_out = d.findOp({"aten::isin", "Tensor_Tensor_out"});
+    slow_conv2d = d.findOp({"aten::_slow_conv2d_forward", ""});
+    embedding_bag = d.findOp({"aten::_embedding_bag", ""});
+    embedding_bag_fwd = d.findOp({"aten::_embedding_bag_forward_only", ""});
+    index = d.findOp({"aten::index", "Tensor"});
+    index_put = d.findOp({"aten::index_put_", ""});
+    index_put_impl = d.findOp({"aten::_index_put_impl_", ""});
+    nll_backward = d.findOp({"aten::nll_loss_backward", ""});
+    nll_backward_out = d.findOp({"aten::nll_loss_backward", "grad_input"});
+    nll2d_backward = d.findOp({"aten::nll_loss2d_backward", ""});
+    nll2d_backward_out = d.findOp({"aten::nll_loss2d_backward", "grad_input"});
+    narrow_copy = d.findOp({"aten::narrow_copy", ""});
+    convolution = d.findOp({"aten::convolution_overrideable", ""});
+    adaptive_avg_pool2d = d.findOp({"aten::_adaptive_avg_pool2d", ""});
+    adaptive_avg_pool2d_backward = d.findOp({"aten::_adaptive_avg_pool2d_backward", ""});
+    batch_norm_impl = d.findOp({"aten::_batch_norm_impl_index", ""});
+    cdist_backward = d.findOp({"aten::_cdist_backward", ""});
+  }
+};
+
+const KernelChecks& kernelChecks() {
+  static const KernelChecks checks;
+  return checks;
+}
+
+bool is(const std::optional<c10::OperatorHandle>& h, const c10::OperatorHandle& op) {
+  return h && *h == op;
+}
+
 std::string schemaName(const c10::OperatorHandle& op) {
   const auto& name = op.operator_name();
   std::string n = name.name.substr(name.name.find("::") + 2);
@@ -259,13 +299,15 @@ std::string schemaName(const c10::OperatorHandle& op) {
   return n;
 }
 
+template <void (*Kernel)(const c10::OperatorHandle&, torch::jit::Stack*)>
 std::unique_ptr<torch::Library> registerBoxed(c10::DispatchKey key,
-                                              const std::vector<std::string>& names,
-                                              torch::CppFunction (*make)()) {
+                                              const std::vector<std::string>& names) {
   if (names.empty()) return nullptr;
   auto lib = std::make_unique<torch::Library>(torch::Library::IMPL, "aten", key, __FILE__,
                                               __LINE__);
-  for (const auto& n : names) lib->impl(n.c_str(), make());
+  for (const auto& n : names) {
+    lib->impl(n.c_str(), torch::CppFunction::makeFromBoxedFunction<Kernel>());
+  }
   return lib;
 }
 
@@ -289,10 +331,8 @@ void runCheckedComposite(const c10::OperatorHandle& op, torch::jit::Stack* stack
     if ((*stack)[i].isTensor()) self = &(*stack)[i].toTensor();
   }
   if (self != nullptr) checkSelfDtype(op, self->scalar_type());
-  static const auto batch_norm_impl =
-      c10::Dispatcher::singleton().findOp({"aten::_batch_norm_impl_index", ""});
-  const bool device_typed = self != nullptr && batch_norm_impl && op == *batch_norm_impl &&
-                            self->sym_numel() == 0;
+  const bool device_typed =
+      self != nullptr && is(kernelChecks().batch_norm_impl, op) && self->sym_numel() == 0;
   if (device_typed) ++t_device_typed_composite;
   struct Leave {
     bool on;
@@ -301,14 +341,6 @@ void runCheckedComposite(const c10::OperatorHandle& op, torch::jit::Stack* stack
     }
   } leave{device_typed};
   op.callBoxedForDispatchKey(c10::DispatchKey::CompositeImplicitAutograd, *stack);
-}
-
-torch::CppFunction makeFallback() {
-  return torch::CppFunction::makeFromBoxedFunction<&runFallback>();
-}
-
-torch::CppFunction makeCheckedComposite() {
-  return torch::CppFunction::makeFromBoxedFunction<&runCheckedComposite>();
 }
 
 // MPS registers its CPU fallback as the MPS kernel of a few composite
@@ -341,15 +373,14 @@ void registerMpsKernels(bool mps) {
       if (isCompositeOnly(op)) checked.push_back(schemaName(op));
     }
   }
-  if (auto op = c10::Dispatcher::singleton().findOp({"aten::_batch_norm_impl_index", ""});
-      op && isCompositeOnly(*op)) {
+  if (const auto& op = kernelChecks().batch_norm_impl; op && isCompositeOnly(*op)) {
     checked.push_back(schemaName(*op));
   }
-  g_mps_kernels = registerBoxed(c10::DispatchKey::PrivateUse1, fallback, &makeFallback);
-  g_composite_kernels = registerBoxed(c10::DispatchKey::PrivateUse1, checked,
-                                      &makeCheckedComposite);
-  g_composite_autograd = registerBoxed(c10::DispatchKey::AutogradPrivateUse1, checked,
-                                       &makeCheckedComposite);
+  g_mps_kernels = registerBoxed<&runFallback>(c10::DispatchKey::PrivateUse1, fallback);
+  g_composite_kernels =
+      registerBoxed<&runCheckedComposite>(c10::DispatchKey::PrivateUse1, checked);
+  g_composite_autograd =
+      registerBoxed<&runCheckedComposite>(c10::DispatchKey::AutogradPrivateUse1, checked);
 }
 
 } // namespace
@@ -398,48 +429,11 @@ namespace {
 
 constexpr auto kDev = c10::DeviceType::PrivateUse1;
 
-// The operators whose MPS kernels check their arguments in ways CPU's do not
-// (or with other texts); looked up once.
-struct KernelChecks {
-  std::optional<c10::OperatorHandle> isin, isin_out, slow_conv2d, embedding_bag,
-      embedding_bag_fwd, index, index_put, index_put_impl, nll_backward, nll_backward_out,
-      nll2d_backward, nll2d_backward_out, narrow_copy, convolution, adaptive_avg_pool2d,
-      adaptive_avg_pool2d_backward;
-  KernelChecks() {
-    auto& d = c10::Dispatcher::singleton();
-    isin = d.findOp({"aten::isin", "Tensor_Tensor"});
-    isin_out = d.findOp({"aten::isin", "Tensor_Tensor_out"});
-    slow_conv2d = d.findOp({"aten::_slow_conv2d_forward", ""});
-    embedding_bag = d.findOp({"aten::_embedding_bag", ""});
-    embedding_bag_fwd = d.findOp({"aten::_embedding_bag_forward_only", ""});
-    index = d.findOp({"aten::index", "Tensor"});
-    index_put = d.findOp({"aten::index_put_", ""});
-    index_put_impl = d.findOp({"aten::_index_put_impl_", ""});
-    nll_backward = d.findOp({"aten::nll_loss_backward", ""});
-    nll_backward_out = d.findOp({"aten::nll_loss_backward", "grad_input"});
-    nll2d_backward = d.findOp({"aten::nll_loss2d_backward", ""});
-    nll2d_backward_out = d.findOp({"aten::nll_loss2d_backward", "grad_input"});
-    narrow_copy = d.findOp({"aten::narrow_copy", ""});
-    convolution = d.findOp({"aten::convolution_overrideable", ""});
-    adaptive_avg_pool2d = d.findOp({"aten::_adaptive_avg_pool2d", ""});
-    adaptive_avg_pool2d_backward = d.findOp({"aten::_adaptive_avg_pool2d_backward", ""});
-  }
-};
-
-const KernelChecks& kernelChecks() {
-  static const KernelChecks checks;
-  return checks;
-}
-
 // A tensor's type as ATen's convolution check prints it, for an MPS tensor
 // where mps_ext's is on the device ("MPSFloatType", "torch.FloatTensor").
 std::string convolutionTypeName(const at::Tensor& t) {
   if (t.device().type() != kDev) return t.toString();
   return std::string("MPS") + c10::toString(t.scalar_type()) + "Type";
-}
-
-bool is(const std::optional<c10::OperatorHandle>& h, const c10::OperatorHandle& op) {
-  return h && *h == op;
 }
 
 const at::Tensor* tensorAt(const torch::jit::Stack& stack, std::size_t i) {
@@ -565,6 +559,18 @@ void reverseIndexPutWrites(torch::jit::Stack& stack, std::size_t begin) {
   }
   stack[begin + 1] = std::move(indices);
   stack[begin + 2] = values.expand(shape).flip(flip_v);
+}
+
+void adaptWidenedArguments(const c10::OperatorHandle& op, std::vector<c10::IValue>& args) {
+  if (is(kernelChecks().cdist_backward, op)) {
+    // _cdist_backward(grad, x1, x2, p, cdist) takes the forward's result,
+    // rounded to the low dtype: the float32 backward needs the float32
+    // forward (p=inf picks the elements whose distance equals it; p=2
+    // divides by it), as MPS's kernel, computing in the low dtype
+    // throughout, finds its own rounded values equal.
+    args[4] = at::_cdist_forward(args[1].toTensor(), args[2].toTensor(), args[3].toDouble(),
+                                 std::nullopt);
+  }
 }
 
 void adaptKernelArguments(const c10::OperatorHandle& op, torch::jit::Stack& stack,

@@ -108,6 +108,10 @@ void checkKernelArguments(const c10::OperatorHandle& op, const torch::jit::Stack
 // casts it inside its graph, CPU's kernel requires the input's dtype).
 void adaptKernelArguments(const c10::OperatorHandle& op, torch::jit::Stack& stack,
                           std::size_t begin);
+// The widened (float32) rerun of an operator whose arguments carry a result
+// already rounded to the low dtype: recomputed in float32 in `args`
+// (_cdist_backward's forward result).
+void adaptWidenedArguments(const c10::OperatorHandle& op, std::vector<c10::IValue>& args);
 // Operators a Mac runs through their composite kernel (MPS has none of its
 // own) where mps_ext's fallback runs CPU's kernel, whose argument checks
 // differ: in mps mode they run as the composite does (narrow_copy: narrow,

@@ -1803,3 +1803,42 @@ def test_half_cdist_backward_matches_float32_in_mps_mode(mps_mode, p):
     for g_, w in zip(got, want):
         assert g_.dtype == torch.float16
         assert torch.equal(g_.cpu(), w.half())
+
+
+TIES = [3.0, 1.0, 3.0, 1.0, 2.0, 3.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.int8, torch.float32])
+def test_unstable_sort_orders_ties_otherwise_than_cpu_in_mps_mode(dtype):
+    # MPS's sort is stable only when asked: equal elements come out in an
+    # order of its own (common_mps: argsort/sort fail "undefined behaviour").
+    # mps mode gives them in reverse input order; stable=True keeps CPU's.
+    x = torch.tensor(TIES, dtype=dtype)
+    d = x.to(DEV)
+    assert torch.sort(d).indices.cpu().tolist() == [1, 3, 4, 0, 2, 5]  # default: CPU's order
+    torch.mps_ext.set_fidelity("mps")
+    try:
+        values, indices = torch.sort(d)
+        assert torch.equal(values.cpu(), torch.sort(x).values)
+        assert indices.cpu().tolist() == [3, 1, 4, 5, 2, 0]
+        assert torch.argsort(d, descending=True).cpu().tolist() == [5, 2, 0, 4, 3, 1]
+        assert torch.sort(d, stable=True).indices.cpu().tolist() == [1, 3, 4, 0, 2, 5]
+        assert torch.argsort(d, stable=True).cpu().tolist() == [1, 3, 4, 0, 2, 5]
+        # along another dimension, and into out= tensors
+        m = d.reshape(3, 2).t()  # [[3, 3, 2], [1, 1, 3]]
+        assert torch.sort(m, dim=1).indices.cpu().tolist() == [[2, 1, 0], [1, 0, 2]]
+        out = (torch.empty(0, dtype=dtype, device=DEV), torch.empty(0, dtype=torch.long, device=DEV))
+        got = torch.sort(d, out=out)
+        assert got.indices is out[1] and out[1].cpu().tolist() == [3, 1, 4, 5, 2, 0]
+        assert torch.equal(out[0].cpu(), torch.sort(x).values)
+        assert torch.sort(torch.tensor(5, dtype=dtype, device=DEV)).indices.item() == 0
+    finally:
+        torch.mps_ext.set_fidelity("off")
+
+
+def test_sort_backward_follows_the_ties_order_in_mps_mode(mps_mode):
+    # The gradient goes back through the indices the sort gave.
+    g = torch.tensor([1.0, 2.0, 1.0], device=DEV, requires_grad=True)
+    (torch.sort(g).values * torch.tensor([1.0, 10.0, 100.0], device=DEV)).sum().backward()
+    assert g.grad.cpu().tolist() == [10.0, 100.0, 1.0]
+

@@ -601,7 +601,7 @@ void fallbackAt(const c10::OperatorHandle& op, torch::jit::Stack* stack,
   const bool fidelity_on = C10_UNLIKELY(fidelity::on()) && !cpu_key;
   if (fidelity_on && !t_widened_rerun) {
     checkFidelity(op, schema, *stack, begin);
-    if (fidelity::runAsComposite(op, *stack, begin)) return;
+    if (fidelity::runAsMpsDoes(op, *stack, begin)) return;
     fidelity::adaptKernelArguments(op, *stack, begin);
   }
   // Kept for a widened rerun (runWidened); only in fidelity mode.

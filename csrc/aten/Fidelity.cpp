@@ -17,7 +17,9 @@
 #include <ATen/Context.h>
 #include <ATen/ExpandUtils.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/WrapDimUtils.h>
 #include <ATen/ops/_cdist_forward.h>
+#include <ATen/ops/sort.h>
 #include <caffe2/core/common.h>
 #include <c10/util/Exception.h>
 #include <torch/csrc/autograd/function.h>
@@ -259,7 +261,7 @@ struct KernelChecks {
   std::optional<c10::OperatorHandle> isin, isin_out, slow_conv2d, embedding_bag,
       embedding_bag_fwd, index, index_put, index_put_impl, nll_backward, nll_backward_out,
       nll2d_backward, nll2d_backward_out, narrow_copy, convolution, adaptive_avg_pool2d,
-      adaptive_avg_pool2d_backward, batch_norm_impl, cdist_backward;
+      adaptive_avg_pool2d_backward, batch_norm_impl, cdist_backward, sort, sort_out;
   KernelChecks() {
     auto& d = c10::Dispatcher::singleton();
     isin = d.findOp({"aten::isin", "Tensor_Tensor"});
@@ -280,6 +282,8 @@ struct KernelChecks {
     adaptive_avg_pool2d_backward = d.findOp({"aten::_adaptive_avg_pool2d_backward", ""});
     batch_norm_impl = d.findOp({"aten::_batch_norm_impl_index", ""});
     cdist_backward = d.findOp({"aten::_cdist_backward", ""});
+    sort = d.findOp({"aten::sort", "stable"});
+    sort_out = d.findOp({"aten::sort", "values_stable"});
   }
 };
 
@@ -504,6 +508,7 @@ void checkKernelArguments(const c10::OperatorHandle& op, const torch::jit::Stack
         }
       }
     }
+
   }
 }
 
@@ -656,8 +661,49 @@ void checkKernelShapes(const c10::OperatorHandle& op, const torch::jit::Stack& s
   }
 }
 
-bool runAsComposite(const c10::OperatorHandle& op, torch::jit::Stack& stack, std::size_t begin) {
+namespace {
+
+// MPS's sort is not stable unless asked to be: equal elements come out in an
+// order of its own (common_mps's ON_MPS_XFAILLIST: argsort and sort fail for
+// the dtypes whose samples have ties, "undefined behaviour"). CPU's kernel
+// keeps them in input order, which hides code that counts on it. Unless
+// `stable=True`, mps mode gives ties in reverse input order: a stable sort of
+// the input flipped along `dim`, its indices mapped back. Every dtype: MPS's
+// sort is the same for all, only the samples of int8, uint8, bool, float16
+// and bfloat16 repeat values.
+// sort.stable(self, stable, dim, descending[, values, indices])
+bool sortTiesReversed(torch::jit::Stack& stack, std::size_t begin, bool out) {
+  if (stack[begin + 1].toOptional<bool>().value_or(false)) return false;
+  const at::Tensor self = stack[begin].toTensor();
+  if (self.dim() == 0) return false;
+  const int64_t dim = at::maybe_wrap_dim(stack[begin + 2].toInt(), self.dim());
+  const bool descending = stack[begin + 3].toBool();
+  const at::Tensor flipped = self.flip(dim);
+  const int64_t last = self.size(dim) - 1;
+  if (out) {
+    at::Tensor values = stack[begin + 4].toTensor();
+    at::Tensor indices = stack[begin + 5].toTensor();
+    at::sort_out(values, indices, flipped, /*stable=*/true, dim, descending);
+    indices.neg_().add_(last);
+    stack.resize(begin);
+    stack.emplace_back(std::move(values));
+    stack.emplace_back(std::move(indices));
+    return true;
+  }
+  auto [values, indices] = at::sort(flipped, /*stable=*/true, dim, descending);
+  indices.neg_().add_(last);
+  stack.resize(begin);
+  stack.emplace_back(std::move(values));
+  stack.emplace_back(std::move(indices));
+  return true;
+}
+
+} // namespace
+
+bool runAsMpsDoes(const c10::OperatorHandle& op, torch::jit::Stack& stack, std::size_t begin) {
   const KernelChecks& k = kernelChecks();
+  if (is(k.sort, op)) return sortTiesReversed(stack, begin, /*out=*/false);
+  if (is(k.sort_out, op)) return sortTiesReversed(stack, begin, /*out=*/true);
   if (is(k.narrow_copy, op)) {
     // narrow_copy has no MPS kernel: a Mac runs its
     // CompositeExplicitAutogradNonFunctional one, narrow() and a clone, with

@@ -112,12 +112,13 @@ void adaptKernelArguments(const c10::OperatorHandle& op, torch::jit::Stack& stac
 // already rounded to the low dtype: recomputed in float32 in `args`
 // (_cdist_backward's forward result).
 void adaptWidenedArguments(const c10::OperatorHandle& op, std::vector<c10::IValue>& args);
-// Operators a Mac runs through their composite kernel (MPS has none of its
-// own) where mps_ext's fallback runs CPU's kernel, whose argument checks
-// differ: in mps mode they run as the composite does (narrow_copy: narrow,
-// then a contiguous clone). Returns true when it ran `op` (results on the
-// stack in place of the arguments).
-bool runAsComposite(const c10::OperatorHandle& op, torch::jit::Stack& stack, std::size_t begin);
+// Operators whose MPS behaviour CPU's kernel does not give, run in mps mode
+// as a Mac runs them: narrow_copy, which a Mac runs through its composite
+// kernel (MPS has none of its own) whose argument checks differ from CPU's
+// kernel (narrow, then a contiguous clone); sort without `stable=True`, whose
+// ties MPS orders otherwise than CPU (reverse input order here). Returns true
+// when it ran `op` (results on the stack in place of the arguments).
+bool runAsMpsDoes(const c10::OperatorHandle& op, torch::jit::Stack& stack, std::size_t begin);
 // CPU's IndexError from an indexing operator whose MPS kernel finds the bad
 // index on the device (index.Tensor, index_put): on MPS a
 // torch.AcceleratorError with the same text (raised at the next

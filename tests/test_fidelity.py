@@ -1842,3 +1842,34 @@ def test_sort_backward_follows_the_ties_order_in_mps_mode(mps_mode):
     (torch.sort(g).values * torch.tensor([1.0, 10.0, 100.0], device=DEV)).sum().backward()
     assert g.grad.cpu().tolist() == [10.0, 100.0, 1.0]
 
+
+
+def test_arange_refuses_start_and_step_the_dtype_cannot_hold_in_mps_mode():
+    # MPS's arange/range hand start and step to the device as scalars of the
+    # result's dtype (common_mps: arange uint8 fails on a Mac); CPU wraps.
+    want = torch.arange(-8.001, -4.0, dtype=torch.uint8)
+    assert torch.equal(torch.arange(-8.001, -4.0, dtype=torch.uint8, device=DEV).cpu(), want)
+    torch.mps_ext.set_fidelity("mps")
+    try:
+        raises_exactly(RuntimeError, "value cannot be converted to type uint8_t without overflow",
+                       lambda: torch.arange(-8.001, -4.0, dtype=torch.uint8, device=DEV))
+        raises_exactly(RuntimeError, "value cannot be converted to type int8_t without overflow",
+                       lambda: torch.arange(0, 300, 150, dtype=torch.int8, device=DEV))
+        kept = torch.full((4,), 7, dtype=torch.uint8, device=DEV)
+        raises_exactly(RuntimeError, "value cannot be converted to type uint8_t without overflow",
+                       lambda: torch.arange(-8.5, -4.5, out=kept))
+        assert kept.cpu().tolist() == [7, 7, 7, 7]  # the refused call left the out tensor alone
+        with pytest.warns(UserWarning):
+            raises_exactly(RuntimeError, "value cannot be converted to type uint8_t without overflow",
+                           lambda: torch.range(-8.5, -4.5, dtype=torch.uint8, device=DEV))
+        # what the dtype holds runs (integer starts wrap in an unsigned dtype, as
+        # Scalar's conversion allows), an empty range converts nothing, and
+        # CPU's own checks come first
+        assert torch.equal(torch.arange(-8, -4, dtype=torch.uint8, device=DEV).cpu(),
+                           torch.arange(-8, -4, dtype=torch.uint8))
+        assert torch.arange(-8.001, -8.001, dtype=torch.uint8, device=DEV).numel() == 0
+        assert torch.arange(0.0, 1.0, 0.25, device=DEV).cpu().tolist() == [0.0, 0.25, 0.5, 0.75]
+        with pytest.raises(RuntimeError, match="upper bound and lower bound inconsistent with step sign"):
+            torch.arange(-4.5, -8.5, dtype=torch.uint8, device=DEV)
+    finally:
+        torch.mps_ext.set_fidelity("off")

@@ -26,6 +26,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <memory>
 #include <mutex>
@@ -261,7 +262,8 @@ struct KernelChecks {
   std::optional<c10::OperatorHandle> isin, isin_out, slow_conv2d, embedding_bag,
       embedding_bag_fwd, index, index_put, index_put_impl, nll_backward, nll_backward_out,
       nll2d_backward, nll2d_backward_out, narrow_copy, convolution, adaptive_avg_pool2d,
-      adaptive_avg_pool2d_backward, batch_norm_impl, cdist_backward, sort, sort_out;
+      adaptive_avg_pool2d_backward, batch_norm_impl, cdist_backward, sort, sort_out, arange_out,
+      range_out, range_out_;
   KernelChecks() {
     auto& d = c10::Dispatcher::singleton();
     isin = d.findOp({"aten::isin", "Tensor_Tensor"});
@@ -284,6 +286,9 @@ struct KernelChecks {
     cdist_backward = d.findOp({"aten::_cdist_backward", ""});
     sort = d.findOp({"aten::sort", "stable"});
     sort_out = d.findOp({"aten::sort", "values_stable"});
+    arange_out = d.findOp({"aten::arange", "start_out"});
+    range_out = d.findOp({"aten::range", "out"});
+    range_out_ = d.findOp({"aten::range", "out_"});
   }
 };
 
@@ -446,11 +451,54 @@ const at::Tensor* tensorAt(const torch::jit::Stack& stack, std::size_t i) {
   return t.defined() ? &t : nullptr;
 }
 
+// torch 2.13's MPS arange and range (RangeFactories.mm) hand start and step to
+// their graph as scalars of the result's dtype (getMPSScalar, Scalar::to<T>),
+// which refuses a value the dtype cannot hold: "value cannot be converted to
+// type uint8_t without overflow" for arange(-8.001, -4.0, dtype=torch.uint8)
+// (common_mps: ON_MPS_XFAILLIST arange uint8). CPU computes in its
+// accumulate type and wraps. MPS converts after the size checks both share,
+// and only for a non-empty result.
+// arange.start_out(start, end, step, out) / range.out(...) / range.out_(start, end, out)
+void checkRangeScalars(const torch::jit::Stack& stack, std::size_t begin, bool arange,
+                       bool has_step) {
+  const c10::Scalar start = stack[begin].toScalar();
+  const c10::Scalar end = stack[begin + 1].toScalar();
+  const c10::Scalar step = has_step ? stack[begin + 2].toScalar() : c10::Scalar(1);
+  const at::Tensor* out = tensorAt(stack, begin + (has_step ? 3 : 2));
+  if (!out || start.isComplex() || end.isComplex() || step.isComplex()) return;
+  const double s = start.toDouble(), e = end.toDouble(), d = step.toDouble();
+  if (d == 0 || !std::isfinite(s) || !std::isfinite(e) || !std::isfinite(d)) return;
+  const double size = arange ? std::ceil((e - s) / d) : (e - s) / d + 1;
+  if (!(size >= 1)) return;  // empty, or CPU's bounds error
+  auto convert = [&](auto zero) {
+    using T = decltype(zero);
+    (void)start.to<T>();
+    (void)step.to<T>();
+  };
+  switch (out->scalar_type()) {
+    case at::kFloat:
+    case at::kDouble: convert(float{}); break;
+    case at::kHalf: convert(at::Half{}); break;
+    case at::kBFloat16: convert(at::BFloat16{}); break;
+    case at::kLong: convert(int64_t{}); break;
+    case at::kInt: convert(int{}); break;
+    case at::kShort: convert(int16_t{}); break;
+    case at::kChar: convert(int8_t{}); break;
+    case at::kByte: convert(uint8_t{}); break;
+    case at::kBool: convert(bool{}); break;
+    default: break;
+  }
+}
+
 } // namespace
 
 void checkKernelArguments(const c10::OperatorHandle& op, const torch::jit::Stack& stack,
                           std::size_t begin) {
   const KernelChecks& k = kernelChecks();
+  if (is(k.arange_out, op) || is(k.range_out, op) || is(k.range_out_, op)) {
+    checkRangeScalars(stack, begin, is(k.arange_out, op), !is(k.range_out_, op));
+    return;
+  }
   if (is(k.isin, op) || is(k.isin_out, op)) {
     // isin_Tensor_Tensor_out_mps (operations/TensorCompare.mm) runs for either
     // argument on MPS and checks both.

@@ -1569,6 +1569,26 @@ def test_gelu_and_mse_loss_refuse_integers_with_mps_text(mps_mode, dtype):
     assert torch.equal(torch.nn.MSELoss()(y, y).cpu(), torch.tensor(0.0))
 
 
+def test_uint8_bicubic_interpolation_fails_as_on_a_mac():
+    # MPS looks up the Metal function upsample_bicubic2d_uchar, which its
+    # library lacks; CPU (and the default mode) interpolate uint8 bicubically.
+    x = torch.randint(0, 255, (1, 2, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    want = torch.nn.functional.interpolate(x, scale_factor=2, mode="bicubic")
+    assert torch.equal(torch.nn.functional.interpolate(x.to(DEV), scale_factor=2, mode="bicubic").cpu(), want)
+    torch.mps_ext.set_fidelity("mps")
+    try:
+        raises_exactly(RuntimeError, "Failed to create function state object for: upsample_bicubic2d_uchar",
+                       lambda: torch.nn.functional.interpolate(x.to(DEV), scale_factor=2, mode="bicubic"))
+        # float bicubic and uint8 bilinear run on a Mac
+        y = x.float().to(DEV)
+        assert torch.allclose(torch.nn.functional.interpolate(y, scale_factor=2, mode="bicubic").cpu(),
+                              torch.nn.functional.interpolate(x.float(), scale_factor=2, mode="bicubic"))
+        assert torch.equal(torch.nn.functional.interpolate(x.to(DEV), scale_factor=2, mode="bilinear").cpu(),
+                           torch.nn.functional.interpolate(x, scale_factor=2, mode="bilinear"))
+    finally:
+        torch.mps_ext.set_fidelity("off")
+
+
 def test_gelu_of_integers_keeps_cpus_error_in_default_mode():
     x = torch.tensor([0, 1], dtype=torch.int32, device=DEV)
     with pytest.raises(NotImplementedError, match="\"GeluKernelImpl\" not implemented for 'Int'"):

@@ -26,8 +26,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cmath>
 #include <atomic>
+#include <cmath>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -556,7 +556,6 @@ void checkKernelArguments(const c10::OperatorHandle& op, const torch::jit::Stack
         }
       }
     }
-
   }
 }
 
@@ -727,19 +726,15 @@ bool sortTiesReversed(torch::jit::Stack& stack, std::size_t begin, bool out) {
   const int64_t dim = at::maybe_wrap_dim(stack[begin + 2].toInt(), self.dim());
   const bool descending = stack[begin + 3].toBool();
   const at::Tensor flipped = self.flip(dim);
-  const int64_t last = self.size(dim) - 1;
+  at::Tensor values, indices;
   if (out) {
-    at::Tensor values = stack[begin + 4].toTensor();
-    at::Tensor indices = stack[begin + 5].toTensor();
+    values = stack[begin + 4].toTensor();
+    indices = stack[begin + 5].toTensor();
     at::sort_out(values, indices, flipped, /*stable=*/true, dim, descending);
-    indices.neg_().add_(last);
-    stack.resize(begin);
-    stack.emplace_back(std::move(values));
-    stack.emplace_back(std::move(indices));
-    return true;
+  } else {
+    std::tie(values, indices) = at::sort(flipped, /*stable=*/true, dim, descending);
   }
-  auto [values, indices] = at::sort(flipped, /*stable=*/true, dim, descending);
-  indices.neg_().add_(last);
+  indices.neg_().add_(self.size(dim) - 1);
   stack.resize(begin);
   stack.emplace_back(std::move(values));
   stack.emplace_back(std::move(indices));

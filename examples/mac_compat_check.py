@@ -41,6 +41,15 @@ except NotImplementedError as e:
 eigenvalues = torch.linalg.eig(a.cpu()).eigenvalues  # the fix: that op on the CPU
 print(f"torch.linalg.eig(a.cpu())  -> works: {eigenvalues.shape[0]} eigenvalues")
 
+# Undefined results a Mac gives otherwise than CPU: MPS's sort is not stable,
+# so equal elements come out in another order (mps mode: reverse input order).
+scores = torch.tensor([0.5, 0.9, 0.5, 0.1], device=device)
+order = torch.argsort(scores).tolist()
+assert order == [3, 2, 0, 1], order  # CPU's (and the default mode's): [3, 0, 2, 1]
+print(f"torch.argsort(ties)        -> {order}: ties in another order than CPU's [3, 0, 2, 1]")
+order = torch.argsort(scores, stable=True).tolist()  # the fix: ask for a stable sort
+print(f"argsort(..., stable=True)  -> {order}: the same on every device")
+
 # What MPS runs, mps mode runs as before: a float32 training loop.
 torch.manual_seed(0)
 y = (x[:, 0] > 0).long()

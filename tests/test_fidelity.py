@@ -7,6 +7,7 @@ without an MPS kernel (and PYTORCH_ENABLE_MPS_FALLBACK), 4 memory, 5 the
 compatibility report (python -m torch_mps_ext.fidelity), 6 docs and example;
 then the test derived from torch's operator table."""
 
+import contextlib
 import json
 import os
 import re
@@ -50,13 +51,19 @@ def fallback_warning(op):
             "back to run on the CPU. This may have performance implications.")
 
 
-@pytest.fixture
-def mps_mode():
+@contextlib.contextmanager
+def mps_mode_on():
     torch.mps_ext.set_fidelity("mps")
     try:
         yield
     finally:
         torch.mps_ext.set_fidelity("off")
+
+
+@pytest.fixture
+def mps_mode():
+    with mps_mode_on():
+        yield
 
 
 def raises_exactly(kind, text, fn):
@@ -165,13 +172,10 @@ def test_what_a_mac_allows_around_float64(mps_mode):
 
 def test_float64_made_before_the_switch_is_refused_as_an_operand():
     x = torch.ones(3, dtype=torch.float64, device=DEV)
-    torch.mps_ext.set_fidelity("mps")
-    try:
+    with mps_mode_on():
         raises_exactly(TypeError, DOUBLE_OPERAND, lambda: x.sin())
         raises_exactly(TypeError, DOUBLE_OPERAND, lambda: torch.add(x, x))
         raises_exactly(TypeError, DOUBLE_OPERAND, lambda: x.to(torch.float32))
-    finally:
-        torch.mps_ext.set_fidelity("off")
 
 
 def test_complex128_is_created_and_moved_but_not_computed_on(mps_mode):
@@ -727,8 +731,7 @@ def test_mps_mode_follows_the_operator_table():
             continue
         first_refused = next((op for op, v in zip(ops, verdicts)
                               if v.verdict == fidelity.NONE), None)
-        torch.mps_ext.set_fidelity("mps")
-        try:
+        with mps_mode_on():
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "cpu" verdicts warn
                 if first_refused is None:
@@ -748,8 +751,6 @@ def test_mps_mode_follows_the_operator_table():
                     shown = fidelity.shown_name(table[first_refused]) or first_refused
                     assert str(info.value) == not_implemented(shown), opinfo.name
                     refused.append((opinfo.name, first_refused))
-        finally:
-            torch.mps_ext.set_fidelity("off")
         call()  # and the default mode runs it
     assert len(refused) >= 8, refused
     assert len(accepted) >= 20, accepted
@@ -781,11 +782,8 @@ def test_native_kernels_of_operators_mps_lacks_ask_the_mode():
     assert not unchecked, unchecked
     with pytest.raises(NotImplementedError, match=re.escape(not_implemented(
             "aten::batch_norm_stats"))):
-        torch.mps_ext.set_fidelity("mps")
-        try:
+        with mps_mode_on():
             torch.batch_norm_stats(torch.randn(2, 3, 4, device=DEV), 1e-5)
-        finally:
-            torch.mps_ext.set_fidelity("off")
 
 
 # ---------------------------------------------------------------- PyTorch's test_mps.py (issue 23)
@@ -980,12 +978,9 @@ def test_tolerances_of_matrix_rank_and_pinv_are_float32_as_on_mps(mps_mode):
 def test_device_branches_are_removed_when_the_mode_goes_off():
     originals = (torch.linalg.pinv, torch.linalg.matrix_rank, torch.pinverse,
                  torch.nn.SyncBatchNorm.forward, torch.nn.functional.linear)
-    torch.mps_ext.set_fidelity("mps")
-    try:
+    with mps_mode_on():
         assert torch.linalg.pinv is not originals[0]
         assert torch.nn.functional.linear is not originals[4]
-    finally:
-        torch.mps_ext.set_fidelity("off")
     assert (torch.linalg.pinv, torch.linalg.matrix_rank, torch.pinverse,
             torch.nn.SyncBatchNorm.forward, torch.nn.functional.linear) == originals
     assert "pinverse" not in vars(torch.Tensor)  # inherited again
@@ -1037,11 +1032,8 @@ def test_grid_sample_half_precision_is_computed_in_float32_in_mps_mode(dims, dty
     in_half = run(x, grid, go)  # CPU's kernels in half precision
     in_float = [t.to(dtype) for t in run(x.float(), grid.float(), go.float())]  # as MPS
     assert any(not torch.equal(a, b) for a, b in zip(in_half, in_float))  # they differ here
-    torch.mps_ext.set_fidelity("mps")
-    try:
+    with mps_mode_on():
         got = run(x.to(DEV), grid.to(DEV), go.to(DEV))
-    finally:
-        torch.mps_ext.set_fidelity("off")
     for a, b in zip(got, in_float):
         assert a.dtype == dtype and torch.equal(a, b)
     # default mode: CPU's numerics, as before
@@ -1057,15 +1049,12 @@ def test_weighted_bincount_has_mps_result_dtype_in_mps_mode(weights_dtype, mps_d
     x = torch.tensor([0, 1, 1, 1, 4], dtype=torch.int32)
     w = torch.tensor([1, 2, 3, 4, 5]).to(weights_dtype)
     cpu = torch.bincount(x, w)
-    torch.mps_ext.set_fidelity("mps")
-    try:
+    with mps_mode_on():
         got = torch.bincount(x.to(DEV), w.to(DEV))
         # MPS sums other integer weights as int32 (truncated first): wraps at 32 bits
         big = torch.bincount(x.to(DEV), torch.tensor([2**32 + 7, 1, 2, 3, 2**31 - 1]).to(DEV))
         empty = torch.bincount(torch.tensor([], dtype=torch.long, device=DEV),
                                torch.tensor([], device=DEV), minlength=3)
-    finally:
-        torch.mps_ext.set_fidelity("off")
     assert got.dtype == mps_dtype and got.device.type == DEV
     assert torch.equal(got.cpu(), cpu.to(mps_dtype))
     assert big.dtype == torch.int32 and big.cpu().tolist() == [7, 6, 0, 0, 2**31 - 1]
@@ -1081,8 +1070,7 @@ def test_renorm_backward_runs_in_mps_mode_as_on_a_mac():
     g = torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(1))
     want = torch.autograd.grad(torch.renorm(x.requires_grad_(), 2, 1, 1.0), x, g)[0]
     xd = x.detach().to(DEV).requires_grad_()
-    torch.mps_ext.set_fidelity("mps")
-    try:
+    with mps_mode_on():
         got = torch.autograd.grad(torch.renorm(xd, 2, 1, 1.0), xd, g.to(DEV))[0]
         # float64 made in any other backward stays refused
         class Widen(torch.autograd.Function):
@@ -1096,8 +1084,6 @@ def test_renorm_backward_runs_in_mps_mode_as_on_a_mac():
 
         with pytest.raises(TypeError, match="doesn't support float64"):
             Widen.apply(xd).sum().backward()
-    finally:
-        torch.mps_ext.set_fidelity("off")
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.cpu(), want)
 
@@ -1236,8 +1222,7 @@ def test_narrow_copy_out_of_range_dim_is_mps_indexerror_in_mps_mode_only():
     x = torch.ones(10, 5, 20, device=DEV)
     with pytest.raises(RuntimeError, match=r"Expected dim < static_cast<int64_t>\(self_sizes"):
         torch.narrow_copy(x, 3, 0, 0)  # CPU's kernel, as on CPU
-    torch.mps_ext.set_fidelity("mps")
-    try:
+    with mps_mode_on():
         for dim in (3, -4):
             raises_exactly(IndexError, "Dimension out of range (expected to be in range of "
                            f"[-3, 2], but got {dim})", lambda: torch.narrow_copy(x, dim, 0, 0))
@@ -1245,8 +1230,6 @@ def test_narrow_copy_out_of_range_dim_is_mps_indexerror_in_mps_mode_only():
         with pytest.raises(RuntimeError, match=r"^narrow\(\): length must be non-negative\.$"):
             torch.narrow_copy(y, 0, 0, -1)  # CPU: "start (0) + length (-1) exceeds ..."
         assert torch.equal(torch.narrow_copy(x, -2, 1, 2).cpu(), torch.ones(10, 2, 20))
-    finally:
-        torch.mps_ext.set_fidelity("off")
 
 
 def test_mps_mode_refuses_adaptive_avg_pool_sizes_mps_cannot_pool(mps_mode):
@@ -1575,8 +1558,7 @@ def test_uint8_bicubic_interpolation_fails_as_on_a_mac():
     x = torch.randint(0, 255, (1, 2, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     want = torch.nn.functional.interpolate(x, scale_factor=2, mode="bicubic")
     assert torch.equal(torch.nn.functional.interpolate(x.to(DEV), scale_factor=2, mode="bicubic").cpu(), want)
-    torch.mps_ext.set_fidelity("mps")
-    try:
+    with mps_mode_on():
         raises_exactly(RuntimeError, "Failed to create function state object for: upsample_bicubic2d_uchar",
                        lambda: torch.nn.functional.interpolate(x.to(DEV), scale_factor=2, mode="bicubic"))
         # float bicubic and uint8 bilinear run on a Mac
@@ -1585,8 +1567,6 @@ def test_uint8_bicubic_interpolation_fails_as_on_a_mac():
                               torch.nn.functional.interpolate(x.float(), scale_factor=2, mode="bicubic"))
         assert torch.equal(torch.nn.functional.interpolate(x.to(DEV), scale_factor=2, mode="bilinear").cpu(),
                            torch.nn.functional.interpolate(x, scale_factor=2, mode="bilinear"))
-    finally:
-        torch.mps_ext.set_fidelity("off")
 
 
 def test_gelu_of_integers_keeps_cpus_error_in_default_mode():
@@ -1776,8 +1756,7 @@ def test_index_put_with_duplicates_does_not_keep_the_last_write_in_mps_mode():
     # MPS writes in parallel: which duplicate write survives is undefined (a
     # Mac keeps another than the last); deterministic mode keeps the last.
     assert put_duplicates() == [38, 37, 39]  # default mode: CPU's order
-    torch.mps_ext.set_fidelity("mps")
-    try:
+    with mps_mode_on():
         assert put_duplicates() == [0, 6, 4]
         torch.use_deterministic_algorithms(True)
         try:
@@ -1804,8 +1783,6 @@ def test_index_put_with_duplicates_does_not_keep_the_last_write_in_mps_mode():
         mask = torch.zeros(3, device=DEV)  # a mask writes each element once
         mask[torch.tensor([True, False, True], device=DEV)] = torch.tensor([1.0, 2.0], device=DEV)
         assert mask.cpu().tolist() == [1.0, 0.0, 2.0]
-    finally:
-        torch.mps_ext.set_fidelity("off")
 
 
 @pytest.mark.parametrize("p", [float("inf"), 2.0, 1.0])
@@ -1836,8 +1813,7 @@ def test_unstable_sort_orders_ties_otherwise_than_cpu_in_mps_mode(dtype):
     x = torch.tensor(TIES, dtype=dtype)
     d = x.to(DEV)
     assert torch.sort(d).indices.cpu().tolist() == [1, 3, 4, 0, 2, 5]  # default: CPU's order
-    torch.mps_ext.set_fidelity("mps")
-    try:
+    with mps_mode_on():
         values, indices = torch.sort(d)
         assert torch.equal(values.cpu(), torch.sort(x).values)
         assert indices.cpu().tolist() == [3, 1, 4, 5, 2, 0]
@@ -1852,8 +1828,6 @@ def test_unstable_sort_orders_ties_otherwise_than_cpu_in_mps_mode(dtype):
         assert got.indices is out[1] and out[1].cpu().tolist() == [3, 1, 4, 5, 2, 0]
         assert torch.equal(out[0].cpu(), torch.sort(x).values)
         assert torch.sort(torch.tensor(5, dtype=dtype, device=DEV)).indices.item() == 0
-    finally:
-        torch.mps_ext.set_fidelity("off")
 
 
 def test_sort_backward_follows_the_ties_order_in_mps_mode(mps_mode):
@@ -1863,14 +1837,12 @@ def test_sort_backward_follows_the_ties_order_in_mps_mode(mps_mode):
     assert g.grad.cpu().tolist() == [10.0, 100.0, 1.0]
 
 
-
 def test_arange_refuses_start_and_step_the_dtype_cannot_hold_in_mps_mode():
     # MPS's arange/range hand start and step to the device as scalars of the
     # result's dtype (common_mps: arange uint8 fails on a Mac); CPU wraps.
     want = torch.arange(-8.001, -4.0, dtype=torch.uint8)
     assert torch.equal(torch.arange(-8.001, -4.0, dtype=torch.uint8, device=DEV).cpu(), want)
-    torch.mps_ext.set_fidelity("mps")
-    try:
+    with mps_mode_on():
         raises_exactly(RuntimeError, "value cannot be converted to type uint8_t without overflow",
                        lambda: torch.arange(-8.001, -4.0, dtype=torch.uint8, device=DEV))
         raises_exactly(RuntimeError, "value cannot be converted to type int8_t without overflow",
@@ -1891,5 +1863,3 @@ def test_arange_refuses_start_and_step_the_dtype_cannot_hold_in_mps_mode():
         assert torch.arange(0.0, 1.0, 0.25, device=DEV).cpu().tolist() == [0.0, 0.25, 0.5, 0.75]
         with pytest.raises(RuntimeError, match="upper bound and lower bound inconsistent with step sign"):
             torch.arange(-4.5, -8.5, dtype=torch.uint8, device=DEV)
-    finally:
-        torch.mps_ext.set_fidelity("off")
